@@ -1,0 +1,348 @@
+//! Command line, flag for flag compatible with runc so that containerd's runc shim (and people
+//! used to runc) can drive trenv.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "trenv",
+    version,
+    about = "OCI runtime with fast restore for serverless functions"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Directory for container state (tmpfs recommended)
+    #[arg(long, global = true, default_value = "/run/trenv")]
+    pub root: PathBuf,
+    /// Log file (default: stderr)
+    #[arg(long, global = true)]
+    pub log: Option<PathBuf>,
+    /// Log format: text or json
+    #[arg(long, global = true, default_value = "text")]
+    pub log_format: String,
+    /// Manage cgroups through systemd (cgroupsPath is then "slice:prefix:name")
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+    /// Verbose logging
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Path to the criu binary
+    #[arg(long, global = true, default_value = "criu")]
+    pub criu: PathBuf,
+    /// Accepted for runc compatibility; trenv always runs as root
+    #[arg(long, global = true)]
+    pub rootless: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a container (its init waits for `start`)
+    Create(Create),
+    /// Start a created container
+    Start(IdArg),
+    /// Create and start a container, waiting for it unless --detach
+    Run(Run),
+    /// Print the state of a container as JSON
+    State(IdArg),
+    /// Send a signal to the container's init (or all its processes)
+    Kill(Kill),
+    /// Delete a container and its resources
+    Delete(Delete),
+    /// List processes of a container
+    Ps(Ps),
+    /// Run a process inside a running container
+    Exec(Exec),
+    /// Freeze all processes of a container
+    Pause(IdArg),
+    /// Thaw a paused container
+    Resume(IdArg),
+    /// Print container statistics (runc's events format)
+    Events(Events),
+    /// Change the resource limits of a container
+    Update(Update),
+    /// Print the runtime's features as JSON
+    Features,
+    /// Write a default config.json
+    Spec(Spec),
+    /// List containers
+    #[command(alias = "ls")]
+    List(List),
+    /// Checkpoint a running container with CRIU
+    Checkpoint(Checkpoint),
+    /// Restore a container from a CRIU checkpoint
+    Restore(Restore),
+}
+
+#[derive(Args, Debug)]
+pub struct IdArg {
+    pub id: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Create {
+    /// Bundle directory
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// Unix socket that receives the pty master of a terminal container
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// File to write the init's pid to
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Do not use pivot_root (for ramfs roots)
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for runc compatibility (the session keyring is always created)
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Number of extra file descriptors (from fd 3) to pass to the container
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: i32,
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct Run {
+    #[command(flatten)]
+    pub create: Create,
+    /// Do not wait for the container
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Keep the container after it exits (do not delete it)
+    #[arg(long)]
+    pub keep: bool,
+    /// Do not become a child subreaper
+    #[arg(long)]
+    pub no_subreaper: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct Kill {
+    /// Signal all processes of the container
+    #[arg(short, long)]
+    pub all: bool,
+    pub id: String,
+    /// Signal name or number
+    #[arg(default_value = "SIGTERM")]
+    pub signal: String,
+}
+
+#[derive(Args, Debug)]
+pub struct Delete {
+    /// Kill a running container before deleting it; succeed if it does not exist
+    #[arg(short, long)]
+    pub force: bool,
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct Ps {
+    /// table or json
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+    pub id: String,
+    /// Options passed to ps(1) (default -ef)
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub ps_args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct Exec {
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub cwd: Option<PathBuf>,
+    /// Environment variable KEY=VALUE (repeatable)
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// Allocate a terminal
+    #[arg(short, long)]
+    pub tty: bool,
+    /// UID[:GID]
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Additional group id (repeatable)
+    #[arg(short = 'g', long)]
+    pub additional_gids: Vec<u32>,
+    /// process.json describing the process (replaces the command line)
+    #[arg(short, long)]
+    pub process: Option<PathBuf>,
+    /// Do not wait for the process
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    #[arg(long)]
+    pub process_label: Option<String>,
+    #[arg(long)]
+    pub apparmor: Option<String>,
+    #[arg(long)]
+    pub no_new_privs: bool,
+    /// Additional capability (repeatable)
+    #[arg(short, long)]
+    pub cap: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: i32,
+    #[arg(long)]
+    pub ignore_paused: bool,
+    /// Sub-cgroup to run the process in
+    #[arg(long)]
+    pub cgroup: Option<String>,
+    pub id: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct Events {
+    /// Print statistics once and exit
+    #[arg(long)]
+    pub stats: bool,
+    /// Interval between statistics events (e.g. 5s, 500ms)
+    #[arg(long, default_value = "5s")]
+    pub interval: String,
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct Update {
+    /// JSON file with LinuxResources ("-" for stdin)
+    #[arg(short, long)]
+    pub resources: Option<PathBuf>,
+    #[arg(long)]
+    pub blkio_weight: Option<u16>,
+    #[arg(long)]
+    pub cpu_period: Option<u64>,
+    #[arg(long)]
+    pub cpu_quota: Option<i64>,
+    #[arg(long)]
+    pub cpu_share: Option<u64>,
+    #[arg(long)]
+    pub cpu_rt_period: Option<u64>,
+    #[arg(long)]
+    pub cpu_rt_runtime: Option<i64>,
+    #[arg(long)]
+    pub cpuset_cpus: Option<String>,
+    #[arg(long)]
+    pub cpuset_mems: Option<String>,
+    /// Memory limit in bytes
+    #[arg(long)]
+    pub memory: Option<i64>,
+    #[arg(long)]
+    pub memory_reservation: Option<i64>,
+    #[arg(long)]
+    pub memory_swap: Option<i64>,
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct Spec {
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct List {
+    /// table or json
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+    /// Only print ids
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// CRIU options shared by checkpoint and restore.
+#[derive(Args, Debug, Clone)]
+pub struct CriuFlags {
+    /// Directory of the CRIU image files
+    #[arg(long, default_value = "checkpoint")]
+    pub image_path: PathBuf,
+    /// Directory for CRIU logs and work files (default: the image path)
+    #[arg(long)]
+    pub work_path: Option<PathBuf>,
+    /// Allow open TCP connections
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Allow external unix sockets
+    #[arg(long)]
+    pub ext_unix_sk: bool,
+    /// Allow shell jobs
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Handle file locks
+    #[arg(long)]
+    pub file_locks: bool,
+    /// Use userfaultfd to lazily restore memory pages
+    #[arg(long)]
+    pub lazy_pages: bool,
+    /// cgroups mode: soft, full, strict or ignore
+    #[arg(long)]
+    pub manage_cgroups_mode: Option<String>,
+    /// Namespace to leave empty (only "network")
+    #[arg(long)]
+    pub empty_ns: Vec<String>,
+    /// Deduplicate memory pages against the parent image
+    #[arg(long)]
+    pub auto_dedup: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct Checkpoint {
+    #[command(flatten)]
+    pub criu: CriuFlags,
+    /// Parent checkpoint for incremental dumps (relative to the image path)
+    #[arg(long)]
+    pub parent_path: Option<PathBuf>,
+    /// Keep the container running after the checkpoint
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Allow link-remap of unlinked open files
+    #[arg(long)]
+    pub link_remap: bool,
+    /// ADDRESS:PORT of a CRIU page server
+    #[arg(long)]
+    pub page_server: Option<String>,
+    /// Descriptor CRIU writes a byte to when the lazy-pages server is ready
+    #[arg(long)]
+    pub status_fd: Option<i32>,
+    /// Pre-dump only (needs memory tracking, i.e. soft-dirty bits, in the kernel)
+    #[arg(long)]
+    pub pre_dump: bool,
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct Restore {
+    #[command(flatten)]
+    pub criu: CriuFlags,
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Do not wait for the restored container
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    #[arg(long)]
+    pub no_subreaper: bool,
+    /// Accepted for runc compatibility (CRIU always pivots into the rootfs)
+    #[arg(long)]
+    pub no_pivot: bool,
+    #[arg(long)]
+    pub lsm_profile: Option<String>,
+    #[arg(long)]
+    pub lsm_mount_context: Option<String>,
+    pub id: String,
+}

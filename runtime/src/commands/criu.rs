@@ -1,0 +1,73 @@
+//! checkpoint, restore.
+
+use anyhow::{Context, Result};
+use nix::unistd::Pid;
+use trenv_runtime::checkpoint::{self, CheckpointOptions};
+use trenv_runtime::criu::Criu;
+use trenv_runtime::restore::{self, RestoreOptions};
+
+use super::{load, process};
+use crate::cli::{Checkpoint, Global, Restore};
+
+pub fn checkpoint(g: &Global, a: &Checkpoint) -> Result<()> {
+    let mut c = load(g, &a.id)?;
+    let f = &a.criu;
+    let opts = CheckpointOptions {
+        image_path: f.image_path.clone(),
+        work_path: f.work_path.clone(),
+        parent_path: a.parent_path.clone(),
+        leave_running: a.leave_running || a.pre_dump,
+        pre_dump: a.pre_dump,
+        tcp_established: f.tcp_established,
+        ext_unix_sk: f.ext_unix_sk,
+        shell_job: f.shell_job,
+        file_locks: f.file_locks,
+        link_remap: a.link_remap,
+        lazy_pages: f.lazy_pages,
+        status_fd: a.status_fd,
+        page_server: a.page_server.clone(),
+        manage_cgroups_mode: f.manage_cgroups_mode.clone(),
+        empty_ns: f.empty_ns.clone(),
+        auto_dedup: f.auto_dedup,
+    };
+    checkpoint::checkpoint(&mut c, &Criu::new(&g.criu), &opts)
+        .with_context(|| format!("checkpointing container {}", a.id))
+}
+
+pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
+    if !a.detach && !a.no_subreaper {
+        process::become_subreaper()?;
+    }
+    let f = &a.criu;
+    let opts = RestoreOptions {
+        id: a.id.clone(),
+        state_root: g.root.clone(),
+        bundle: a.bundle.clone(),
+        image_path: f.image_path.clone(),
+        work_path: f.work_path.clone(),
+        pid_file: a.pid_file.clone(),
+        console_socket: a.console_socket.clone(),
+        systemd_cgroup: g.systemd_cgroup,
+        tcp_established: f.tcp_established,
+        ext_unix_sk: f.ext_unix_sk,
+        shell_job: f.shell_job,
+        file_locks: f.file_locks,
+        lazy_pages: f.lazy_pages,
+        manage_cgroups_mode: f.manage_cgroups_mode.clone(),
+        empty_ns: f.empty_ns.clone(),
+        auto_dedup: f.auto_dedup,
+        lsm_profile: a.lsm_profile.clone(),
+        lsm_mount_context: a.lsm_mount_context.clone(),
+    };
+    let mut r = restore::restore(&Criu::new(&g.criu), &opts)
+        .with_context(|| format!("restoring container {}", a.id))?;
+    if a.detach {
+        return Ok(0);
+    }
+    let code = process::wait_foreground(Pid::from_raw(r.pid))?;
+    r.container.refresh_status()?;
+    r.container
+        .delete(true)
+        .with_context(|| format!("deleting container {}", a.id))?;
+    Ok(code)
+}

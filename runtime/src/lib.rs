@@ -1,0 +1,9 @@
+//! trenv runtime library: a runc-compatible OCI runtime on libcontainer, with CRIU
+//! checkpoint/restore driven over CRIU's RPC protocol.
+
+pub mod bundle;
+pub mod checkpoint;
+pub mod criu;
+pub mod logging;
+pub mod restore;
+pub mod stats;

@@ -1,0 +1,596 @@
+//! `trenv restore`: re-create a container from a CRIU checkpoint with runc's semantics.
+//!
+//! libcontainer can dump but not restore, so this drives CRIU directly: the container's cgroup
+//! is created first and the CRIU worker is moved into it (everything CRIU forks lands there),
+//! the rootfs is bind-mounted to a private path that becomes CRIU's root, bind mounts and
+//! joined namespaces are handed over as external resources, the restored init is made our
+//! child (`rst_sibling`) and, on success, a libcontainer state is written so every other
+//! command (state, kill, exec, delete, checkpoint) works on the restored container.
+
+use std::fs::File;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use libcgroups::common::{
+    create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt,
+};
+use libcontainer::config::YoukiConfig;
+use libcontainer::container::{Container, ContainerStatus, State};
+use libcontainer::oci_spec::runtime::{LinuxNamespaceType, LinuxResources};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::unistd::Pid;
+
+use crate::bundle::{cgroup_v1_mounts, Bundle, BundleError};
+use crate::checkpoint::DESCRIPTORS_JSON;
+use crate::criu::{self, rpc, Criu, CriuError};
+
+const RESTORE_LOG: &str = "restore.log";
+const CRIU_ROOT: &str = "criu-root";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("invalid container id {0:?}")]
+    InvalidId(String),
+    #[error("container {0} already exists")]
+    Exists(String),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("checkpoint image directory {path:?} is unusable: {reason}")]
+    Images { path: PathBuf, reason: String },
+    #[error("invalid option: {0}")]
+    Option(String),
+    #[error("{what} {path:?}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mounting the rootfs for CRIU at {path:?}: {source}")]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error("cgroup {path:?}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
+    #[error("{source}{}\n(CRIU log: {log:?})", if detail.is_empty() { String::new() } else { format!("\n{detail}") })]
+    Criu {
+        source: CriuError,
+        log: PathBuf,
+        detail: String,
+    },
+    #[error("saving container state: {0}")]
+    State(String),
+}
+
+/// runc's `restore` flags.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub id: String,
+    /// Directory holding per-container state (`--root`).
+    pub state_root: PathBuf,
+    pub bundle: PathBuf,
+    pub image_path: PathBuf,
+    pub work_path: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    pub systemd_cgroup: bool,
+    pub tcp_established: bool,
+    pub ext_unix_sk: bool,
+    pub shell_job: bool,
+    pub file_locks: bool,
+    pub lazy_pages: bool,
+    pub manage_cgroups_mode: Option<String>,
+    pub empty_ns: Vec<String>,
+    pub auto_dedup: bool,
+    pub lsm_profile: Option<String>,
+    pub lsm_mount_context: Option<String>,
+}
+
+/// A restored container: its init pid (a child of the calling process) and its state.
+pub struct Restored {
+    pub pid: i32,
+    pub container: Container,
+}
+
+/// Everything a failed restore must undo, undone on drop unless disarmed.
+struct Undo {
+    container_dir: Option<PathBuf>,
+    criu_root: Option<PathBuf>,
+    cgroup: Option<AnyCgroupManager>,
+}
+
+impl Undo {
+    fn unmount_root(&mut self) {
+        if let Some(root) = self.criu_root.take() {
+            if let Err(e) = umount2(&root, MntFlags::MNT_DETACH) {
+                tracing::warn!(path = ?root, "unmounting CRIU root: {e}");
+            }
+            let _ = std::fs::remove_dir(&root);
+        }
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        self.unmount_root();
+        if let Some(cg) = self.cgroup.take() {
+            // CRIU kills what it restored on failure, but a crashed CRIU may leave tasks.
+            if let Ok(pids) = cg.get_all_pids() {
+                for p in pids {
+                    let _ = kill(p, Signal::SIGKILL);
+                }
+            }
+            for _ in 0..50 {
+                if cg.get_all_pids().map(|p| p.is_empty()).unwrap_or(true) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if let Err(e) = cg.remove() {
+                tracing::warn!("removing cgroup after failed restore: {e}");
+            }
+        }
+        if let Some(dir) = self.container_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Rejects ids that could escape the state directory, as libcontainer does for create.
+pub fn validate_id(id: &str) -> Result<(), RestoreError> {
+    let bad = id.is_empty()
+        || id == "."
+        || id == ".."
+        || id.contains('/')
+        || id.contains('\0')
+        || id.len() > 1024;
+    if bad {
+        return Err(RestoreError::InvalidId(id.to_string()));
+    }
+    Ok(())
+}
+
+fn check_images(path: &Path) -> Result<File, RestoreError> {
+    let err = |reason: String| RestoreError::Images {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let dir = File::open(path).map_err(|e| err(e.to_string()))?;
+    let inventory = path.join("inventory.img");
+    match std::fs::metadata(&inventory) {
+        Ok(m) if m.len() > 0 => Ok(dir),
+        Ok(_) => Err(err("inventory.img is empty".into())),
+        Err(_) => Err(err("no inventory.img: not a CRIU checkpoint".into())),
+    }
+}
+
+/// Old stdio of the checkpointed init, by fd number, from `descriptors.json`.
+fn read_descriptors(images: &Path) -> Vec<String> {
+    std::fs::read(images.join(DESCRIPTORS_JSON))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+        .unwrap_or_default()
+}
+
+/// The cgroup of `pid` per controller, from /proc/PID/cgroup, as CRIU `cg_root` entries.
+fn cgroup_roots(pid: u32) -> Vec<rpc::Cgroup_root> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _id = parts.next()?;
+            let ctrls = parts.next()?;
+            let path = parts.next()?;
+            let mut root = rpc::Cgroup_root::new();
+            if !ctrls.is_empty() {
+                root.set_ctrl(ctrls.to_string());
+            }
+            root.set_path(path.to_string());
+            Some(root)
+        })
+        .collect()
+}
+
+/// Sends the restored terminal's master to the console socket, as runc's `create` does.
+fn send_console(socket: &Path, master: &OwnedFd) -> Result<(), String> {
+    let stream =
+        UnixStream::connect(socket).map_err(|e| format!("console socket {socket:?}: {e}"))?;
+    let fds = [master.as_raw_fd()];
+    let name = b"/dev/ptmx";
+    sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(name)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("sending terminal to {socket:?}: {e}"))?;
+    Ok(())
+}
+
+fn write_pid_file(path: &Path, pid: i32) -> Result<(), RestoreError> {
+    // Written to a temporary name and renamed, so a reader never sees a partial pid.
+    let tmp = path.with_extension("trenv-tmp");
+    std::fs::write(&tmp, pid.to_string())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| RestoreError::Io {
+            what: "writing pid file",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn open_ns(path: &Path) -> Result<File, RestoreError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| RestoreError::Io {
+            what: "opening namespace",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn run_hooks(
+    hooks: Option<&Vec<libcontainer::oci_spec::runtime::Hook>>,
+    state: &State,
+    pid: i32,
+    what: &str,
+) -> Result<(), String> {
+    libcontainer::hooks::run_hooks(hooks, Some(state), None, Some(Pid::from_raw(pid)), None)
+        .map_err(|e| format!("{what} hook failed: {e}"))
+}
+
+/// Restores a container from `opts.image_path` into a new container `opts.id`.
+pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
+    validate_id(&opts.id)?;
+    let bundle = Bundle::load(&opts.bundle)?;
+    let images = check_images(&opts.image_path)?;
+    let work = match &opts.work_path {
+        Some(w) => {
+            std::fs::create_dir_all(w).map_err(|source| RestoreError::Io {
+                what: "creating work directory",
+                path: w.clone(),
+                source,
+            })?;
+            Some(File::open(w).map_err(|source| RestoreError::Io {
+                what: "opening work directory",
+                path: w.clone(),
+                source,
+            })?)
+        }
+        None => None,
+    };
+    let mode = match &opts.manage_cgroups_mode {
+        Some(m) => Some(criu::cgroup_mode(m).ok_or_else(|| {
+            RestoreError::Option(format!(
+                "invalid --manage-cgroups-mode {m:?} (soft, full, strict or ignore)"
+            ))
+        })?),
+        None => None,
+    };
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&opts.state_root)
+        .map_err(|source| RestoreError::Io {
+            what: "creating state root",
+            path: opts.state_root.clone(),
+            source,
+        })?;
+    let container_dir = opts.state_root.join(&opts.id);
+    match std::fs::DirBuilder::new()
+        .mode(0o711)
+        .create(&container_dir)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(RestoreError::Exists(opts.id.clone()))
+        }
+        Err(source) => {
+            return Err(RestoreError::Io {
+                what: "creating container state",
+                path: container_dir,
+                source,
+            })
+        }
+    }
+    let mut undo = Undo {
+        container_dir: Some(container_dir.clone()),
+        criu_root: None,
+        cgroup: None,
+    };
+
+    // CRIU pivots into `root`, which therefore has to be a mount point.
+    let criu_root = container_dir.join(CRIU_ROOT);
+    std::fs::create_dir(&criu_root).map_err(|source| RestoreError::Io {
+        what: "creating CRIU root",
+        path: criu_root.clone(),
+        source,
+    })?;
+    mount(
+        Some(&bundle.rootfs),
+        &criu_root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|source| RestoreError::Mount {
+        path: criu_root.clone(),
+        source,
+    })?;
+    undo.criu_root = Some(criu_root.clone());
+    mount(
+        None::<&str>,
+        &criu_root,
+        None::<&str>,
+        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|source| RestoreError::Mount {
+        path: criu_root.clone(),
+        source,
+    })?;
+
+    // Joined namespaces are inherited by CRIU under runc's keys.
+    let mut keep: Vec<RawFd> = vec![0, 1, 2];
+    let mut ns_files = Vec::new();
+    let mut inherit = Vec::new();
+    for (kind, word) in [
+        (LinuxNamespaceType::Network, "net"),
+        (LinuxNamespaceType::Pid, "pid"),
+    ] {
+        if let Some(path) = bundle.namespace_path(kind) {
+            let f = open_ns(&path)?;
+            let mut i = rpc::Inherit_fd::new();
+            i.set_key(criu::external_ns_key(word));
+            i.set_fd(f.as_raw_fd());
+            keep.push(f.as_raw_fd());
+            inherit.push(i);
+            ns_files.push(f);
+        }
+    }
+    // New pipes for the old ones: the caller's stdio replaces the checkpointed stdio.
+    for (n, old) in read_descriptors(&opts.image_path)
+        .iter()
+        .enumerate()
+        .take(3)
+    {
+        if old.starts_with("pipe:") || old.starts_with("socket:") {
+            let mut i = rpc::Inherit_fd::new();
+            i.set_key(old.clone());
+            i.set_fd(n as i32);
+            inherit.push(i);
+        }
+    }
+
+    let cgroup_path = bundle.cgroup_path(&opts.id);
+    let cg_err = |reason: String| RestoreError::Cgroup {
+        path: cgroup_path.clone(),
+        reason,
+    };
+    let cgroup = create_cgroup_manager(CgroupConfig {
+        cgroup_path: cgroup_path.clone(),
+        systemd_cgroup: opts.systemd_cgroup,
+        container_name: opts.id.clone(),
+    })
+    .map_err(|e| cg_err(e.to_string()))?;
+
+    let log = opts
+        .work_path
+        .as_deref()
+        .unwrap_or(&opts.image_path)
+        .join(RESTORE_LOG);
+    let criu_err = |source: CriuError, log: &Path| RestoreError::Criu {
+        detail: criu::log_errors(log, 5),
+        source,
+        log: log.to_path_buf(),
+    };
+    let mut session = criu.spawn(&keep).map_err(|e| criu_err(e, &log))?;
+    let criu_pid = session.pid();
+    cgroup
+        .add_task(Pid::from_raw(criu_pid as i32))
+        .map_err(|e| cg_err(format!("placing CRIU in the container cgroup: {e}")))?;
+    undo.cgroup = Some(cgroup);
+    let default_resources = LinuxResources::default();
+    let linux = bundle.spec.linux().as_ref();
+    let resources = linux
+        .and_then(|l| l.resources().as_ref())
+        .unwrap_or(&default_resources);
+    if let Some(cg) = &undo.cgroup {
+        cg.apply(&ControllerOpt {
+            resources,
+            disable_oom_killer: resources
+                .memory()
+                .as_ref()
+                .and_then(|m| m.disable_oom_killer())
+                .unwrap_or(false),
+            oom_score_adj: bundle
+                .spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.oom_score_adj()),
+            freezer_state: None,
+        })
+        .map_err(|e| cg_err(format!("applying resources: {e}")))?;
+    }
+
+    let mut o = rpc::Criu_opts::new();
+    o.set_images_dir_fd(images.as_raw_fd());
+    if let Some(w) = &work {
+        o.set_work_dir_fd(w.as_raw_fd());
+    }
+    o.set_log_file(RESTORE_LOG.to_string());
+    o.set_log_level(4);
+    o.set_root(criu_root.to_string_lossy().into_owned());
+    o.set_manage_cgroups(true);
+    if let Some(m) = mode {
+        o.set_manage_cgroups_mode(m);
+    }
+    o.cg_root = cgroup_roots(criu_pid);
+    o.set_rst_sibling(true);
+    o.set_notify_scripts(true);
+    o.set_orphan_pts_master(true);
+    o.set_tcp_established(opts.tcp_established);
+    o.set_ext_unix_sk(opts.ext_unix_sk);
+    o.set_shell_job(opts.shell_job);
+    o.set_file_locks(opts.file_locks);
+    o.set_auto_dedup(opts.auto_dedup);
+    if opts.lazy_pages {
+        o.set_lazy_pages(true);
+    }
+    if let Some(p) = &opts.lsm_profile {
+        o.set_lsm_profile(p.clone());
+    }
+    if let Some(c) = &opts.lsm_mount_context {
+        o.set_lsm_mount_context(c.clone());
+    }
+    for ns in &opts.empty_ns {
+        match ns.as_str() {
+            "network" | "net" => o.set_empty_ns(libc::CLONE_NEWNET as u32),
+            other => {
+                return Err(RestoreError::Option(format!(
+                    "--empty-ns supports only 'network', not {other:?}"
+                )))
+            }
+        }
+    }
+    for (dest, src) in bundle.external_mounts() {
+        let mut m = rpc::Ext_mount_map::new();
+        m.set_key(dest);
+        m.set_val(src);
+        o.ext_mnt.push(m);
+    }
+    if bundle.mounts_cgroupfs() {
+        for mp in cgroup_v1_mounts() {
+            let mut m = rpc::Ext_mount_map::new();
+            m.set_key(mp.clone());
+            m.set_val(mp);
+            o.ext_mnt.push(m);
+        }
+    }
+    o.inherit_fd = inherit;
+
+    let hooks = bundle.spec.hooks().clone();
+    let hook_state = State::new(&opts.id, ContainerStatus::Created, None, bundle.dir.clone());
+    let mut restored_pid: Option<i32> = None;
+    let console_socket = opts.console_socket.clone();
+    let res = session.call(rpc::Criu_req_type::RESTORE, Some(o), |n| {
+        match n.script {
+            "setup-namespaces" => {
+                if let Some(h) = &hooks {
+                    let mut st = hook_state.clone();
+                    st.pid = Some(n.pid);
+                    run_hooks(h.prestart().as_ref(), &st, n.pid, "prestart")?;
+                    run_hooks(h.create_runtime().as_ref(), &st, n.pid, "createRuntime")?;
+                }
+            }
+            "post-restore" => restored_pid = Some(n.pid),
+            "orphan-pts-master" => {
+                let Some(master) = n.fd else {
+                    return Err("CRIU sent no terminal with orphan-pts-master".into());
+                };
+                match &console_socket {
+                    Some(sock) => send_console(sock, &master)?,
+                    None => tracing::warn!("restored a terminal but no --console-socket was given"),
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    });
+    let resp = match res {
+        Ok(r) => r,
+        Err(e) => {
+            session.finish();
+            return Err(criu_err(e, &log));
+        }
+    };
+    session.finish();
+    drop(ns_files);
+    let pid = resp
+        .restore
+        .as_ref()
+        .map(|r| r.pid())
+        .filter(|p| *p > 0)
+        .or(restored_pid)
+        .ok_or_else(|| {
+            criu_err(
+                CriuError::Failed {
+                    op: "restore",
+                    message: "CRIU reported success without a pid".into(),
+                },
+                &log,
+            )
+        })?;
+    undo.unmount_root();
+
+    let state_err = |e: String| RestoreError::State(e);
+    let mut container = Container::new(
+        &opts.id,
+        ContainerStatus::Running,
+        Some(pid),
+        &bundle.dir,
+        &container_dir,
+    )
+    .map_err(|e| state_err(e.to_string()))?;
+    container
+        .set_systemd(opts.systemd_cgroup)
+        .set_creator(nix::unistd::geteuid().as_raw())
+        .set_annotations(bundle.spec.annotations().clone());
+    container.state.created = Some(chrono::Utc::now());
+    YoukiConfig::from_spec(&bundle.spec, &opts.id)
+        .and_then(|c| c.save(&container_dir))
+        .map_err(|e| state_err(e.to_string()))?;
+    container.save().map_err(|e| state_err(e.to_string()))?;
+    if let Some(p) = &opts.pid_file {
+        write_pid_file(p, pid)?;
+    }
+    // From here on the container exists; `delete` owns its cleanup.
+    undo.container_dir = None;
+    undo.cgroup = None;
+
+    if let Some(h) = &hooks {
+        let mut st = container.state.clone();
+        st.pid = Some(pid);
+        if let Err(e) = run_hooks(h.poststart().as_ref(), &st, pid, "poststart") {
+            tracing::warn!("{e}");
+        }
+    }
+    Ok(Restored { pid, container })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_escape_are_rejected() {
+        for bad in ["", ".", "..", "a/b", "../x"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_id("abc-1_2.3").is_ok());
+    }
+
+    #[test]
+    fn missing_images_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_images(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("inventory.img"), "{e}");
+        std::fs::write(dir.path().join("inventory.img"), b"").unwrap();
+        let e = check_images(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn cgroup_roots_of_self() {
+        let roots = cgroup_roots(std::process::id());
+        assert!(!roots.is_empty());
+    }
+}

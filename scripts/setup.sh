@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Idempotent system setup for trenv on Debian 12 (run as root).
+# Installs Debian packages, builds CRIU from the Debian source tarball (cached under
+# /var/cache/trenv keyed by version), builds the Rust workspace and installs the binaries.
+set -euo pipefail
+
+CRIU_VERSION="${CRIU_VERSION:-4.1.1}"
+CACHE="${TRENV_CACHE:-/var/cache/trenv}"
+PREFIX="${PREFIX:-/usr/local}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+STAMP_DIR="$CACHE/stamps"
+
+step() { printf '\n==> [setup] %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root"
+mkdir -p "$CACHE" "$STAMP_DIR"
+
+APT_PACKAGES=(
+  # container stack
+  containerd runc umoci busybox-static containernetworking-plugins iproute2 iptables
+  # runtime build deps
+  build-essential pkg-config libseccomp-dev libclang-dev clang protobuf-compiler
+  # CRIU build deps
+  libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev python3-protobuf libnl-3-dev
+  libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
+  # tests and tooling
+  jq xz-utils curl psmisc procps util-linux
+)
+
+missing_packages() {
+  local p
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
+  done
+}
+
+step "Debian packages"
+mapfile -t MISSING < <(missing_packages)
+if [ "${#MISSING[@]}" -gt 0 ]; then
+  echo "installing: ${MISSING[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${MISSING[@]}"
+else
+  echo "all ${#APT_PACKAGES[@]} packages present"
+fi
+
+step "CRIU $CRIU_VERSION"
+criu_ok() {
+  command -v criu >/dev/null 2>&1 && [ "$(criu --version 2>/dev/null | awk '/^Version:/{print $2}')" = "$CRIU_VERSION" ]
+}
+if criu_ok; then
+  echo "criu $CRIU_VERSION already installed at $(command -v criu)"
+else
+  CRIU_BIN="$CACHE/criu-$CRIU_VERSION/criu"
+  if [ ! -x "$CRIU_BIN" ]; then
+    SRC_LIST=/etc/apt/sources.list.d/trenv-trixie-src.list
+    if [ ! -f "$SRC_LIST" ]; then
+      echo "deb-src http://deb.debian.org/debian trixie main" > "$SRC_LIST"
+      apt-get update -q
+    fi
+    BUILD="$CACHE/criu-build"
+    rm -rf "$BUILD"; mkdir -p "$BUILD"
+    ( cd "$BUILD" && apt-get source --download-only "criu/trixie" ) || true
+    TARBALL="$(ls "$BUILD"/criu_"$CRIU_VERSION".orig.tar.* 2>/dev/null | head -n1 || true)"
+    [ -n "$TARBALL" ] || die "could not download criu_$CRIU_VERSION.orig tarball from Debian trixie sources"
+    tar -C "$BUILD" -xf "$TARBALL"
+    SRC="$(find "$BUILD" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)"
+    echo "building CRIU in $SRC (about 2 minutes on 2 cores)"
+    make -C "$SRC" -j"$(nproc)" criu >"$BUILD/build.log" 2>&1 || { tail -n 30 "$BUILD/build.log"; die "CRIU build failed (log: $BUILD/build.log)"; }
+    mkdir -p "$(dirname "$CRIU_BIN")"
+    install -m 0755 "$SRC/criu/criu" "$CRIU_BIN"
+    rm -rf "$BUILD"
+  else
+    echo "using cached build $CRIU_BIN"
+  fi
+  install -m 0755 "$CRIU_BIN" "$PREFIX/sbin/criu"
+fi
+if ! criu check >/tmp/trenv-criu-check.log 2>&1; then
+  cat /tmp/trenv-criu-check.log >&2
+  die "'criu check' failed: CRIU cannot checkpoint/restore on this kernel"
+fi
+echo "criu check: $(tail -n1 /tmp/trenv-criu-check.log)"
+
+if [ "${TRENV_SETUP_SYSTEM_ONLY:-0}" = 1 ]; then step "done (system only)"; exit 0; fi
+
+step "Rust workspace (release build)"
+cd "$ROOT"
+cargo build --release --workspace --bins
+
+step "install binaries to $PREFIX/bin"
+for b in trenv; do
+  install -m 0755 "target/release/$b" "$PREFIX/bin/$b"
+  echo "installed $PREFIX/bin/$b"
+done
+
+step "done"
