@@ -51,8 +51,21 @@ fn load(g: &Global, id: &str) -> Result<Container> {
     if !exists(g, id)? {
         bail!("container {id} does not exist");
     }
-    let mut c = Container::load(container_dir(g, id)?)
-        .with_context(|| format!("loading state of container {id}"))?;
+    let dir = container_dir(g, id)?;
+    // libcontainer rewrites state.json in place, so a concurrent reader can catch it empty
+    // or half written; a short retry turns that window into a brief wait.
+    let mut attempt = 0;
+    let mut c = loop {
+        match Container::load(dir.clone()) {
+            Ok(c) => break c,
+            Err(e) if attempt < 20 && dir.join("state.json").exists() => {
+                tracing::debug!("state of {id} not readable yet: {e}");
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => return Err(e).with_context(|| format!("loading state of container {id}")),
+        }
+    };
     c.refresh_status()
         .with_context(|| format!("refreshing status of container {id}"))?;
     Ok(c)

@@ -1,0 +1,155 @@
+//! A private containerd instance for one test, with its own socket, root and state.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{bundle::busybox_image, leaks, wait_for};
+
+/// The busybox image reference after import.
+pub const BUSYBOX: &str = "docker.io/local/busybox:latest";
+/// containerd namespace used by tests (also the parent cgroup containerd gives containers).
+pub const NAMESPACE: &str = "trenv-it";
+
+pub struct Containerd {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Containerd {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("trenv-it-ctrd-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "info"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("containerd.sock").display(),
+        );
+        std::fs::write(d.join("config.toml"), config).expect("config");
+        let log = std::fs::File::create(d.join("containerd.log")).expect("log");
+        let path = format!(
+            "/usr/local/sbin:/usr/local/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("containerd");
+        let c = Self { dir, child };
+        let up = wait_for(Duration::from_secs(20), || {
+            c.ctr(&["version"]).status.success().then_some(())
+        });
+        assert!(up.is_some(), "containerd did not come up: {}", c.log());
+        c
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    pub fn ctr_cmd(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(self.socket())
+            .arg("--namespace")
+            .arg(NAMESPACE);
+        c
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr")
+    }
+
+    /// Runs ctr, asserting success; returns stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Imports the busybox example image.
+    pub fn import_busybox(&self) {
+        let tar = busybox_image().join("busybox-oci.tar");
+        self.ctr_ok(&[
+            "images",
+            "import",
+            "--base-name",
+            "docker.io/local/busybox",
+            &tar.to_string_lossy(),
+        ]);
+    }
+
+    fn cleanup_containers(&self) {
+        let out = self.ctr(&["containers", "list", "-q"]);
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = self.ctr(&["task", "delete", "--force", id]);
+            let _ = self.ctr(&["containers", "delete", id]);
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.cleanup_containers();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        // Shims outlive containerd by design; ours must not outlive the test.
+        for pid in leaks::processes_with(&self.socket().to_string_lossy()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        let mut mounts: Vec<String> = leaks::mounts_with(&dir)
+            .iter()
+            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Checkpoint and restore through the trenv binary with real CRIU.
+
+use std::path::Path;
+use std::time::Duration;
+
+use trenv_integration::bundle::Bundle;
+use trenv_integration::leaks::{assert_container_gone, processes_with};
+use trenv_integration::runtime::Runtime;
+use trenv_integration::{require_root, unique_id, wait_for};
+
+/// Appends an ever-growing count to /count; its memory (the shell variable) is the state
+/// a restore must carry over.
+const COUNTER: &[&str] = &[
+    "sh",
+    "-c",
+    "i=0; while true; do i=$((i+1)); echo $i >> /count; sleep 0.05; done",
+];
+
+fn counts(rootfs: &Path) -> Vec<u64> {
+    std::fs::read_to_string(rootfs.join("count"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn wait_count_above(rootfs: &Path, n: u64) {
+    let ok = wait_for(Duration::from_secs(10), || {
+        (counts(rootfs).last().copied().unwrap_or(0) > n).then_some(())
+    });
+    assert!(ok.is_some(), "count in {rootfs:?} never passed {n}");
+}
+
+/// The counter never restarted: every line is the previous one plus one.
+fn assert_continuous(rootfs: &Path) {
+    let c = counts(rootfs);
+    for w in c.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "count restarted or skipped in {rootfs:?}: {c:?}"
+        );
+    }
+}
+
+fn start_counter(rt: &Runtime, id: &str) -> Bundle {
+    let b = Bundle::new(id, COUNTER);
+    rt.detached(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        id,
+    ]);
+    wait_count_above(&b.rootfs(), 3);
+    b
+}
+
+fn kill_and_delete(rt: &Runtime, id: &str) {
+    rt.ok(&["kill", id, "KILL"]);
+    let stopped = wait_for(Duration::from_secs(10), || {
+        (rt.status(id) == "stopped").then_some(())
+    });
+    assert!(stopped.is_some(), "{id} did not stop");
+    rt.ok(&["delete", id]);
+    assert_container_gone(rt, id);
+}
+
+#[test]
+fn restored_container_continues_the_count() {
+    require_root();
+    let rt = Runtime::trenv();
+    let id = unique_id("ckpt");
+    let b = start_counter(&rt, &id);
+    let images = tempfile::Builder::new()
+        .prefix("trenv-it-img-")
+        .tempdir()
+        .expect("tmp");
+    let img = images.path().to_string_lossy().into_owned();
+
+    rt.ok(&["checkpoint", "--image-path", &img, &id]);
+    // Without --leave-running the container is gone, like runc.
+    assert!(rt.fail(&["state", &id]).contains("does not exist"));
+    assert_container_gone(&rt, &id);
+    let at_checkpoint = *counts(&b.rootfs()).last().expect("counted");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        counts(&b.rootfs()).last().copied(),
+        Some(at_checkpoint),
+        "still counting after checkpoint"
+    );
+    assert!(Path::new(&img).join("descriptors.json").exists());
+
+    let pid_file = images.path().join("restored.pid");
+    rt.detached(&[
+        "restore",
+        "--detach",
+        "--image-path",
+        &img,
+        "--bundle",
+        &b.path().to_string_lossy(),
+        "--pid-file",
+        &pid_file.to_string_lossy(),
+        &id,
+    ]);
+    let st = rt.state(&id);
+    assert_eq!(st["status"], "running");
+    let pid: i64 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_eq!(st["pid"], pid);
+    wait_count_above(&b.rootfs(), at_checkpoint + 3);
+    assert_continuous(&b.rootfs());
+
+    // The restored container is a normal container: exec, checkpoint again, kill, delete.
+    let out = rt.ok(&["exec", &id, "cat", "/proc/1/cmdline"]);
+    assert!(out.starts_with("sh"), "{out}");
+    kill_and_delete(&rt, &id);
+}
+
+#[test]
+fn one_checkpoint_restores_twice_with_leave_running() {
+    require_root();
+    let rt = Runtime::trenv();
+    let id = unique_id("twice");
+    let b = start_counter(&rt, &id);
+    let images = tempfile::Builder::new()
+        .prefix("trenv-it-img-")
+        .tempdir()
+        .expect("tmp");
+    let img = images.path().to_string_lossy().into_owned();
+
+    rt.ok(&["checkpoint", "--leave-running", "--image-path", &img, &id]);
+    assert_eq!(rt.status(&id), "running");
+    // Two more containers from the same image set, each on a copy of the rootfs as of now.
+    let ids = [unique_id("twice-a"), unique_id("twice-b")];
+    let bundles: Vec<Bundle> = ids.iter().map(|i| b.clone_as(i)).collect();
+    let base = *counts(&bundles[0].rootfs()).last().expect("counted");
+    for (cid, cb) in ids.iter().zip(&bundles) {
+        let work = images.path().join(format!("work-{cid}"));
+        rt.detached(&[
+            "restore",
+            "--detach",
+            "--image-path",
+            &img,
+            "--work-path",
+            &work.to_string_lossy(),
+            "--bundle",
+            &cb.path().to_string_lossy(),
+            cid,
+        ]);
+        assert!(work.join("restore.log").exists());
+    }
+    for (cid, cb) in ids.iter().zip(&bundles) {
+        assert_eq!(rt.status(cid), "running");
+        wait_count_above(&cb.rootfs(), base + 3);
+        // The copy holds the original's lines up to `base` (it kept counting after the
+        // checkpoint); the restored process then goes on from the checkpointed value, which
+        // lies between 4 (we waited for 3) and base + 1, never from 1.
+        let c = counts(&cb.rootfs());
+        let restart = c
+            .windows(2)
+            .position(|w| w[1] != w[0] + 1)
+            .map(|i| i + 1)
+            .unwrap_or(base as usize);
+        let resumed_at = c[restart];
+        assert!(
+            resumed_at > 3 && resumed_at <= base + 1,
+            "{cid} resumed at {resumed_at} (copy ended at {base}): {c:?}"
+        );
+        for w in c[restart..].windows(2) {
+            assert_eq!(w[1], w[0] + 1, "{cid} skipped or restarted: {c:?}");
+        }
+    }
+    // The original kept running and the three are distinct process trees.
+    let pids: Vec<i64> = [id.clone(), ids[0].clone(), ids[1].clone()]
+        .iter()
+        .map(|i| rt.state(i)["pid"].as_i64().expect("pid"))
+        .collect();
+    assert_ne!(pids[0], pids[1]);
+    assert_ne!(pids[1], pids[2]);
+    for cid in ids.iter().chain([&id]) {
+        kill_and_delete(&rt, cid);
+    }
+}
+
+#[test]
+fn foreground_restore_waits_and_reports_exit_code() {
+    require_root();
+    let rt = Runtime::trenv();
+    let id = unique_id("fg");
+    // Exits with a code only after it has been restored (the flag file appears later).
+    let b = Bundle::new(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "while [ ! -e /go ]; do sleep 0.05; done; exit 9",
+        ],
+    );
+    rt.detached(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    let images = tempfile::Builder::new()
+        .prefix("trenv-it-img-")
+        .tempdir()
+        .expect("tmp");
+    let img = images.path().to_string_lossy().into_owned();
+    rt.ok(&["checkpoint", "--image-path", &img, &id]);
+    std::fs::write(b.rootfs().join("go"), b"").expect("flag");
+    let out = rt.run(&[
+        "restore",
+        "--image-path",
+        &img,
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_container_gone(&rt, &id);
+    assert!(processes_with(&id).is_empty());
+}
