@@ -20,7 +20,7 @@ APT_PACKAGES=(
   # container stack
   containerd runc umoci busybox-static containernetworking-plugins iproute2 iptables
   # runtime build deps
-  build-essential pkg-config libseccomp-dev libclang-dev clang protobuf-compiler
+  build-essential pkg-config libseccomp-dev libclang-dev protobuf-compiler
   # CRIU build deps
   libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev python3-protobuf libnl-3-dev
   libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev

@@ -56,7 +56,7 @@ fn create_start_kill_delete_with_states() {
     wait_status(&rt, &id, "running");
     // The init really runs the bundle's process.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
-    assert_eq!(cmdline, b"sleep\01000\0");
+    assert_eq!(cmdline, b"sleep\x001000\x00");
 
     rt.ok(&["kill", &id, "KILL"]);
     wait_status(&rt, &id, "stopped");

@@ -40,7 +40,12 @@ impl Bundle {
                 reason: "config.json not found".into(),
             });
         }
-        let spec = Spec::load(&cfg).map_err(|e| BundleError::Spec {
+        // Parsed here rather than with Spec::load so errors carry serde's line and column.
+        let text = std::fs::read(&cfg).map_err(|e| BundleError::Spec {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let spec: Spec = serde_json::from_slice(&text).map_err(|e| BundleError::Spec {
             path: dir.clone(),
             reason: e.to_string(),
         })?;
