@@ -231,3 +231,174 @@ fn foreground_restore_waits_and_reports_exit_code() {
     assert_container_gone(&rt, &id);
     assert!(processes_with(&id).is_empty());
 }
+
+/// A named network namespace (`ip netns`), deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(name: &str) -> Self {
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .expect("ip netns add");
+        assert!(st.success());
+        Self(name.to_string())
+    }
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn ns_inode(path: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("ns").ino()
+}
+
+#[test]
+fn restore_honours_bind_mounts_joined_netns_and_cgroup_limits() {
+    require_root();
+    let rt = Runtime::trenv();
+    let id = unique_id("ext");
+    let netns = NetNs::new(&format!("trenv-it-{}", unique_id("netns")));
+    let data1 = tempfile::Builder::new()
+        .prefix("trenv-it-data-")
+        .tempdir()
+        .expect("tmp");
+    let data2 = tempfile::Builder::new()
+        .prefix("trenv-it-data-")
+        .tempdir()
+        .expect("tmp");
+    let b = Bundle::new(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i >> /data/count; sleep 0.05; done",
+        ],
+    );
+    let set_source = |dir: &Path| {
+        let src = dir.to_string_lossy().into_owned();
+        let ns = netns.path();
+        b.edit(|v| {
+            let mounts = v["mounts"].as_array_mut().expect("mounts");
+            mounts.retain(|m| m["destination"] != "/data");
+            mounts.push(serde_json::json!({
+                "destination": "/data", "type": "bind", "source": src, "options": ["rbind", "rw"]
+            }));
+            for n in v["linux"]["namespaces"].as_array_mut().expect("ns") {
+                if n["type"] == "network" {
+                    n["path"] = serde_json::json!(ns);
+                }
+            }
+            v["linux"]["resources"]["memory"] = serde_json::json!({ "limit": 67108864 });
+        });
+    };
+    set_source(data1.path());
+    rt.detached(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    wait_count_above(data1.path(), 3);
+    let images = tempfile::Builder::new()
+        .prefix("trenv-it-img-")
+        .tempdir()
+        .expect("tmp");
+    let img = images.path().to_string_lossy().into_owned();
+    rt.ok(&["checkpoint", "--image-path", &img, &id]);
+    let at_checkpoint = *counts(data1.path()).last().expect("counted");
+
+    // Restore with the bind mount pointing somewhere else: CRIU takes the source given now.
+    set_source(data2.path());
+    rt.detached(&[
+        "restore",
+        "--detach",
+        "--image-path",
+        &img,
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    let pid = rt.state(&id)["pid"].as_i64().expect("pid");
+    wait_count_above(data2.path(), at_checkpoint + 2);
+    let first = counts(data2.path())[0];
+    assert!(
+        first > 3 && first <= at_checkpoint + 1,
+        "resumed at {first}, checkpoint at {at_checkpoint}"
+    );
+    assert_continuous(data2.path());
+    assert_eq!(counts(data1.path()).last().copied(), Some(at_checkpoint));
+
+    // Joined network namespace is the same one, not a copy.
+    assert_eq!(
+        ns_inode(&format!("/proc/{pid}/ns/net")),
+        ns_inode(&netns.path())
+    );
+    // Restored into its own cgroup, with the spec's memory limit.
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    assert!(cg.contains(&format!("/trenv-it/{id}")), "{cg}");
+    let ev: serde_json::Value =
+        serde_json::from_str(&rt.ok(&["events", "--stats", &id])).expect("json");
+    assert_eq!(ev["data"]["memory"]["usage"]["limit"], 67108864, "{ev}");
+    kill_and_delete(&rt, &id);
+}
+
+#[test]
+fn lazy_pages_restore_with_a_lazy_pages_daemon() {
+    require_root();
+    let rt = Runtime::trenv();
+    let id = unique_id("lazy");
+    let b = start_counter(&rt, &id);
+    let images = tempfile::Builder::new()
+        .prefix("trenv-it-img-")
+        .tempdir()
+        .expect("tmp");
+    let img = images.path().join("img");
+    let work = images.path().join("work");
+    std::fs::create_dir_all(&work).expect("work");
+    rt.ok(&["checkpoint", "--image-path", &img.to_string_lossy(), &id]);
+    let at_checkpoint = *counts(&b.rootfs()).last().expect("counted");
+    // The daemon serves pages from the images through userfaultfd; it exits when done.
+    let mut daemon = std::process::Command::new("criu")
+        .args(["lazy-pages", "-D"])
+        .arg(&img)
+        .arg("--work-dir")
+        .arg(&work)
+        .args(["-o", "lazy.log"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("criu lazy-pages");
+    let sock = work.join("lazy-pages.socket");
+    assert!(wait_for(Duration::from_secs(5), || sock.exists().then_some(())).is_some());
+    rt.detached(&[
+        "restore",
+        "--detach",
+        "--lazy-pages",
+        "--image-path",
+        &img.to_string_lossy(),
+        "--work-path",
+        &work.to_string_lossy(),
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    wait_count_above(&b.rootfs(), at_checkpoint + 3);
+    assert_continuous(&b.rootfs());
+    let log = std::fs::read_to_string(work.join("restore.log")).expect("log");
+    assert!(log.contains("Lazy restore skips"), "restore was not lazy");
+    kill_and_delete(&rt, &id);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}

@@ -34,9 +34,9 @@ pub enum CheckpointError {
     Bundle(#[from] BundleError),
     #[error("invalid option: {0}")]
     Option(String),
-    #[error("{source}{}\n(CRIU log: {log:?})", if detail.is_empty() { String::new() } else { format!("\n{detail}") })]
+    #[error("{error}; CRIU log {log:?}{}", if detail.is_empty() { String::new() } else { format!(" says:\n{detail}") })]
     Criu {
-        source: CriuError,
+        error: CriuError,
         log: PathBuf,
         detail: String,
     },
@@ -255,7 +255,7 @@ pub fn checkpoint(
         .unwrap_or(&opts.image_path)
         .join(DUMP_LOG);
     let mut session = criu.spawn(&[]).map_err(|source| CheckpointError::Criu {
-        source,
+        error: source,
         log: log.clone(),
         detail: String::new(),
     })?;
@@ -269,7 +269,7 @@ pub fn checkpoint(
     if let Err(source) = res {
         let detail = criu::log_errors(&log, 5);
         return Err(CheckpointError::Criu {
-            source,
+            error: source,
             log,
             detail,
         });

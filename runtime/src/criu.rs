@@ -182,8 +182,10 @@ impl Session {
                     _ => "request",
                 };
                 let mut message = String::new();
-                if !resp.cr_errmsg().is_empty() {
-                    message.push_str(resp.cr_errmsg());
+                // CRIU reports its first error; without CAP_SYS_RESOURCE that is a harmless
+                // RLIMIT_NOFILE complaint that hides the real cause, so leave it out.
+                if !resp.cr_errmsg().is_empty() && !is_noise(resp.cr_errmsg()) {
+                    message.push_str(resp.cr_errmsg().trim());
                 }
                 if resp.cr_errno() != 0 {
                     if !message.is_empty() {
@@ -192,7 +194,7 @@ impl Session {
                     message.push_str(&io::Error::from_raw_os_error(resp.cr_errno()).to_string());
                 }
                 if message.is_empty() {
-                    message.push_str("no reason given (see the CRIU log)");
+                    message.push_str("see the CRIU log");
                 }
                 return Err(CriuError::Failed { op, message });
             }
@@ -304,15 +306,29 @@ mod tests {
     }
 }
 
-/// The last error lines of a CRIU log, for error messages that say why, not just "failed".
+/// CRIU error lines that are expected on hosts without CAP_SYS_RESOURCE.
+fn is_noise(line: &str) -> bool {
+    line.contains("RLIMIT_NOFILE")
+}
+
+/// The last error lines of a CRIU log (timestamps stripped, indented), for error messages
+/// that say why, not just "failed".
 pub fn log_errors(log: &Path, max_lines: usize) -> String {
     let Ok(text) = std::fs::read_to_string(log) else {
         return String::new();
     };
     let errors: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("Error") || l.contains("error"))
+        .filter(|l| l.contains("Error") && !is_noise(l))
+        .map(|l| match l.split_once(") ") {
+            Some((ts, rest)) if ts.starts_with('(') => rest,
+            _ => l,
+        })
         .collect();
     let start = errors.len().saturating_sub(max_lines);
-    errors[start..].join("\n")
+    errors[start..]
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -54,9 +54,9 @@ pub enum RestoreError {
     Mount { path: PathBuf, source: nix::Error },
     #[error("cgroup {path:?}: {reason}")]
     Cgroup { path: PathBuf, reason: String },
-    #[error("{source}{}\n(CRIU log: {log:?})", if detail.is_empty() { String::new() } else { format!("\n{detail}") })]
+    #[error("{error}; CRIU log {log:?}{}", if detail.is_empty() { String::new() } else { format!(" says:\n{detail}") })]
     Criu {
-        source: CriuError,
+        error: CriuError,
         log: PathBuf,
         detail: String,
     },
@@ -387,9 +387,9 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
         .as_deref()
         .unwrap_or(&opts.image_path)
         .join(RESTORE_LOG);
-    let criu_err = |source: CriuError, log: &Path| RestoreError::Criu {
+    let criu_err = |error: CriuError, log: &Path| RestoreError::Criu {
         detail: criu::log_errors(log, 5),
-        source,
+        error,
         log: log.to_path_buf(),
     };
     let mut session = criu.spawn(&keep).map_err(|e| criu_err(e, &log))?;
