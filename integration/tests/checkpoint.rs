@@ -402,3 +402,119 @@ fn lazy_pages_restore_with_a_lazy_pages_daemon() {
     let _ = daemon.kill();
     let _ = daemon.wait();
 }
+
+/// Receives the pty master a runtime sends to a console socket, on a background thread.
+fn console_receiver(path: &Path) -> std::thread::JoinHandle<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind console socket");
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 4096];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = nix::sys::socket::recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .expect("recvmsg");
+        for c in msg.cmsgs().expect("cmsgs") {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+                // SAFETY: the descriptor was just received and is owned by nobody else.
+                return unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+            }
+        }
+        panic!("no descriptor received on the console socket");
+    })
+}
+
+/// Reads from a pty master until `needle` shows up (or 10 s pass).
+fn read_until(master: &std::os::fd::OwnedFd, needle: &str) -> String {
+    use std::io::Read;
+    let mut f = std::fs::File::from(master.try_clone().expect("dup"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains(needle) && std::time::Instant::now() < deadline {
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    seen
+}
+
+#[test]
+fn terminal_container_restores_onto_a_new_console() {
+    require_root();
+    let rt = Runtime::trenv();
+    let id = unique_id("tty");
+    let b = Bundle::new(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.05; done",
+        ],
+    );
+    b.edit(|v| v["process"]["terminal"] = serde_json::json!(true));
+    let sockdir = tempfile::Builder::new()
+        .prefix("trenv-it-con-")
+        .tempdir()
+        .expect("tmp");
+    let sock1 = sockdir.path().join("c1.sock");
+    let rx1 = console_receiver(&sock1);
+    rt.detached(&[
+        "run",
+        "--detach",
+        "--console-socket",
+        &sock1.to_string_lossy(),
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    let master1 = rx1.join().expect("console 1");
+    assert!(read_until(&master1, "tick-5").contains("tick-5"));
+
+    let images = tempfile::Builder::new()
+        .prefix("trenv-it-img-")
+        .tempdir()
+        .expect("tmp");
+    let img = images.path().to_string_lossy().into_owned();
+    rt.ok(&["checkpoint", "--image-path", &img, &id]);
+    drop(master1);
+
+    let sock2 = sockdir.path().join("c2.sock");
+    let rx2 = console_receiver(&sock2);
+    rt.detached(&[
+        "restore",
+        "--detach",
+        "--console-socket",
+        &sock2.to_string_lossy(),
+        "--image-path",
+        &img,
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    let master2 = rx2.join().expect("console 2");
+    // The restored shell keeps counting, on the new terminal.
+    let out = read_until(&master2, "tick-");
+    let n: Vec<u64> = out
+        .split("tick-")
+        .filter_map(|s| s.trim().split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(
+        n.first().is_some_and(|v| *v > 5),
+        "restored output: {out:?}"
+    );
+    kill_and_delete(&rt, &id);
+}
