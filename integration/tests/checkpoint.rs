@@ -510,7 +510,7 @@ fn terminal_container_restores_onto_a_new_console() {
     let out = read_until(&master2, "tick-");
     let n: Vec<u64> = out
         .split("tick-")
-        .filter_map(|s| s.trim().split_whitespace().next()?.parse().ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
         .collect();
     assert!(
         n.first().is_some_and(|v| *v > 5),

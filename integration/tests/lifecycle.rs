@@ -250,7 +250,37 @@ fn exec_ps_pause_resume_events_update() {
         serde_json::from_str(&rt.ok(&["events", "--stats", &id])).expect("json");
     assert_eq!(ev["data"]["memory"]["usage"]["limit"], 33554432, "{ev}");
 
-    // kill --all reaches every process; delete --force works on a running container too.
+    // kill --all reaches every process, including a detached exec.
+    rt.detached(&["exec", "--detach", &id, "sleep", "1000"]);
+    let pids: Vec<i64> =
+        serde_json::from_str(&rt.ok(&["ps", "--format", "json", &id])).expect("json");
+    assert!(pids.len() >= 2, "{pids:?}");
+    rt.ok(&["kill", "--all", &id, "KILL"]);
+    let all_dead = wait_for(Duration::from_secs(5), || {
+        pids.iter()
+            .all(|p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                stat.is_empty() || stat.contains(") Z ")
+            })
+            .then_some(())
+    });
+    assert!(all_dead.is_some(), "kill --all left some of {pids:?}");
+    wait_status(&rt, &id, "stopped");
+    rt.ok(&["delete", &id]);
+    assert_container_gone(&rt, &id);
+
+    // delete --force removes a running container.
+    let id = unique_id("force");
+    let b = Bundle::new(&id, &["sleep", "1000"]);
+    rt.detached(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    let e = rt.fail(&["delete", &id]);
+    assert!(e.contains(&id), "{e}");
     rt.ok(&["delete", "--force", &id]);
     assert_container_gone(&rt, &id);
 }

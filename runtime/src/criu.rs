@@ -289,23 +289,6 @@ pub fn cgroup_mode(word: &str) -> Option<rpc::Criu_cg_mode> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ns_keys_match_runc() {
-        assert_eq!(external_ns_key("net"), "extRootNetNS");
-        assert_eq!(external_ns_key("pid"), "extRootPidNS");
-    }
-
-    #[test]
-    fn cgroup_modes() {
-        assert_eq!(cgroup_mode("soft"), Some(rpc::Criu_cg_mode::SOFT));
-        assert_eq!(cgroup_mode("bogus"), None);
-    }
-}
-
 /// CRIU error lines that are expected on hosts without CAP_SYS_RESOURCE.
 fn is_noise(line: &str) -> bool {
     line.contains("RLIMIT_NOFILE")
@@ -331,4 +314,21 @@ pub fn log_errors(log: &Path, max_lines: usize) -> String {
         .map(|l| format!("  {l}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ns_keys_match_runc() {
+        assert_eq!(external_ns_key("net"), "extRootNetNS");
+        assert_eq!(external_ns_key("pid"), "extRootPidNS");
+    }
+
+    #[test]
+    fn cgroup_modes() {
+        assert_eq!(cgroup_mode("soft"), Some(rpc::Criu_cg_mode::SOFT));
+        assert_eq!(cgroup_mode("bogus"), None);
+    }
 }

@@ -85,7 +85,7 @@ pub fn update(g: &Global, a: &Update) -> Result<()> {
         bail!("container {} is not running", a.id);
     }
     let mut r = read_resources(a)?;
-    let mut mem = r.memory().clone().unwrap_or_default();
+    let mut mem = r.memory().unwrap_or_default();
     let mut mem_set = r.memory().is_some();
     for (v, set) in [
         (

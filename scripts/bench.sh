@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the trenv vs runc benchmark (`make bench`); arguments go to trenv-bench (e.g. --runs 10).
+# Expects release binaries (the Makefile builds them first) and builds them only if missing.
+# Writes target/bench/summary.json and docs/benchmarks.md. Needs root, runc and criu.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+
+if [ ! -x target/release/trenv ] || [ ! -x target/release/trenv-bench ]; then
+  echo "bench: release binaries missing, building them" >&2
+  cargo build --release --workspace --bins
+fi
+
+export TRENV_BIN=target/release/trenv
+exec target/release/trenv-bench "$@"
