@@ -169,20 +169,8 @@ fn dump_options(
     if let Some(fd) = opts.status_fd {
         o.set_status_fd(fd);
     }
-    let mut empty = 0u32;
-    for ns in &opts.empty_ns {
-        match ns.as_str() {
-            "network" | "net" => empty |= libc::CLONE_NEWNET as u32,
-            other => {
-                return Err(CheckpointError::Option(format!(
-                    "--empty-ns supports only 'network', not {other:?}"
-                )))
-            }
-        }
-    }
-    if empty != 0 {
-        o.set_empty_ns(empty);
-    }
+    o.set_empty_ns(criu::empty_ns_mask(&opts.empty_ns).map_err(CheckpointError::Option)?);
+    o.set_evasive_devices(true);
     for (dest, _) in bundle.external_mounts() {
         let mut m = rpc::Ext_mount_map::new();
         m.set_key(dest.clone());

@@ -274,6 +274,7 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
         })?),
         None => None,
     };
+    let empty_ns = criu::empty_ns_mask(&opts.empty_ns).map_err(RestoreError::Option)?;
 
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -451,16 +452,8 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
     if let Some(c) = &opts.lsm_mount_context {
         o.set_lsm_mount_context(c.clone());
     }
-    for ns in &opts.empty_ns {
-        match ns.as_str() {
-            "network" | "net" => o.set_empty_ns(libc::CLONE_NEWNET as u32),
-            other => {
-                return Err(RestoreError::Option(format!(
-                    "--empty-ns supports only 'network', not {other:?}"
-                )))
-            }
-        }
-    }
+    o.set_empty_ns(empty_ns);
+    o.set_evasive_devices(true);
     for (dest, src) in bundle.external_mounts() {
         let mut m = rpc::Ext_mount_map::new();
         m.set_key(dest);
