@@ -32,13 +32,13 @@ Compares trenv with runc: `run` of a busybox `true` container and `restore --det
 CRIU checkpoint. Needs root, runc and criu. Writes target/bench/summary.json and
 docs/benchmarks.md under the workspace root.
 
-  --runs N     timed iterations per runtime and benchmark (default 50, or $TRENV_BENCH_RUNS)
+  --runs N     timed iterations per runtime and benchmark (default 100, or $TRENV_BENCH_RUNS)
   --warmup N   untimed iterations per runtime before timing (default 3)
   -h, --help   this text
 
 The trenv binary is $TRENV_BIN, else the newest of target/{release,debug}/trenv.";
 
-const DEFAULT_RUNS: usize = 50;
+const DEFAULT_RUNS: usize = 100;
 const DEFAULT_WARMUP: usize = 3;
 /// Parent of every cgroup the harness creates (see `bundle::cgroup_path`).
 const CGROUP_PARENT: &str = "/trenv-it";
