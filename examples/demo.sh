@@ -72,7 +72,9 @@ jq '.process.terminal=false | .root.readonly=false | .linux.cgroupsPath="/trenv-
     | .process.args=["sh","-c","i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.1; done"]' \
   "$B/config.json" > "$B/config.tmp" && mv "$B/config.tmp" "$B/config.json"
 T=("$TRENV" --root "$WORK/state")
-"${T[@]}" run --detach --bundle "$B" demo-counter </dev/null >/dev/null
+# The container inherits stdio: give it /dev/null (a host file could not be checkpointed).
+"${T[@]}" --log "$WORK/trenv.log" run --detach --bundle "$B" demo-counter </dev/null >/dev/null 2>&1 \
+  || { cat "$WORK/trenv.log" >&2; exit 1; }
 sleep 1.5
 echo "counter before checkpoint: $(cat "$B/rootfs/count")"
 start=$(date +%s%N)
@@ -80,7 +82,8 @@ start=$(date +%s%N)
 echo "checkpointed in $(( ($(date +%s%N) - start) / 1000000 )) ms; container stopped; count frozen at $(cat "$B/rootfs/count")"
 sleep 1
 start=$(date +%s%N)
-"${T[@]}" restore --detach --image-path "$WORK/images" --bundle "$B" demo-counter </dev/null >/dev/null
+"${T[@]}" --log "$WORK/trenv.log" restore --detach --image-path "$WORK/images" --bundle "$B" demo-counter \
+  </dev/null >/dev/null 2>&1 || { cat "$WORK/trenv.log" >&2; exit 1; }
 echo "restored in $(( ($(date +%s%N) - start) / 1000000 )) ms"
 sleep 1
 echo "counter after restore: $(cat "$B/rootfs/count") (carried on from its checkpointed memory)"

@@ -93,17 +93,30 @@ impl Runtime {
         text
     }
 
-    /// Runs a command whose container outlives it: stdio must not be pipes we wait on.
+    /// Runs a command whose container outlives it. The container inherits the command's
+    /// stdio, so it gets /dev/null: pipes we waited on would block until the container exits,
+    /// and a host file (like a CI log) could not be checkpointed. trenv's own errors go to a
+    /// log file that is shown on failure.
     pub fn detached(&self, args: &[&str]) {
+        let log = tempfile::Builder::new()
+            .prefix("trenv-it-log-")
+            .tempfile()
+            .expect("log file");
         let st = self
             .cmd()
+            .arg("--log")
+            .arg(log.path())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .status()
             .expect("spawn");
-        assert!(st.success(), "{args:?} failed: {st}");
+        assert!(
+            st.success(),
+            "{args:?} failed: {st}: {}",
+            std::fs::read_to_string(log.path()).unwrap_or_default()
+        );
     }
 
     pub fn state(&self, id: &str) -> Value {
