@@ -138,7 +138,7 @@ fn invalid_signal_and_states() {
     assert!(e.contains("invalid signal"), "{e}");
     // A created (not started) container cannot be checkpointed or paused.
     let e = rt.fail(&["checkpoint", "--image-path", "/tmp/trenv-it-never", &id]);
-    assert!(e.contains("only a running container"), "{e}");
+    assert!(e.contains("only a running or paused container"), "{e}");
     assert!(!Path::new("/tmp/trenv-it-never").exists());
     rt.fail(&["pause", &id]);
     rt.ok(&["delete", "--force", &id]);

@@ -149,3 +149,67 @@ fn ctr_task_exec_and_kill() {
     c.ctr_ok(&["containers", "delete", &id]);
     assert_task_gone(&c, &id);
 }
+
+#[test]
+fn ctr_task_checkpoint_through_the_runc_shim() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("ctr-ckpt");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runc-binary",
+        &trenv(),
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done",
+    ]);
+    let counting = wait_for(Duration::from_secs(10), || {
+        let out = c.ctr(&["task", "exec", "--exec-id", "r1", &id, "cat", "/tmp/c"]);
+        let n: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        (n > 3).then_some(())
+    });
+    assert!(counting.is_some());
+    // containerd pauses the task, has trenv dump it with --leave-running, then resumes it.
+    c.ctr_ok(&["task", "checkpoint", &id]);
+    let images = c.ctr_ok(&["images", "ls", "-q"]);
+    assert!(
+        images
+            .lines()
+            .any(|l| l.starts_with(&format!("containerd.io/checkpoint/{id}:"))),
+        "{images}"
+    );
+    assert!(c
+        .ctr_ok(&["task", "ls"])
+        .lines()
+        .any(|l| l.starts_with(&id) && l.contains("RUNNING")));
+    let before: u64 = c
+        .ctr_ok(&["task", "exec", "--exec-id", "r2", &id, "cat", "/tmp/c"])
+        .trim()
+        .parse()
+        .expect("count");
+    std::thread::sleep(Duration::from_millis(300));
+    let after: u64 = c
+        .ctr_ok(&["task", "exec", "--exec-id", "r3", &id, "cat", "/tmp/c"])
+        .trim()
+        .parse()
+        .expect("count");
+    assert!(
+        after > before,
+        "not counting after checkpoint: {before} -> {after}"
+    );
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    let stopped = wait_for(Duration::from_secs(10), || {
+        c.ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
+            .then_some(())
+    });
+    assert!(stopped.is_some());
+    c.ctr_ok(&["task", "delete", &id]);
+    c.ctr_ok(&["containers", "delete", &id]);
+    assert_task_gone(&c, &id);
+}

@@ -21,7 +21,9 @@ const DUMP_LOG: &str = "dump.log";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("container {id} is {status:?}; only a running container can be checkpointed")]
+    #[error(
+        "container {id} is {status:?}; only a running or paused container can be checkpointed"
+    )]
     NotRunning { id: String, status: ContainerStatus },
     #[error("container {0} has no init process recorded")]
     NoPid(String),
@@ -221,7 +223,9 @@ pub fn checkpoint(
 ) -> Result<(), CheckpointError> {
     container.refresh_status()?;
     let status = container.status();
-    if status != ContainerStatus::Running {
+    // containerd pauses a task before checkpointing it; CRIU then finds the tree already
+    // frozen in the freezer cgroup.
+    if !matches!(status, ContainerStatus::Running | ContainerStatus::Paused) {
         return Err(CheckpointError::NotRunning {
             id: container.id().to_string(),
             status,
