@@ -112,6 +112,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         ]);
     }
 
+    /// The status column of `ctr task ls` for a task (RUNNING, PAUSED, STOPPED...).
+    pub fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(id)).then(|| cols.nth(1).unwrap_or_default().to_string())
+        })
+    }
+
+    /// Waits up to 10 s for a task to reach `status`; panics with the task list if it does not.
+    pub fn wait_task(&self, id: &str, status: &str) {
+        let ok = wait_for(Duration::from_secs(10), || {
+            (self.task_status(id).as_deref() == Some(status)).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "task {id} never became {status}: {}",
+            String::from_utf8_lossy(&self.ctr(&["task", "ls"]).stdout)
+        );
+    }
+
     fn cleanup_containers(&self) {
         let out = self.ctr(&["containers", "list", "-q"]);
         for id in String::from_utf8_lossy(&out.stdout).lines() {

@@ -73,13 +73,7 @@ fn ctr_task_exec_and_kill() {
         "sleep",
         "1000",
     ]);
-    let running = wait_for(Duration::from_secs(10), || {
-        c.ctr_ok(&["task", "ls"])
-            .lines()
-            .any(|l| l.starts_with(&id) && l.contains("RUNNING"))
-            .then_some(())
-    });
-    assert!(running.is_some(), "{}", c.ctr_ok(&["task", "ls"]));
+    c.wait_task(&id, "RUNNING");
 
     // The runc shim really drives trenv: trenv reads its own state under the shim's root.
     let st = std::process::Command::new(trenv_bin())
@@ -131,20 +125,12 @@ fn ctr_task_exec_and_kill() {
 
     // pause/resume through the shim.
     c.ctr_ok(&["task", "pause", &id]);
-    assert!(c
-        .ctr_ok(&["task", "ls"])
-        .lines()
-        .any(|l| l.starts_with(&id) && l.contains("PAUSED")));
+    assert_eq!(c.task_status(&id).as_deref(), Some("PAUSED"));
     c.ctr_ok(&["task", "resume", &id]);
+    assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
 
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
-    let stopped = wait_for(Duration::from_secs(10), || {
-        c.ctr_ok(&["task", "ls"])
-            .lines()
-            .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
-            .then_some(())
-    });
-    assert!(stopped.is_some(), "{}", c.ctr_ok(&["task", "ls"]));
+    c.wait_task(&id, "STOPPED");
     c.ctr_ok(&["task", "delete", &id]);
     c.ctr_ok(&["containers", "delete", &id]);
     assert_task_gone(&c, &id);
@@ -182,10 +168,7 @@ fn ctr_task_checkpoint_through_the_runc_shim() {
             .any(|l| l.starts_with(&format!("containerd.io/checkpoint/{id}:"))),
         "{images}"
     );
-    assert!(c
-        .ctr_ok(&["task", "ls"])
-        .lines()
-        .any(|l| l.starts_with(&id) && l.contains("RUNNING")));
+    assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
     let before: u64 = c
         .ctr_ok(&["task", "exec", "--exec-id", "r2", &id, "cat", "/tmp/c"])
         .trim()
@@ -202,13 +185,7 @@ fn ctr_task_checkpoint_through_the_runc_shim() {
         "not counting after checkpoint: {before} -> {after}"
     );
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
-    let stopped = wait_for(Duration::from_secs(10), || {
-        c.ctr_ok(&["task", "ls"])
-            .lines()
-            .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
-            .then_some(())
-    });
-    assert!(stopped.is_some());
+    c.wait_task(&id, "STOPPED");
     c.ctr_ok(&["task", "delete", &id]);
     c.ctr_ok(&["containers", "delete", &id]);
     assert_task_gone(&c, &id);
