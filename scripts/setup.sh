@@ -89,7 +89,7 @@ cd "$ROOT"
 cargo build --release --workspace --bins
 
 step "install binaries to $PREFIX/bin"
-for b in trenv; do
+for b in trenv containerd-shim-trenv-v2; do
   install -m 0755 "target/release/$b" "$PREFIX/bin/$b"
   echo "installed $PREFIX/bin/$b"
 done

@@ -41,8 +41,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         );
         std::fs::write(d.join("config.toml"), config).expect("config");
         let log = std::fs::File::create(d.join("containerd.log")).expect("log");
+        // The shim under test comes first, so `--runtime io.containerd.trenv.v2` finds it.
+        let shim_dir = crate::runtime::shim_bin()
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let path = format!(
-            "/usr/local/sbin:/usr/local/bin:{}",
+            "{shim_dir}:/usr/local/sbin:/usr/local/bin:{}",
             std::env::var("PATH").unwrap_or_default()
         );
         let child = Command::new("containerd")

@@ -22,6 +22,14 @@ pub fn trenv_bin() -> PathBuf {
         .expect("no trenv binary: run `cargo build --release` or set TRENV_BIN")
 }
 
+/// The containerd shim under test: $TRENV_SHIM_BIN, else next to the trenv binary.
+pub fn shim_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TRENV_SHIM_BIN") {
+        return workspace().join(p);
+    }
+    trenv_bin().with_file_name("containerd-shim-trenv-v2")
+}
+
 /// A runc-compatible runtime binary with its own `--root`. Containers left behind by a failed
 /// test are force-deleted on drop.
 pub struct Runtime {

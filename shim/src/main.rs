@@ -1,0 +1,89 @@
+//! `containerd-shim-trenv-v2`: the containerd task shim for trenv (`io.containerd.trenv.v2`).
+
+mod service;
+mod zygote;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use containerd_shim::{api, publisher::RemotePublisher, Config, ExitSignal, Flags, StartOpts};
+
+/// Runtime type containerd knows this shim by.
+const RUNTIME_ID: &str = "io.containerd.trenv.v2";
+
+/// Per-namespace libcontainer state, like runc's /run/containerd/runc/<namespace>.
+pub fn state_root(namespace: &str) -> PathBuf {
+    PathBuf::from("/run/containerd/trenv").join(namespace)
+}
+
+struct Shim {
+    namespace: String,
+    id: String,
+    exit: Arc<ExitSignal>,
+    zygote: std::sync::Mutex<Option<zygote::Zygote>>,
+}
+
+impl containerd_shim::Shim for Shim {
+    type T = service::Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        // The serving shim forks its zygote now, before the ttrpc server starts threads.
+        let zygote = if args.action.is_empty() {
+            match zygote::Zygote::spawn() {
+                Ok(z) => Some(z),
+                Err(e) => {
+                    log::error!("starting the zygote: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Self {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            exit: Arc::new(ExitSignal::default()),
+            zygote: std::sync::Mutex::new(zygote),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let grouping = opts.id.clone();
+        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        Ok(address)
+    }
+
+    /// Cleans up after a shim that died: the container and its rootfs mount.
+    fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
+        let dir = state_root(&self.namespace).join(&self.id);
+        if dir.join("state.json").exists() {
+            match libcontainer::container::Container::load(dir) {
+                Ok(mut c) => {
+                    if let Err(e) = c.delete(true) {
+                        log::warn!("deleting container {}: {e}", self.id);
+                    }
+                }
+                Err(e) => log::warn!("loading container {}: {e}", self.id),
+            }
+        }
+        if let Ok(cwd) = std::env::current_dir() {
+            let _ = nix::mount::umount2(&cwd.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+        }
+        let mut resp = api::DeleteResponse::new();
+        resp.exit_status = 128 + libc::SIGKILL as u32;
+        Ok(resp)
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let zygote = self.zygote.lock().ok().and_then(|mut z| z.take());
+        service::Service::new(&self.namespace, zygote, publisher, self.exit.clone())
+    }
+}
+
+fn main() {
+    containerd_shim::run::<Shim>(RUNTIME_ID, None);
+}

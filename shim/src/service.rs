@@ -1,0 +1,722 @@
+//! The containerd task service.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use containerd_shim::api::{self, Status};
+use containerd_shim::event::Event;
+use containerd_shim::monitor::{Subject, Topic};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
+
+use crate::zygote::{Request, Stdio, Zygote};
+
+/// One process of a task: the init (exec id "") or an exec.
+#[derive(Debug, Clone, Default)]
+struct Proc {
+    pid: i32,
+    started: bool,
+    exit: Option<(u32, Timestamp)>,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    /// An exec's process.json, until it is started.
+    spec: Option<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+struct Task {
+    bundle: PathBuf,
+    rootfs_mounted: bool,
+    procs: HashMap<String, Proc>,
+    paused: bool,
+}
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<String, Task>,
+    /// Exits reaped before the pid was known (a process that ended during create/start).
+    early_exits: HashMap<i32, (u32, Timestamp)>,
+}
+
+pub struct Service {
+    state: Arc<(Mutex<State>, Condvar)>,
+    zygote: Arc<Mutex<Option<Zygote>>>,
+    publisher: Arc<RemotePublisher>,
+    namespace: String,
+    root: PathBuf,
+    exit: Arc<ExitSignal>,
+}
+
+fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn now() -> Timestamp {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut t = Timestamp::new();
+    t.seconds = d.as_secs() as i64;
+    t.nanos = d.subsec_nanos() as i32;
+    t
+}
+
+/// Opens containerd's FIFOs. Output FIFOs are opened read-write so the open never blocks
+/// and the pipe survives a reader that reconnects; stdin is read-only, non-blocking for the
+/// open, then switched back to blocking so the process sees EOF when the writer closes.
+fn open_stdio(p: &Proc) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
+    let mut stdio = Stdio::default();
+    let mut fds = Vec::new();
+    if !p.stdin.is_empty() {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p.stdin)?;
+        // SAFETY: F_SETFL on a descriptor we own.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) };
+        fds.push(OwnedFd::from(f));
+        stdio.stdin = true;
+    }
+    for (path, flag) in [
+        (&p.stdout, &mut stdio.stdout),
+        (&p.stderr, &mut stdio.stderr),
+    ] {
+        if !path.is_empty() {
+            let f = OpenOptions::new().read(true).write(true).open(path)?;
+            fds.push(OwnedFd::from(f));
+            *flag = true;
+        }
+    }
+    Ok((stdio, fds))
+}
+
+impl Service {
+    pub fn new(
+        namespace: &str,
+        zygote: Option<Zygote>,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        let s = Self {
+            state: Arc::new((Mutex::new(State::default()), Condvar::new())),
+            zygote: Arc::new(Mutex::new(zygote)),
+            publisher: Arc::new(publisher),
+            namespace: namespace.to_string(),
+            root: crate::state_root(namespace),
+            exit,
+        };
+        s.watch_exits();
+        s
+    }
+
+    fn publish(&self, topic: String, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self
+            .publisher
+            .publish(Context::default(), &topic, &self.namespace, event)
+        {
+            log::warn!("publishing {topic}: {e}");
+        }
+    }
+
+    fn zygote(&self, req: &Request, fds: &[OwnedFd]) -> TtrpcResult<Option<i32>> {
+        let guard = self
+            .zygote
+            .lock()
+            .map_err(|_| err(Code::INTERNAL, "zygote lock poisoned"))?;
+        let z = guard
+            .as_ref()
+            .ok_or_else(|| err(Code::INTERNAL, "no zygote in this shim process"))?;
+        let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        z.call(req, &raw)
+            .map_err(|e| err(Code::UNKNOWN, e.to_string()))
+    }
+
+    /// Records exits reported by the reaper and publishes TaskExit.
+    fn watch_exits(&self) {
+        let sub = match containerd_shim::monitor::monitor_subscribe(Topic::All) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot subscribe to exits: {e}");
+                return;
+            }
+        };
+        let state = self.state.clone();
+        let publisher = self.publisher.clone();
+        let ns = self.namespace.clone();
+        std::thread::spawn(move || {
+            for ev in sub.rx.iter() {
+                let Subject::Pid(pid) = ev.subject else {
+                    continue;
+                };
+                let code = ev.exit_code as u32;
+                let at = now();
+                let (lock, cv) = &*state;
+                let Ok(mut st) = lock.lock() else { return };
+                let mut found = None;
+                for (tid, task) in st.tasks.iter_mut() {
+                    for (eid, p) in task.procs.iter_mut() {
+                        if p.pid == pid && p.exit.is_none() {
+                            p.exit = Some((code, at.clone()));
+                            found = Some((tid.clone(), eid.clone()));
+                        }
+                    }
+                }
+                match found {
+                    Some((tid, eid)) => {
+                        let ev = TaskExit {
+                            container_id: tid.clone(),
+                            id: if eid.is_empty() { tid } else { eid },
+                            pid: pid as u32,
+                            exit_status: code,
+                            exited_at: Some(at).into(),
+                            ..Default::default()
+                        };
+                        let topic = ev.topic();
+                        if let Err(e) =
+                            publisher.publish(Context::default(), &topic, &ns, Box::new(ev))
+                        {
+                            log::warn!("publishing exit: {e}");
+                        }
+                    }
+                    None => {
+                        st.early_exits.insert(pid, (code, at));
+                    }
+                }
+                cv.notify_all();
+            }
+        });
+    }
+
+    fn with_proc<T>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&mut Task, &mut Proc) -> T,
+    ) -> TtrpcResult<T> {
+        let (lock, _) = &*self.state;
+        let mut st = lock
+            .lock()
+            .map_err(|_| err(Code::INTERNAL, "state lock poisoned"))?;
+        let task = st
+            .tasks
+            .get_mut(id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("task {id} not found")))?;
+        let mut p = task.procs.get(exec_id).cloned().ok_or_else(|| {
+            err(
+                Code::NOT_FOUND,
+                format!("process {exec_id:?} of {id} not found"),
+            )
+        })?;
+        let out = f(task, &mut p);
+        task.procs.insert(exec_id.to_string(), p);
+        Ok(out)
+    }
+
+    /// Claims an exit reaped before the pid was recorded.
+    fn claim_early_exit(&self, id: &str, exec_id: &str, pid: i32) {
+        let (lock, cv) = &*self.state;
+        if let Ok(mut st) = lock.lock() {
+            if let Some(exit) = st.early_exits.remove(&pid) {
+                if let Some(p) = st.tasks.get_mut(id).and_then(|t| t.procs.get_mut(exec_id)) {
+                    p.exit = Some(exit);
+                }
+                cv.notify_all();
+            }
+        }
+    }
+
+    fn mount_rootfs(
+        bundle: &Path,
+        mounts: &[containerd_shim::protos::api::Mount],
+    ) -> TtrpcResult<bool> {
+        if mounts.is_empty() {
+            return Ok(false);
+        }
+        let target = bundle.join("rootfs");
+        std::fs::create_dir_all(&target)
+            .map_err(|e| err(Code::INTERNAL, format!("creating {target:?}: {e}")))?;
+        for m in mounts {
+            containerd_shim::mount::mount_rootfs(
+                Some(m.type_.as_str()),
+                Some(m.source.as_str()),
+                &m.options,
+                &target,
+            )
+            .map_err(|e| err(Code::INTERNAL, format!("mounting rootfs: {e}")))?;
+        }
+        Ok(true)
+    }
+
+    fn unmount_rootfs(bundle: &Path) {
+        let target = bundle.join("rootfs");
+        if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
+            log::warn!("unmounting {target:?}: {e}");
+        }
+    }
+}
+
+impl containerd_shim::Task for Service {
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let pid = self
+            .with_proc(&req.id, "", |_, p| p.pid as u32)
+            .unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let bundle = PathBuf::from(&req.bundle);
+        {
+            let (lock, _) = &*self.state;
+            let st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
+            if st.tasks.contains_key(&req.id) {
+                return Err(err(
+                    Code::ALREADY_EXISTS,
+                    format!("task {} already exists", req.id),
+                ));
+            }
+        }
+        let mounted = Self::mount_rootfs(&bundle, &req.rootfs)?;
+        let mut p = Proc {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            ..Default::default()
+        };
+        if req.terminal {
+            if mounted {
+                Self::unmount_rootfs(&bundle);
+            }
+            return Err(err(
+                Code::UNIMPLEMENTED,
+                "terminal containers are not supported by this shim yet",
+            ));
+        }
+        let res = open_stdio(&p)
+            .map_err(|e| err(Code::INTERNAL, format!("opening stdio: {e}")))
+            .and_then(|(stdio, fds)| {
+                self.zygote(
+                    &Request::Create {
+                        root: self.root.clone(),
+                        id: req.id.clone(),
+                        bundle: bundle.clone(),
+                        console_socket: None,
+                        stdio,
+                    },
+                    &fds,
+                )
+            });
+        let pid = match res {
+            Ok(Some(pid)) => pid,
+            Ok(None) => {
+                if mounted {
+                    Self::unmount_rootfs(&bundle);
+                }
+                return Err(err(Code::INTERNAL, "create returned no pid"));
+            }
+            Err(e) => {
+                if mounted {
+                    Self::unmount_rootfs(&bundle);
+                }
+                return Err(e);
+            }
+        };
+        p.pid = pid;
+        {
+            let (lock, _) = &*self.state;
+            let mut st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
+            let mut task = Task {
+                bundle: bundle.clone(),
+                rootfs_mounted: mounted,
+                ..Default::default()
+            };
+            task.procs.insert(String::new(), p);
+            st.tasks.insert(req.id.clone(), task);
+        }
+        self.claim_early_exit(&req.id, "", pid);
+        let ev = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            checkpoint: req.checkpoint.clone(),
+            pid: pid as u32,
+            ..Default::default()
+        };
+        self.publish(ev.topic(), Box::new(ev));
+        Ok(api::CreateTaskResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        if req.exec_id.is_empty() {
+            self.zygote(
+                &Request::Start {
+                    root: self.root.clone(),
+                    id: req.id.clone(),
+                },
+                &[],
+            )?;
+            let pid = self.with_proc(&req.id, "", |_, p| {
+                p.started = true;
+                p.pid
+            })?;
+            let ev = TaskStart {
+                container_id: req.id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            };
+            self.publish(ev.topic(), Box::new(ev));
+            return Ok(api::StartResponse {
+                pid: pid as u32,
+                ..Default::default()
+            });
+        }
+        let p = self.with_proc(&req.id, &req.exec_id, |_, p| p.clone())?;
+        if p.started {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("exec {} already started", req.exec_id),
+            ));
+        }
+        let spec = p
+            .spec
+            .clone()
+            .ok_or_else(|| err(Code::INTERNAL, "exec has no process spec"))?;
+        let (stdio, fds) =
+            open_stdio(&p).map_err(|e| err(Code::INTERNAL, format!("opening stdio: {e}")))?;
+        let res = self.zygote(
+            &Request::Exec {
+                root: self.root.clone(),
+                id: req.id.clone(),
+                process: spec.clone(),
+                console_socket: None,
+                stdio,
+            },
+            &fds,
+        );
+        let _ = std::fs::remove_file(&spec);
+        let pid = res?.ok_or_else(|| err(Code::INTERNAL, "exec returned no pid"))?;
+        self.with_proc(&req.id, &req.exec_id, |_, p| {
+            p.pid = pid;
+            p.started = true;
+        })?;
+        self.claim_early_exit(&req.id, &req.exec_id, pid);
+        let ev = TaskExecStarted {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            pid: pid as u32,
+            ..Default::default()
+        };
+        self.publish(ev.topic(), Box::new(ev));
+        Ok(api::StartResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        if req.terminal {
+            return Err(err(
+                Code::UNIMPLEMENTED,
+                "terminal execs are not supported by this shim yet",
+            ));
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| err(Code::INVALID_ARGUMENT, "exec without a process spec"))?;
+        let bundle = self.with_proc(&req.id, "", |t, _| t.bundle.clone())?;
+        {
+            let (lock, _) = &*self.state;
+            let st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
+            if st
+                .tasks
+                .get(&req.id)
+                .is_some_and(|t| t.procs.contains_key(&req.exec_id))
+            {
+                return Err(err(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {} already exists", req.exec_id),
+                ));
+            }
+        }
+        let path = bundle.join(format!("exec-{}.json", req.exec_id));
+        std::fs::write(&path, &spec.value)
+            .map_err(|e| err(Code::INTERNAL, format!("writing {path:?}: {e}")))?;
+        let p = Proc {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            spec: Some(path),
+            ..Default::default()
+        };
+        {
+            let (lock, _) = &*self.state;
+            let mut st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
+            if let Some(t) = st.tasks.get_mut(&req.id) {
+                t.procs.insert(req.exec_id.clone(), p);
+            }
+        }
+        let ev = TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.publish(ev.topic(), Box::new(ev));
+        Ok(api::Empty::new())
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let (p, bundle, paused) = self.with_proc(&req.id, &req.exec_id, |t, p| {
+            (p.clone(), t.bundle.clone(), t.paused)
+        })?;
+        let status = match (&p.exit, p.started, paused) {
+            (Some(_), _, _) => Status::STOPPED,
+            (None, _, true) => Status::PAUSED,
+            (None, true, _) => Status::RUNNING,
+            (None, false, _) => Status::CREATED,
+        };
+        let mut r = api::StateResponse {
+            id: if req.exec_id.is_empty() {
+                req.id.clone()
+            } else {
+                req.exec_id.clone()
+            },
+            bundle: bundle.to_string_lossy().into_owned(),
+            pid: p.pid as u32,
+            stdin: p.stdin.clone(),
+            stdout: p.stdout.clone(),
+            stderr: p.stderr.clone(),
+            terminal: p.terminal,
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        r.status = status.into();
+        if let Some((code, at)) = p.exit {
+            r.exit_status = code;
+            r.exited_at = Some(at).into();
+        }
+        Ok(r)
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let (lock, cv) = &*self.state;
+        let mut st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
+        loop {
+            let p = st
+                .tasks
+                .get(&req.id)
+                .and_then(|t| t.procs.get(&req.exec_id))
+                .ok_or_else(|| {
+                    err(
+                        Code::NOT_FOUND,
+                        format!("process {:?} of {} not found", req.exec_id, req.id),
+                    )
+                })?;
+            if let Some((code, at)) = &p.exit {
+                return Ok(api::WaitResponse {
+                    exit_status: *code,
+                    exited_at: Some(at.clone()).into(),
+                    ..Default::default()
+                });
+            }
+            st = cv.wait(st).map_err(|_| err(Code::INTERNAL, "lock"))?;
+        }
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let p = self.with_proc(&req.id, &req.exec_id, |_, p| p.clone())?;
+        if p.exit.is_some() && !req.all {
+            return Err(err(Code::NOT_FOUND, "process already finished"));
+        }
+        if req.exec_id.is_empty() {
+            self.zygote(
+                &Request::Kill {
+                    root: self.root.clone(),
+                    id: req.id.clone(),
+                    signal: req.signal,
+                    all: req.all,
+                },
+                &[],
+            )?;
+        } else {
+            let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
+                .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig)
+                .map_err(|e| err(Code::NOT_FOUND, format!("process already finished: {e}")))?;
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let c = libcontainer::container::Container::load(self.root.join(&req.id))
+            .map_err(|e| err(Code::NOT_FOUND, e.to_string()))?;
+        let spec = c.spec().map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let cg = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+            cgroup_path: spec.cgroup_path,
+            systemd_cgroup: false,
+            container_name: req.id.clone(),
+        })
+        .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        use libcgroups::common::CgroupManager;
+        let pids = cg
+            .get_all_pids()
+            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        Ok(api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|p| containerd_shim::protos::api::ProcessInfo {
+                    pid: p.as_raw() as u32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.zygote(
+            &Request::Pause {
+                root: self.root.clone(),
+                id: req.id.clone(),
+            },
+            &[],
+        )?;
+        self.with_proc(&req.id, "", |t, _| t.paused = true)?;
+        let ev = TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish(ev.topic(), Box::new(ev));
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.zygote(
+            &Request::Resume {
+                root: self.root.clone(),
+                id: req.id.clone(),
+            },
+            &[],
+        )?;
+        self.with_proc(&req.id, "", |t, _| t.paused = false)?;
+        let ev = TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish(ev.topic(), Box::new(ev));
+        Ok(api::Empty::new())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let p = self.with_proc(&req.id, &req.exec_id, |_, p| p.clone())?;
+        if !req.exec_id.is_empty() {
+            if p.started && p.exit.is_none() {
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!("exec {} is running", req.exec_id),
+                ));
+            }
+            let (lock, _) = &*self.state;
+            if let Ok(mut st) = lock.lock() {
+                if let Some(t) = st.tasks.get_mut(&req.id) {
+                    t.procs.remove(&req.exec_id);
+                }
+            }
+            if let Some(spec) = p.spec {
+                let _ = std::fs::remove_file(spec);
+            }
+        } else {
+            self.zygote(
+                &Request::Delete {
+                    root: self.root.clone(),
+                    id: req.id.clone(),
+                    force: true,
+                },
+                &[],
+            )?;
+            let (lock, _) = &*self.state;
+            let task = lock.lock().ok().and_then(|mut st| st.tasks.remove(&req.id));
+            if let Some(t) = task {
+                if t.rootfs_mounted {
+                    Self::unmount_rootfs(&t.bundle);
+                }
+            }
+            let (code, at) = p.exit.clone().unwrap_or((0, now()));
+            let ev = TaskDelete {
+                container_id: req.id.clone(),
+                pid: p.pid as u32,
+                exit_status: code,
+                exited_at: Some(at).into(),
+                ..Default::default()
+            };
+            self.publish(ev.topic(), Box::new(ev));
+        }
+        let (code, at) = p.exit.unwrap_or((0, now()));
+        Ok(api::DeleteResponse {
+            pid: p.pid as u32,
+            exit_status: code,
+            exited_at: Some(at).into(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        let (lock, _) = &*self.state;
+        let empty = lock.lock().map(|st| st.tasks.is_empty()).unwrap_or(true);
+        if empty {
+            self.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}

@@ -1,0 +1,356 @@
+//! The zygote: a single-threaded helper process that runs libcontainer operations for the shim.
+//!
+//! libcontainer changes process-global state (signal dispositions, the working directory,
+//! environment, rlimits during clone) and calls fork/clone, which is unsafe in a process that
+//! already runs ttrpc threads. So the shim forks the zygote first, while it is still single
+//! threaded. For every request the zygote forks a short-lived worker that performs one
+//! operation and answers on the shared socket; the zygote itself never runs libcontainer.
+//! Container inits created by a worker are re-parented to the shim (a child subreaper) when
+//! the worker exits, so the shim reaps them and reports their exits. No binary is executed.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use nix::sys::signal::{signal, SigHandler, Signal};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult};
+use serde::{Deserialize, Serialize};
+
+const MAX_MSG: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZygoteError {
+    #[error("zygote socket: {0}")]
+    Sys(#[from] nix::Error),
+    #[error("zygote message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the zygote process is gone")]
+    Gone,
+    #[error("{0}")]
+    Op(String),
+}
+
+/// Which of stdin, stdout, stderr accompany a request as descriptors, in that order.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Stdio {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
+/// One libcontainer operation.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Create {
+        root: PathBuf,
+        id: String,
+        bundle: PathBuf,
+        console_socket: Option<PathBuf>,
+        stdio: Stdio,
+    },
+    Start {
+        root: PathBuf,
+        id: String,
+    },
+    Exec {
+        root: PathBuf,
+        id: String,
+        process: PathBuf,
+        console_socket: Option<PathBuf>,
+        stdio: Stdio,
+    },
+    Kill {
+        root: PathBuf,
+        id: String,
+        signal: u32,
+        all: bool,
+    },
+    Pause {
+        root: PathBuf,
+        id: String,
+    },
+    Resume {
+        root: PathBuf,
+        id: String,
+    },
+    Delete {
+        root: PathBuf,
+        id: String,
+        force: bool,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Response {
+    Ok { pid: Option<i32> },
+    Err(String),
+}
+
+/// The shim's end of the zygote.
+pub struct Zygote {
+    /// Closing it ends the zygote.
+    sock: OwnedFd,
+}
+
+impl Zygote {
+    /// Forks the zygote. Must be called while the process is still single threaded.
+    pub fn spawn() -> Result<Self, ZygoteError> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        // SAFETY: the caller guarantees no other thread exists, so the child may run
+        // arbitrary code.
+        match unsafe { fork() }? {
+            ForkResult::Child => {
+                drop(ours);
+                serve(theirs);
+            }
+            ForkResult::Parent { .. } => {
+                drop(theirs);
+                Ok(Self { sock: ours })
+            }
+        }
+    }
+
+    /// Runs one request with the given descriptors; returns the pid it produced, if any.
+    pub fn call(&self, req: &Request, fds: &[RawFd]) -> Result<Option<i32>, ZygoteError> {
+        let msg = serde_json::to_vec(req)?;
+        let cmsgs = if fds.is_empty() {
+            vec![]
+        } else {
+            vec![ControlMessage::ScmRights(fds)]
+        };
+        sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &[IoSlice::new(&msg)],
+            &cmsgs,
+            MsgFlags::empty(),
+            None,
+        )?;
+        let (buf, _) = recv(&self.sock)?;
+        match serde_json::from_slice(&buf)? {
+            Response::Ok { pid } => Ok(pid),
+            Response::Err(e) => Err(ZygoteError::Op(e)),
+        }
+    }
+}
+
+fn recv(sock: &OwnedFd) -> Result<(Vec<u8>, Vec<OwnedFd>), ZygoteError> {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+    let (n, raw) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut raw = Vec::new();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(r) = c {
+                raw.extend(r);
+            }
+        }
+        (msg.bytes, raw)
+    };
+    // SAFETY: descriptors received through SCM_RIGHTS are new and owned by nobody else.
+    let fds = raw
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Err(ZygoteError::Gone);
+    }
+    buf.truncate(n);
+    Ok((buf, fds))
+}
+
+fn reply(sock: &OwnedFd, resp: &Response) {
+    if let Ok(msg) = serde_json::to_vec(resp) {
+        let _ = nix::unistd::write(sock, &msg);
+    }
+}
+
+/// The zygote's loop: one forked worker per request, answered before the next is read.
+/// Closes every inherited descriptor but `keep`, and points stdio at /dev/null. The shim's
+/// start-up pipes must not be held open by the zygote, or containerd waits for their EOF.
+fn detach_descriptors(keep: RawFd) {
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds {
+        if fd > 2 && fd != keep {
+            // SAFETY: closing descriptors this single-threaded process inherited; nothing in
+            // it uses them.
+            unsafe { libc::close(fd) };
+        }
+    }
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for target in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors of this process.
+            unsafe { libc::dup2(null.as_raw_fd(), target) };
+        }
+    }
+}
+
+fn serve(sock: OwnedFd) -> ! {
+    detach_descriptors(sock.as_raw_fd());
+    // Handlers inherited from the shim would report our workers' exits to the shim.
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGPIPE,
+    ] {
+        // SAFETY: restoring default dispositions has no memory-safety preconditions.
+        let _ = unsafe { signal(s, SigHandler::SigDfl) };
+    }
+    loop {
+        let (buf, fds) = match recv(&sock) {
+            Ok(m) => m,
+            Err(_) => std::process::exit(0),
+        };
+        let req: Request = match serde_json::from_slice(&buf) {
+            Ok(r) => r,
+            Err(e) => {
+                reply(&sock, &Response::Err(format!("bad request: {e}")));
+                continue;
+            }
+        };
+        // SAFETY: the zygote is single threaded.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                let resp = match perform(req, fds) {
+                    Ok(pid) => Response::Ok { pid },
+                    Err(e) => Response::Err(format!("{e:#}")),
+                };
+                reply(&sock, &resp);
+                std::process::exit(0);
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(fds);
+                let _ = waitpid(child, None);
+            }
+            Err(e) => reply(&sock, &Response::Err(format!("zygote fork: {e}"))),
+        }
+    }
+}
+
+fn take_stdio(builder: ContainerBuilder, stdio: Stdio, fds: Vec<OwnedFd>) -> ContainerBuilder {
+    let mut fds = fds.into_iter();
+    let mut b = builder;
+    if stdio.stdin {
+        if let Some(fd) = fds.next() {
+            b = b.with_stdin(fd);
+        }
+    }
+    if stdio.stdout {
+        if let Some(fd) = fds.next() {
+            b = b.with_stdout(fd);
+        }
+    }
+    if stdio.stderr {
+        if let Some(fd) = fds.next() {
+            b = b.with_stderr(fd);
+        }
+    }
+    b
+}
+
+fn load(root: &std::path::Path, id: &str) -> anyhow::Result<Container> {
+    let mut c = Container::load(root.join(id))?;
+    c.refresh_status()?;
+    Ok(c)
+}
+
+/// Runs in a worker process.
+fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
+    match req {
+        Request::Create {
+            root,
+            id,
+            bundle,
+            console_socket,
+            stdio,
+        } => {
+            let b = ContainerBuilder::new(id, SyscallType::default())
+                .with_executor(DefaultExecutor {})
+                .with_root_path(root)?
+                .with_console_socket(console_socket.as_ref());
+            let c = take_stdio(b, stdio, fds)
+                .validate_id()?
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()?;
+            Ok(c.pid().map(|p| p.as_raw()))
+        }
+        Request::Start { root, id } => {
+            load(&root, &id)?.start()?;
+            Ok(None)
+        }
+        Request::Exec {
+            root,
+            id,
+            process,
+            console_socket,
+            stdio,
+        } => {
+            let b = ContainerBuilder::new(id, SyscallType::default())
+                .with_executor(DefaultExecutor {})
+                .with_root_path(root)?
+                .with_console_socket(console_socket.as_ref());
+            let pid = take_stdio(b, stdio, fds)
+                .validate_id()?
+                .as_tenant()
+                .with_detach(true)
+                .with_process(Some(process))
+                .build()?;
+            Ok(Some(pid.as_raw()))
+        }
+        Request::Kill {
+            root,
+            id,
+            signal,
+            all,
+        } => {
+            let sig = libcontainer::signal::Signal::try_from(signal as i32)?;
+            load(&root, &id)?.kill(sig, all)?;
+            Ok(None)
+        }
+        Request::Pause { root, id } => {
+            load(&root, &id)?.pause()?;
+            Ok(None)
+        }
+        Request::Resume { root, id } => {
+            load(&root, &id)?.resume()?;
+            Ok(None)
+        }
+        Request::Delete { root, id, force } => {
+            if root.join(&id).join("state.json").exists() {
+                load(&root, &id)?.delete(force)?;
+            }
+            Ok(None)
+        }
+    }
+}
