@@ -168,3 +168,56 @@ fn bad_requests_get_errors() {
     c.ctr_ok(&["containers", "delete", &id]);
     assert_gone(&c, &id);
 }
+
+#[test]
+fn metrics_and_checkpoint_through_the_shim() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("shim-ckpt");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done",
+    ]);
+    c.wait_task(&id, "RUNNING");
+    let m: serde_json::Value =
+        serde_json::from_str(&c.ctr_ok(&["task", "metrics", "--format", "json", &id]))
+            .expect("json");
+    assert!(
+        m["memory"]["usage"]["usage"].as_u64().unwrap_or(0) > 0,
+        "{m}"
+    );
+    assert!(m["pids"]["current"].as_u64().unwrap_or(0) >= 1, "{m}");
+
+    c.ctr_ok(&["task", "checkpoint", &id]);
+    let images = c.ctr_ok(&["images", "ls", "-q"]);
+    assert!(
+        images
+            .lines()
+            .any(|l| l.starts_with(&format!("containerd.io/checkpoint/{id}:"))),
+        "{images}"
+    );
+    // The task keeps running after a checkpoint without --exit.
+    assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
+    let read = |e: &str| -> u64 {
+        c.ctr_ok(&["task", "exec", "--exec-id", e, &id, "cat", "/tmp/c"])
+            .trim()
+            .parse()
+            .expect("count")
+    };
+    let before = read("r1");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(read("r2") > before);
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    c.wait_task(&id, "STOPPED");
+    c.ctr_ok(&["task", "delete", &id]);
+    c.ctr_ok(&["containers", "delete", &id]);
+    assert_gone(&c, &id);
+}

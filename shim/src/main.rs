@@ -1,5 +1,7 @@
 //! `containerd-shim-trenv-v2`: the containerd task shim for trenv (`io.containerd.trenv.v2`).
 
+mod console;
+mod metrics;
 mod service;
 mod zygote;
 

@@ -1,9 +1,7 @@
 //! The containerd task service.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,7 +18,9 @@ use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
+use libcgroups::common::CgroupManager;
 
+use crate::console::ConsoleSocket;
 use crate::zygote::{Request, Stdio, Zygote};
 
 /// One process of a task: the init (exec id "") or an exec.
@@ -35,6 +35,8 @@ struct Proc {
     terminal: bool,
     /// An exec's process.json, until it is started.
     spec: Option<PathBuf>,
+    /// The pty master of a terminal process.
+    master: Option<Arc<std::fs::File>>,
 }
 
 #[derive(Debug, Default)]
@@ -75,20 +77,17 @@ fn now() -> Timestamp {
     t
 }
 
-/// Opens containerd's FIFOs. Output FIFOs are opened read-write so the open never blocks
-/// and the pipe survives a reader that reconnects; stdin is read-only, non-blocking for the
-/// open, then switched back to blocking so the process sees EOF when the writer closes.
+/// Connects a process to containerd's FIFOs through pipes: the process gets pipe ends, the
+/// shim copies between pipes and FIFOs. Pipes (unlike the host FIFOs themselves) can be
+/// checkpointed by CRIU and replaced on restore; and the shim closes a FIFO when its pipe
+/// ends, which is how containerd learns that all output has been delivered.
 fn open_stdio(p: &Proc) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
     let mut stdio = Stdio::default();
     let mut fds = Vec::new();
     if !p.stdin.is_empty() {
-        let f = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&p.stdin)?;
-        // SAFETY: F_SETFL on a descriptor we own.
-        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) };
-        fds.push(OwnedFd::from(f));
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        crate::console::copy_in(p.stdin.clone(), std::fs::File::from(w));
+        fds.push(r);
         stdio.stdin = true;
     }
     for (path, flag) in [
@@ -96,8 +95,9 @@ fn open_stdio(p: &Proc) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
         (&p.stderr, &mut stdio.stderr),
     ] {
         if !path.is_empty() {
-            let f = OpenOptions::new().read(true).write(true).open(path)?;
-            fds.push(OwnedFd::from(f));
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            crate::console::copy_out(std::fs::File::from(r), path.clone());
+            fds.push(w);
             *flag = true;
         }
     }
@@ -143,6 +143,32 @@ impl Service {
         let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
         z.call(req, &raw)
             .map_err(|e| err(Code::UNKNOWN, e.to_string()))
+    }
+
+    /// Starts a process (init or exec) through the zygote, wiring its stdio: containerd's
+    /// FIFOs directly, or a terminal whose master the shim keeps and copies from and to.
+    fn launch(
+        &self,
+        p: &Proc,
+        request: impl FnOnce(Option<PathBuf>, Stdio) -> Request,
+    ) -> TtrpcResult<(Option<i32>, Option<Arc<std::fs::File>>)> {
+        if p.terminal {
+            let console = ConsoleSocket::new()
+                .map_err(|e| err(Code::INTERNAL, format!("console socket: {e}")))?;
+            let pid = self.zygote(&request(Some(console.path.clone()), Stdio::default()), &[])?;
+            let master = Arc::new(
+                console
+                    .receive()
+                    .map_err(|e| err(Code::INTERNAL, e.to_string()))?,
+            );
+            crate::console::spawn_copy(master.clone(), &p.stdin, &p.stdout)
+                .map_err(|e| err(Code::INTERNAL, format!("terminal I/O: {e}")))?;
+            return Ok((pid, Some(master)));
+        }
+        let (stdio, fds) =
+            open_stdio(p).map_err(|e| err(Code::INTERNAL, format!("opening stdio: {e}")))?;
+        let pid = self.zygote(&request(None, stdio), &fds)?;
+        Ok((pid, None))
     }
 
     /// Records exits reported by the reaper and publishes TaskExit.
@@ -261,6 +287,20 @@ impl Service {
         Ok(true)
     }
 
+    /// The cgroup of a task, as libcontainer recorded it. Reading and writing cgroup files
+    /// touches no process-global state, so this runs in the shim itself.
+    fn cgroup(&self, id: &str) -> TtrpcResult<libcgroups::common::AnyCgroupManager> {
+        let c = libcontainer::container::Container::load(self.root.join(id))
+            .map_err(|e| err(Code::NOT_FOUND, format!("task {id}: {e}")))?;
+        let spec = c.spec().map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+            cgroup_path: spec.cgroup_path,
+            systemd_cgroup: false,
+            container_name: id.to_string(),
+        })
+        .map_err(|e| err(Code::INTERNAL, e.to_string()))
+    }
+
     fn unmount_rootfs(bundle: &Path) {
         let target = bundle.join("rootfs");
         if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
@@ -310,32 +350,19 @@ impl containerd_shim::Task for Service {
             terminal: req.terminal,
             ..Default::default()
         };
-        if req.terminal {
-            if mounted {
-                Self::unmount_rootfs(&bundle);
-            }
-            return Err(err(
-                Code::UNIMPLEMENTED,
-                "terminal containers are not supported by this shim yet",
-            ));
-        }
-        let res = open_stdio(&p)
-            .map_err(|e| err(Code::INTERNAL, format!("opening stdio: {e}")))
-            .and_then(|(stdio, fds)| {
-                self.zygote(
-                    &Request::Create {
-                        root: self.root.clone(),
-                        id: req.id.clone(),
-                        bundle: bundle.clone(),
-                        console_socket: None,
-                        stdio,
-                    },
-                    &fds,
-                )
-            });
+        let res = self.launch(&p, |console_socket, stdio| Request::Create {
+            root: self.root.clone(),
+            id: req.id.clone(),
+            bundle: bundle.clone(),
+            console_socket,
+            stdio,
+        });
         let pid = match res {
-            Ok(Some(pid)) => pid,
-            Ok(None) => {
+            Ok((Some(pid), master)) => {
+                p.master = master;
+                pid
+            }
+            Ok((None, _)) => {
                 if mounted {
                     Self::unmount_rootfs(&bundle);
                 }
@@ -423,23 +450,20 @@ impl containerd_shim::Task for Service {
             .spec
             .clone()
             .ok_or_else(|| err(Code::INTERNAL, "exec has no process spec"))?;
-        let (stdio, fds) =
-            open_stdio(&p).map_err(|e| err(Code::INTERNAL, format!("opening stdio: {e}")))?;
-        let res = self.zygote(
-            &Request::Exec {
-                root: self.root.clone(),
-                id: req.id.clone(),
-                process: spec.clone(),
-                console_socket: None,
-                stdio,
-            },
-            &fds,
-        );
+        let res = self.launch(&p, |console_socket, stdio| Request::Exec {
+            root: self.root.clone(),
+            id: req.id.clone(),
+            process: spec.clone(),
+            console_socket,
+            stdio,
+        });
         let _ = std::fs::remove_file(&spec);
-        let pid = res?.ok_or_else(|| err(Code::INTERNAL, "exec returned no pid"))?;
+        let (pid, master) = res?;
+        let pid = pid.ok_or_else(|| err(Code::INTERNAL, "exec returned no pid"))?;
         self.with_proc(&req.id, &req.exec_id, |_, p| {
             p.pid = pid;
             p.started = true;
+            p.master = master;
         })?;
         self.claim_early_exit(&req.id, &req.exec_id, pid);
         let ev = TaskExecStarted {
@@ -456,12 +480,6 @@ impl containerd_shim::Task for Service {
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        if req.terminal {
-            return Err(err(
-                Code::UNIMPLEMENTED,
-                "terminal execs are not supported by this shim yet",
-            ));
-        }
         let spec = req
             .spec
             .as_ref()
@@ -595,17 +613,8 @@ impl containerd_shim::Task for Service {
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let c = libcontainer::container::Container::load(self.root.join(&req.id))
-            .map_err(|e| err(Code::NOT_FOUND, e.to_string()))?;
-        let spec = c.spec().map_err(|e| err(Code::INTERNAL, e.to_string()))?;
-        let cg = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
-            cgroup_path: spec.cgroup_path,
-            systemd_cgroup: false,
-            container_name: req.id.clone(),
-        })
-        .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
-        use libcgroups::common::CgroupManager;
-        let pids = cg
+        let pids = self
+            .cgroup(&req.id)?
             .get_all_pids()
             .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
         Ok(api::PidsResponse {
@@ -618,6 +627,43 @@ impl containerd_shim::Task for Service {
                 .collect(),
             ..Default::default()
         })
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let stats = self
+            .cgroup(&req.id)?
+            .stats()
+            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let any = containerd_shim::util::convert_to_any(crate::metrics::for_host(&stats))
+            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: Some(any).into(),
+            ..Default::default()
+        })
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let value = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| err(Code::INVALID_ARGUMENT, "update without resources"))?;
+        let resources: libcontainer::oci_spec::runtime::LinuxResources =
+            serde_json::from_slice(&value)
+                .map_err(|e| err(Code::INVALID_ARGUMENT, format!("invalid resources: {e}")))?;
+        self.cgroup(&req.id)?
+            .apply(&libcgroups::common::ControllerOpt {
+                resources: &resources,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            })
+            .map_err(|e| err(Code::INTERNAL, format!("updating resources: {e}")))?;
+        Ok(api::Empty::new())
     }
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
@@ -709,6 +755,77 @@ impl containerd_shim::Task for Service {
             exited_at: Some(at).into(),
             ..Default::default()
         })
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        use containerd_shim::protos::protobuf::Message;
+        let mut opts = crate::zygote::CheckpointRequest {
+            image_path: PathBuf::from(&req.path),
+            ..Default::default()
+        };
+        if let Some(any) = req.options.as_ref() {
+            if any.type_url.ends_with("CheckpointOptions") {
+                let o = containerd_shim::protos::shim::oci::CheckpointOptions::parse_from_bytes(
+                    &any.value,
+                )
+                .map_err(|e| err(Code::INVALID_ARGUMENT, format!("checkpoint options: {e}")))?;
+                if !o.image_path.is_empty() {
+                    opts.image_path = PathBuf::from(&o.image_path);
+                }
+                opts.work_path = (!o.work_path.is_empty()).then(|| PathBuf::from(&o.work_path));
+                opts.exit = o.exit;
+                opts.open_tcp = o.open_tcp;
+                opts.external_unix_sockets = o.external_unix_sockets;
+                opts.terminal = o.terminal;
+                opts.file_locks = o.file_locks;
+                opts.empty_namespaces = o.empty_namespaces.clone();
+                opts.cgroups_mode = (!o.cgroups_mode.is_empty()).then(|| o.cgroups_mode.clone());
+            }
+        }
+        if opts.image_path.as_os_str().is_empty() {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                "checkpoint without an image path",
+            ));
+        }
+        self.zygote(
+            &Request::Checkpoint {
+                root: self.root.clone(),
+                id: req.id.clone(),
+                opts,
+            },
+            &[],
+        )?;
+        let ev = containerd_shim::protos::events::task::TaskCheckpointed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish(ev.topic(), Box::new(ev));
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let master = self
+            .with_proc(&req.id, &req.exec_id, |_, p| p.master.clone())?
+            .ok_or_else(|| err(Code::FAILED_PRECONDITION, "process has no terminal"))?;
+        crate::console::resize(&master, req.width, req.height)
+            .map_err(|e| err(Code::INTERNAL, format!("resizing terminal: {e}")))?;
+        Ok(api::Empty::new())
+    }
+
+    /// The process reads containerd's stdin FIFO itself (or through the terminal copier), so
+    /// it sees EOF as soon as containerd closes its end; nothing of the shim holds it open.
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        self.with_proc(&req.id, &req.exec_id, |_, _| ())?;
+        Ok(api::Empty::new())
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {

@@ -87,6 +87,25 @@ pub enum Request {
         id: String,
         force: bool,
     },
+    Checkpoint {
+        root: PathBuf,
+        id: String,
+        opts: CheckpointRequest,
+    },
+}
+
+/// The checkpoint options containerd sends (runc's CheckpointOptions), in serialisable form.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    pub image_path: PathBuf,
+    pub work_path: Option<PathBuf>,
+    pub exit: bool,
+    pub open_tcp: bool,
+    pub external_unix_sockets: bool,
+    pub terminal: bool,
+    pub file_locks: bool,
+    pub empty_namespaces: Vec<String>,
+    pub cgroups_mode: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -344,6 +363,27 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
         }
         Request::Resume { root, id } => {
             load(&root, &id)?.resume()?;
+            Ok(None)
+        }
+        Request::Checkpoint { root, id, opts } => {
+            let mut c = load(&root, &id)?;
+            let o = trenv_runtime::checkpoint::CheckpointOptions {
+                image_path: opts.image_path,
+                work_path: opts.work_path,
+                leave_running: !opts.exit,
+                tcp_established: opts.open_tcp,
+                ext_unix_sk: opts.external_unix_sockets,
+                shell_job: opts.terminal,
+                file_locks: opts.file_locks,
+                empty_ns: opts.empty_namespaces,
+                manage_cgroups_mode: opts.cgroups_mode,
+                ..Default::default()
+            };
+            trenv_runtime::checkpoint::checkpoint(
+                &mut c,
+                &trenv_runtime::criu::Criu::default(),
+                &o,
+            )?;
             Ok(None)
         }
         Request::Delete { root, id, force } => {

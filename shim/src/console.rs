@@ -1,0 +1,136 @@
+//! Terminals: the console socket libcontainer sends a pty master to, and the copy loops
+//! between that master and containerd's FIFOs.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+
+/// A listening console socket at a short path (socket paths are limited to 108 bytes, and
+/// containerd's bundle paths can be longer). Removed on drop.
+pub struct ConsoleSocket {
+    listener: UnixListener,
+    pub path: PathBuf,
+}
+
+impl ConsoleSocket {
+    pub fn new() -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = PathBuf::from("/run/containerd/trenv/console");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!(
+            "{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        Ok(Self { listener, path })
+    }
+
+    /// Receives the pty master the runtime sent (it has already connected by now).
+    pub fn receive(&self) -> std::io::Result<File> {
+        self.listener.set_nonblocking(true)?;
+        let (stream, _) = self.listener.accept().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("no terminal was sent to the console socket: {e}"),
+            )
+        })?;
+        stream.set_nonblocking(false)?;
+        let mut buf = [0u8; 4096];
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                if let Some(fd) = fds.first() {
+                    // SAFETY: a descriptor just received through SCM_RIGHTS, owned by nobody.
+                    return Ok(File::from(unsafe { OwnedFd::from_raw_fd(*fd) }));
+                }
+            }
+        }
+        Err(std::io::Error::other(
+            "console socket message carried no descriptor",
+        ))
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Copies `from` into the FIFO at `fifo` until `from` ends, then closes the FIFO so its
+/// reader sees EOF. The FIFO is opened write-only in the thread: the open waits for a reader.
+pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String) {
+    std::thread::spawn(move || {
+        let Ok(mut out) = OpenOptions::new().write(true).open(&fifo) else {
+            log::warn!("cannot open output FIFO {fifo}");
+            return;
+        };
+        let mut buf = [0u8; 8192];
+        // A terminal master fails with EIO once every slave is closed: also the end.
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Copies the FIFO at `fifo` into `to` until the FIFO's writer closes, then drops `to` so the
+/// process sees EOF on its stdin.
+pub fn copy_in(fifo: String, mut to: impl Write + Send + 'static) {
+    std::thread::spawn(move || {
+        let Ok(mut input) = OpenOptions::new().read(true).open(&fifo) else {
+            log::warn!("cannot open input FIFO {fifo}");
+            return;
+        };
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = input.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Copies stdin FIFO -> master and master -> stdout FIFO until the terminal closes.
+pub fn spawn_copy(master: Arc<File>, stdin: &str, stdout: &str) -> std::io::Result<()> {
+    if !stdout.is_empty() {
+        copy_out(master.try_clone()?, stdout.to_string());
+    }
+    if !stdin.is_empty() {
+        copy_in(stdin.to_string(), master.try_clone()?);
+    }
+    Ok(())
+}
+
+/// Sets the terminal size (ResizePty).
+pub fn resize(master: &File, width: u32, height: u32) -> std::io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: height as u16,
+        ws_col: width as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize struct that lives for the duration of the call.
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
