@@ -38,7 +38,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "$WORK/containerd.sock"
 TOML
-containerd --config "$WORK/config.toml" >"$WORK/containerd.log" 2>&1 &
+PATH="$(dirname "$TRENV"):$PATH" containerd --config "$WORK/config.toml" >"$WORK/containerd.log" 2>&1 &
 CTRD_PID=$!
 CTR=(ctr --address "$WORK/containerd.sock" -n "$NS")
 for _ in $(seq 100); do "${CTR[@]}" version >/dev/null 2>&1 && break; sleep 0.1; done
@@ -53,6 +53,16 @@ set +e
 code=$?
 set -e
 echo "container exit code: $code (propagated through containerd)"
+
+say "2b. the same through trenv's own shim (runtime io.containerd.trenv.v2, no runtime exec per call)"
+echo "\$ ctr run --rm --runtime io.containerd.trenv.v2 docker.io/local/busybox:latest demo2 sh -c '...'"
+set +e
+start=$(date +%s%N)
+"${CTR[@]}" run --rm --runtime io.containerd.trenv.v2 docker.io/local/busybox:latest demo2 \
+  sh -c 'echo "hello from the trenv shim: pid=$$"; exit 4'
+code=$?
+set -e
+echo "exit code: $code; ctr run took $(( ($(date +%s%N) - start) / 1000000 )) ms end to end"
 
 say "3. exec into a running container"
 "${CTR[@]}" run -d --runc-binary "$TRENV" docker.io/local/busybox:latest demo-bg sleep 600 >/dev/null
