@@ -21,6 +21,8 @@ pub fn state_root(namespace: &str) -> PathBuf {
 struct Shim {
     namespace: String,
     id: String,
+    /// The ttrpc socket this shim serves (`unix:///run/containerd/s/...`).
+    socket: String,
     exit: Arc<ExitSignal>,
     zygote: std::sync::Mutex<Option<zygote::Zygote>>,
 }
@@ -44,6 +46,7 @@ impl containerd_shim::Shim for Shim {
         Self {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
             zygote: std::sync::Mutex::new(zygote),
         }
@@ -78,6 +81,12 @@ impl containerd_shim::Shim for Shim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // containerd-shim removes the socket only if it can still read the address file in
+        // the bundle, which containerd may already have deleted; a stale socket would make
+        // the next shim for the same id wait for it. Remove it here.
+        if let Some(path) = self.socket.strip_prefix("unix://") {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
