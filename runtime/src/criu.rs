@@ -7,14 +7,12 @@
 //! between spawning CRIU and sending the request (to move CRIU into the container's cgroup).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
-use nix::sys::socket::{
-    recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType,
-};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use protobuf::{Message, MessageField};
 pub use rust_criu::rust_criu_protobuf::rpc;
 
@@ -223,36 +221,15 @@ impl Session {
 
     fn recv(&self) -> Result<(rpc::Criu_resp, Option<OwnedFd>), CriuError> {
         let mut buf = vec![0u8; MAX_MSG];
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-        let (len, fds) = {
-            let mut iov = [io::IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<()>(
-                self.sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )?;
-            let mut fds = Vec::new();
-            for c in msg.cmsgs()? {
-                if let ControlMessageOwned::ScmRights(r) = c {
-                    fds.extend(r);
-                }
-            }
-            (msg.bytes, fds)
-        };
-        // SAFETY: SCM_RIGHTS hands us fresh descriptors that nothing else owns.
-        let mut owned: Vec<OwnedFd> = fds
-            .into_iter()
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-            .collect();
+        let (len, mut fds) = crate::fdpass::recv_with_fds(self.sock.as_raw_fd(), &mut buf)?;
         if len == 0 {
             return Err(CriuError::Closed);
         }
         let resp = rpc::Criu_resp::parse_from_bytes(&buf[..len])?;
-        let fd = if owned.is_empty() {
+        let fd = if fds.is_empty() {
             None
         } else {
-            Some(owned.swap_remove(0))
+            Some(fds.swap_remove(0))
         };
         Ok((resp, fd))
     }

@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod checkpoint;
 pub mod criu;
+pub mod fdpass;
 pub mod logging;
 pub mod restore;
 pub mod stats;

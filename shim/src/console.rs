@@ -2,13 +2,11 @@
 //! between that master and containerd's FIFOs.
 
 use std::fs::{File, OpenOptions};
-use std::io::{IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
-
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 /// A listening console socket at a short path (socket paths are limited to 108 bytes, and
 /// containerd's bundle paths can be longer). Removed on drop.
@@ -44,22 +42,10 @@ impl ConsoleSocket {
         })?;
         stream.set_nonblocking(false)?;
         let mut buf = [0u8; 4096];
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(std::io::Error::from)?;
-        for c in msg.cmsgs().map_err(std::io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                if let Some(fd) = fds.first() {
-                    // SAFETY: a descriptor just received through SCM_RIGHTS, owned by nobody.
-                    return Ok(File::from(unsafe { OwnedFd::from_raw_fd(*fd) }));
-                }
-            }
+        let (_, fds) = trenv_runtime::fdpass::recv_with_fds(stream.as_raw_fd(), &mut buf)
+            .map_err(std::io::Error::from)?;
+        if let Some(fd) = fds.into_iter().next() {
+            return Ok(File::from(fd));
         }
         Err(std::io::Error::other(
             "console socket message carried no descriptor",

@@ -8,8 +8,8 @@
 //! Container inits created by a worker are re-parented to the shim (a child subreaper) when
 //! the worker exits, so the shim reaps them and reports their exits. No binary is executed.
 
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use libcontainer::container::builder::ContainerBuilder;
@@ -18,8 +18,7 @@ use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
 };
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult};
@@ -168,28 +167,7 @@ impl Zygote {
 
 fn recv(sock: &OwnedFd) -> Result<(Vec<u8>, Vec<OwnedFd>), ZygoteError> {
     let mut buf = vec![0u8; MAX_MSG];
-    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
-    let (n, raw) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        let mut raw = Vec::new();
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(r) = c {
-                raw.extend(r);
-            }
-        }
-        (msg.bytes, raw)
-    };
-    // SAFETY: descriptors received through SCM_RIGHTS are new and owned by nobody else.
-    let fds = raw
-        .into_iter()
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
+    let (n, fds) = trenv_runtime::fdpass::recv_with_fds(sock.as_raw_fd(), &mut buf)?;
     if n == 0 {
         return Err(ZygoteError::Gone);
     }
