@@ -138,6 +138,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         );
     }
 
+    /// Kills a task, waits until it is stopped, and deletes the task and its container.
+    pub fn kill_and_remove(&self, id: &str) {
+        self.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        self.wait_task(id, "STOPPED");
+        self.ctr_ok(&["task", "delete", id]);
+        self.ctr_ok(&["containers", "delete", id]);
+    }
+
     fn cleanup_containers(&self) {
         let out = self.ctr(&["containers", "list", "-q"]);
         for id in String::from_utf8_lossy(&out.stdout).lines() {

@@ -129,10 +129,7 @@ fn ctr_task_exec_and_kill() {
     c.ctr_ok(&["task", "resume", &id]);
     assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
 
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
-    c.wait_task(&id, "STOPPED");
-    c.ctr_ok(&["task", "delete", &id]);
-    c.ctr_ok(&["containers", "delete", &id]);
+    c.kill_and_remove(&id);
     assert_task_gone(&c, &id);
 }
 
@@ -184,9 +181,6 @@ fn ctr_task_checkpoint_through_the_runc_shim() {
         after > before,
         "not counting after checkpoint: {before} -> {after}"
     );
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
-    c.wait_task(&id, "STOPPED");
-    c.ctr_ok(&["task", "delete", &id]);
-    c.ctr_ok(&["containers", "delete", &id]);
+    c.kill_and_remove(&id);
     assert_task_gone(&c, &id);
 }

@@ -121,10 +121,7 @@ fn exec_kill_wait_pause_resume_ps() {
     c.ctr_ok(&["task", "resume", &id]);
     assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
 
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
-    c.wait_task(&id, "STOPPED");
-    c.ctr_ok(&["task", "delete", &id]);
-    c.ctr_ok(&["containers", "delete", &id]);
+    c.kill_and_remove(&id);
     assert_gone(&c, &id);
 }
 
@@ -215,9 +212,6 @@ fn metrics_and_checkpoint_through_the_shim() {
     let before = read("r1");
     std::thread::sleep(Duration::from_millis(300));
     assert!(read("r2") > before);
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
-    c.wait_task(&id, "STOPPED");
-    c.ctr_ok(&["task", "delete", &id]);
-    c.ctr_ok(&["containers", "delete", &id]);
+    c.kill_and_remove(&id);
     assert_gone(&c, &id);
 }
