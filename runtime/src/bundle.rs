@@ -143,6 +143,40 @@ impl Bundle {
     }
 }
 
+impl Bundle {
+    /// Creates missing mount destinations in the rootfs, as container creation would have.
+    /// A checkpoint restored onto a fresh snapshot of the image (`ctr container restore`)
+    /// lacks the directories the original container's runtime created, and CRIU fails on
+    /// a missing mount point. Destinations are resolved inside the rootfs (symlinks
+    /// cannot lead out of it).
+    pub fn create_mountpoints(&self) -> std::io::Result<()> {
+        for m in self.spec.mounts().as_deref().unwrap_or_default() {
+            let dest = safe_path::scoped_join(&self.rootfs, m.destination())?;
+            if dest.symlink_metadata().is_ok() {
+                continue;
+            }
+            let source_is_file = is_bind(m)
+                && m.source()
+                    .as_ref()
+                    .and_then(|s| std::fs::metadata(s).ok())
+                    .is_some_and(|md| !md.is_dir());
+            if source_is_file {
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&dest)?;
+            } else {
+                std::fs::create_dir_all(&dest)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn is_bind(m: &Mount) -> bool {
     m.typ().as_deref() == Some("bind")
         || m.options()

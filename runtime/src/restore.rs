@@ -250,6 +250,13 @@ fn run_hooks(
 pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
     validate_id(&opts.id)?;
     let bundle = Bundle::load(&opts.bundle)?;
+    bundle
+        .create_mountpoints()
+        .map_err(|source| RestoreError::Io {
+            what: "creating mount points in",
+            path: bundle.rootfs.clone(),
+            source,
+        })?;
     let images = check_images(&opts.image_path)?;
     let work = match &opts.work_path {
         Some(w) => {

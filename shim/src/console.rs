@@ -77,6 +77,13 @@ pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String) {
     });
 }
 
+/// Copies `from` into an open file (a `file://` log) until `from` ends.
+pub fn copy_to_file(mut from: impl Read + Send + 'static, mut to: File) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+    });
+}
+
 /// Copies the FIFO at `fifo` into `to` until the FIFO's writer closes, then drops `to` so the
 /// process sees EOF on its stdin.
 pub fn copy_in(fifo: String, mut to: impl Write + Send + 'static) {

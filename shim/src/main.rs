@@ -1,22 +1,19 @@
 //! `containerd-shim-trenv-v2`: the containerd task shim for trenv (`io.containerd.trenv.v2`).
 
+mod config;
 mod console;
 mod metrics;
+mod oom;
 mod service;
+mod stdio;
 mod zygote;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use containerd_shim::{api, publisher::RemotePublisher, Config, ExitSignal, Flags, StartOpts};
 
 /// Runtime type containerd knows this shim by.
 const RUNTIME_ID: &str = "io.containerd.trenv.v2";
-
-/// Per-namespace libcontainer state, like runc's /run/containerd/runc/<namespace>.
-pub fn state_root(namespace: &str) -> PathBuf {
-    PathBuf::from("/run/containerd/trenv").join(namespace)
-}
 
 struct Shim {
     namespace: String,
@@ -60,7 +57,10 @@ impl containerd_shim::Shim for Shim {
 
     /// Cleans up after a shim that died: the container and its rootfs mount.
     fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
-        let dir = state_root(&self.namespace).join(&self.id);
+        let cwd = std::env::current_dir().unwrap_or_default();
+        let dir = config::ShimConfig::load_saved(&cwd)
+            .state_root(&self.namespace)
+            .join(&self.id);
         if dir.join("state.json").exists() {
             match libcontainer::container::Container::load(dir) {
                 Ok(mut c) => {
@@ -71,9 +71,7 @@ impl containerd_shim::Shim for Shim {
                 Err(e) => log::warn!("loading container {}: {e}", self.id),
             }
         }
-        if let Ok(cwd) = std::env::current_dir() {
-            let _ = nix::mount::umount2(&cwd.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
-        }
+        let _ = nix::mount::umount2(&cwd.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
         let mut resp = api::DeleteResponse::new();
         resp.exit_status = 128 + libc::SIGKILL as u32;
         Ok(resp)

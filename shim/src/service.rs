@@ -10,7 +10,7 @@ use containerd_shim::api::{self, Status};
 use containerd_shim::event::Event;
 use containerd_shim::monitor::{Subject, Topic};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -20,6 +20,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 use libcgroups::common::CgroupManager;
 
+use crate::config::ShimConfig;
 use crate::console::ConsoleSocket;
 use crate::zygote::{Request, Stdio, Zygote};
 
@@ -42,9 +43,14 @@ struct Proc {
 #[derive(Debug, Default)]
 struct Task {
     bundle: PathBuf,
+    /// libcontainer state root of the task's namespace.
+    root: PathBuf,
+    config: ShimConfig,
     rootfs_mounted: bool,
     procs: HashMap<String, Proc>,
     paused: bool,
+    /// Image directory of a task created from a checkpoint; Start restores it.
+    checkpoint: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -59,7 +65,6 @@ pub struct Service {
     zygote: Arc<Mutex<Option<Zygote>>>,
     publisher: Arc<RemotePublisher>,
     namespace: String,
-    root: PathBuf,
     exit: Arc<ExitSignal>,
 }
 
@@ -77,31 +82,17 @@ fn now() -> Timestamp {
     t
 }
 
-/// Connects a process to containerd's FIFOs through pipes: the process gets pipe ends, the
-/// shim copies between pipes and FIFOs. Pipes (unlike the host FIFOs themselves) can be
-/// checkpointed by CRIU and replaced on restore; and the shim closes a FIFO when its pipe
-/// ends, which is how containerd learns that all output has been delivered.
-fn open_stdio(p: &Proc) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
-    let mut stdio = Stdio::default();
-    let mut fds = Vec::new();
-    if !p.stdin.is_empty() {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        crate::console::copy_in(p.stdin.clone(), std::fs::File::from(w));
-        fds.push(r);
-        stdio.stdin = true;
-    }
-    for (path, flag) in [
-        (&p.stdout, &mut stdio.stdout),
-        (&p.stderr, &mut stdio.stderr),
-    ] {
-        if !path.is_empty() {
-            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-            crate::console::copy_out(std::fs::File::from(r), path.clone());
-            fds.push(w);
-            *flag = true;
-        }
-    }
-    Ok((stdio, fds))
+/// Moves the shim into a cgroup (runc's `shim_cgroup` option), creating it if needed.
+fn join_cgroup(path: &str) -> Result<(), String> {
+    let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+        cgroup_path: PathBuf::from(path),
+        systemd_cgroup: false,
+        container_name: String::new(),
+    })
+    .map_err(|e| format!("shim cgroup {path}: {e}"))?;
+    manager
+        .add_task(nix::unistd::Pid::this())
+        .map_err(|e| format!("joining shim cgroup {path}: {e}"))
 }
 
 impl Service {
@@ -116,7 +107,6 @@ impl Service {
             zygote: Arc::new(Mutex::new(zygote)),
             publisher: Arc::new(publisher),
             namespace: namespace.to_string(),
-            root: crate::state_root(namespace),
             exit,
         };
         s.watch_exits();
@@ -149,7 +139,9 @@ impl Service {
     /// FIFOs directly, or a terminal whose master the shim keeps and copies from and to.
     fn launch(
         &self,
+        id: &str,
         p: &Proc,
+        config: &ShimConfig,
         request: impl FnOnce(Option<PathBuf>, Stdio) -> Request,
     ) -> TtrpcResult<(Option<i32>, Option<Arc<std::fs::File>>)> {
         if p.terminal {
@@ -165,8 +157,16 @@ impl Service {
                 .map_err(|e| err(Code::INTERNAL, format!("terminal I/O: {e}")))?;
             return Ok((pid, Some(master)));
         }
-        let (stdio, fds) =
-            open_stdio(p).map_err(|e| err(Code::INTERNAL, format!("opening stdio: {e}")))?;
+        let streams = crate::stdio::Streams {
+            id,
+            namespace: &self.namespace,
+            stdin: &p.stdin,
+            stdout: &p.stdout,
+            stderr: &p.stderr,
+            owner: (config.io_uid, config.io_gid),
+        };
+        let (stdio, fds) = crate::stdio::open(&streams)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("opening stdio: {e}")))?;
         let pid = self.zygote(&request(None, stdio), &fds)?;
         Ok((pid, None))
     }
@@ -287,15 +287,54 @@ impl Service {
         Ok(true)
     }
 
+    /// Publishes TaskOOM whenever the task's memory cgroup kills a process.
+    fn watch_oom(&self, id: &str) {
+        let path = self.task_root(id).and_then(|(root, _)| {
+            let c = libcontainer::container::Container::load(root.join(id))
+                .map_err(|e| err(Code::NOT_FOUND, e.to_string()))?;
+            c.spec()
+                .map(|s| s.cgroup_path)
+                .map_err(|e| err(Code::INTERNAL, e.to_string()))
+        });
+        let path = match path {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("no OOM events for {id}: {e}");
+                return;
+            }
+        };
+        let publisher = self.publisher.clone();
+        let ns = self.namespace.clone();
+        let container_id = id.to_string();
+        let res = crate::oom::watch(&path, move || {
+            let ev = TaskOOM {
+                container_id: container_id.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = publisher.publish(Context::default(), &ev.topic(), &ns, Box::new(ev)) {
+                log::warn!("publishing OOM event: {e}");
+            }
+        });
+        if let Err(e) = res {
+            log::warn!("no OOM events for {id}: {e}");
+        }
+    }
+
+    /// The state root and configuration of a task.
+    fn task_root(&self, id: &str) -> TtrpcResult<(PathBuf, ShimConfig)> {
+        self.with_proc(id, "", |t, _| (t.root.clone(), t.config.clone()))
+    }
+
     /// The cgroup of a task, as libcontainer recorded it. Reading and writing cgroup files
     /// touches no process-global state, so this runs in the shim itself.
     fn cgroup(&self, id: &str) -> TtrpcResult<libcgroups::common::AnyCgroupManager> {
-        let c = libcontainer::container::Container::load(self.root.join(id))
+        let (root, config) = self.task_root(id)?;
+        let c = libcontainer::container::Container::load(root.join(id))
             .map_err(|e| err(Code::NOT_FOUND, format!("task {id}: {e}")))?;
         let spec = c.spec().map_err(|e| err(Code::INTERNAL, e.to_string()))?;
         libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
             cgroup_path: spec.cgroup_path,
-            systemd_cgroup: false,
+            systemd_cgroup: config.systemd_cgroup,
             container_name: id.to_string(),
         })
         .map_err(|e| err(Code::INTERNAL, e.to_string()))
@@ -342,6 +381,16 @@ impl containerd_shim::Task for Service {
                 ));
             }
         }
+        let config = ShimConfig::for_task(req.options.as_ref())
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        config
+            .save(&bundle)
+            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        if let Some(cg) = &config.shim_cgroup {
+            join_cgroup(cg).map_err(|e| err(Code::INTERNAL, e))?;
+        }
+        let root = config.state_root(&self.namespace);
+        let checkpoint = (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint));
         let mounted = Self::mount_rootfs(&bundle, &req.rootfs)?;
         let mut p = Proc {
             stdin: req.stdin.clone(),
@@ -350,44 +399,55 @@ impl containerd_shim::Task for Service {
             terminal: req.terminal,
             ..Default::default()
         };
-        let res = self.launch(&p, |console_socket, stdio| Request::Create {
-            root: self.root.clone(),
-            id: req.id.clone(),
-            bundle: bundle.clone(),
-            console_socket,
-            stdio,
-        });
-        let pid = match res {
-            Ok((Some(pid), master)) => {
-                p.master = master;
-                pid
-            }
-            Ok((None, _)) => {
-                if mounted {
-                    Self::unmount_rootfs(&bundle);
+        // A task from a checkpoint is restored by Start, as runc's shim does: until then it
+        // has no process.
+        if checkpoint.is_none() {
+            let res = self.launch(&req.id, &p, &config, |console_socket, stdio| {
+                Request::Create {
+                    root: root.clone(),
+                    id: req.id.clone(),
+                    bundle: bundle.clone(),
+                    console_socket,
+                    stdio,
+                    systemd: config.systemd_cgroup,
+                    no_pivot: config.no_pivot_root,
                 }
-                return Err(err(Code::INTERNAL, "create returned no pid"));
-            }
-            Err(e) => {
-                if mounted {
-                    Self::unmount_rootfs(&bundle);
+            });
+            match res {
+                Ok((Some(pid), master)) => {
+                    p.master = master;
+                    p.pid = pid;
                 }
-                return Err(e);
+                other => {
+                    if mounted {
+                        Self::unmount_rootfs(&bundle);
+                    }
+                    return Err(match other {
+                        Err(e) => e,
+                        Ok(_) => err(Code::INTERNAL, "create returned no pid"),
+                    });
+                }
             }
-        };
-        p.pid = pid;
+        }
+        let pid = p.pid;
         {
             let (lock, _) = &*self.state;
             let mut st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
             let mut task = Task {
                 bundle: bundle.clone(),
+                root,
+                config,
                 rootfs_mounted: mounted,
+                checkpoint,
                 ..Default::default()
             };
             task.procs.insert(String::new(), p);
             st.tasks.insert(req.id.clone(), task);
         }
-        self.claim_early_exit(&req.id, "", pid);
+        if pid != 0 {
+            self.claim_early_exit(&req.id, "", pid);
+            self.watch_oom(&req.id);
+        }
         let ev = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -416,63 +476,92 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        if req.exec_id.is_empty() {
-            self.zygote(
-                &Request::Start {
-                    root: self.root.clone(),
-                    id: req.id.clone(),
-                },
-                &[],
-            )?;
-            let pid = self.with_proc(&req.id, "", |_, p| {
-                p.started = true;
-                p.pid
-            })?;
-            let ev = TaskStart {
-                container_id: req.id.clone(),
-                pid: pid as u32,
-                ..Default::default()
-            };
-            self.publish(ev.topic(), Box::new(ev));
-            return Ok(api::StartResponse {
-                pid: pid as u32,
-                ..Default::default()
-            });
-        }
+        let (root, config) = self.task_root(&req.id)?;
         let p = self.with_proc(&req.id, &req.exec_id, |_, p| p.clone())?;
         if p.started {
             return Err(err(
                 Code::FAILED_PRECONDITION,
-                format!("exec {} already started", req.exec_id),
+                format!("process {:?} of {} already started", req.exec_id, req.id),
             ));
         }
-        let spec = p
-            .spec
-            .clone()
-            .ok_or_else(|| err(Code::INTERNAL, "exec has no process spec"))?;
-        let res = self.launch(&p, |console_socket, stdio| Request::Exec {
-            root: self.root.clone(),
-            id: req.id.clone(),
-            process: spec.clone(),
-            console_socket,
-            stdio,
-        });
-        let _ = std::fs::remove_file(&spec);
-        let (pid, master) = res?;
-        let pid = pid.ok_or_else(|| err(Code::INTERNAL, "exec returned no pid"))?;
+        let (pid, master) = if req.exec_id.is_empty() {
+            let (bundle, checkpoint) =
+                self.with_proc(&req.id, "", |t, _| (t.bundle.clone(), t.checkpoint.clone()))?;
+            match checkpoint {
+                Some(image_path) => {
+                    let (pid, master) =
+                        self.launch(&req.id, &p, &config, |console_socket, stdio| {
+                            Request::Restore {
+                                root: root.clone(),
+                                id: req.id.clone(),
+                                bundle,
+                                image_path,
+                                work_path: config.criu_work_path.clone(),
+                                criu: config.criu_path.clone(),
+                                console_socket,
+                                stdio,
+                                systemd: config.systemd_cgroup,
+                            }
+                        })?;
+                    let pid = pid.ok_or_else(|| err(Code::INTERNAL, "restore returned no pid"))?;
+                    self.with_proc(&req.id, "", |t, _| t.checkpoint = None)?;
+                    self.watch_oom(&req.id);
+                    (pid, master)
+                }
+                None => {
+                    self.zygote(
+                        &Request::Start {
+                            root,
+                            id: req.id.clone(),
+                        },
+                        &[],
+                    )?;
+                    (p.pid, p.master.clone())
+                }
+            }
+        } else {
+            let spec = p
+                .spec
+                .clone()
+                .ok_or_else(|| err(Code::INTERNAL, "exec has no process spec"))?;
+            let res = self.launch(&req.id, &p, &config, |console_socket, stdio| {
+                Request::Exec {
+                    root,
+                    id: req.id.clone(),
+                    process: spec.clone(),
+                    console_socket,
+                    stdio,
+                }
+            });
+            let _ = std::fs::remove_file(&spec);
+            let (pid, master) = res?;
+            (
+                pid.ok_or_else(|| err(Code::INTERNAL, "exec returned no pid"))?,
+                master,
+            )
+        };
         self.with_proc(&req.id, &req.exec_id, |_, p| {
             p.pid = pid;
             p.started = true;
             p.master = master;
         })?;
         self.claim_early_exit(&req.id, &req.exec_id, pid);
-        let ev = TaskExecStarted {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            pid: pid as u32,
-            ..Default::default()
-        };
-        self.publish(ev.topic(), Box::new(ev));
+        if req.exec_id.is_empty() {
+            let ev = TaskStart {
+                container_id: req.id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            };
+            self.publish(ev.topic(), Box::new(ev));
+        } else {
+            let ev = TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            };
+            self.publish(ev.topic(), Box::new(ev));
+        }
         Ok(api::StartResponse {
             pid: pid as u32,
             ..Default::default()
@@ -594,9 +683,10 @@ impl containerd_shim::Task for Service {
             return Err(err(Code::NOT_FOUND, "process already finished"));
         }
         if req.exec_id.is_empty() {
+            let (root, _) = self.task_root(&req.id)?;
             self.zygote(
                 &Request::Kill {
-                    root: self.root.clone(),
+                    root,
                     id: req.id.clone(),
                     signal: req.signal,
                     all: req.all,
@@ -667,9 +757,10 @@ impl containerd_shim::Task for Service {
     }
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let (root, _) = self.task_root(&req.id)?;
         self.zygote(
             &Request::Pause {
-                root: self.root.clone(),
+                root,
                 id: req.id.clone(),
             },
             &[],
@@ -684,9 +775,10 @@ impl containerd_shim::Task for Service {
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let (root, _) = self.task_root(&req.id)?;
         self.zygote(
             &Request::Resume {
-                root: self.root.clone(),
+                root,
                 id: req.id.clone(),
             },
             &[],
@@ -723,9 +815,10 @@ impl containerd_shim::Task for Service {
                 let _ = std::fs::remove_file(spec);
             }
         } else {
+            let (root, _) = self.task_root(&req.id)?;
             self.zygote(
                 &Request::Delete {
-                    root: self.root.clone(),
+                    root,
                     id: req.id.clone(),
                     force: true,
                 },
@@ -763,8 +856,11 @@ impl containerd_shim::Task for Service {
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
         use containerd_shim::protos::protobuf::Message;
+        let (root, config) = self.task_root(&req.id)?;
         let mut opts = crate::zygote::CheckpointRequest {
             image_path: PathBuf::from(&req.path),
+            work_path: config.criu_work_path.clone(),
+            criu: config.criu_path.clone(),
             ..Default::default()
         };
         if let Some(any) = req.options.as_ref() {
@@ -776,7 +872,9 @@ impl containerd_shim::Task for Service {
                 if !o.image_path.is_empty() {
                     opts.image_path = PathBuf::from(&o.image_path);
                 }
-                opts.work_path = (!o.work_path.is_empty()).then(|| PathBuf::from(&o.work_path));
+                if !o.work_path.is_empty() {
+                    opts.work_path = Some(PathBuf::from(&o.work_path));
+                }
                 opts.exit = o.exit;
                 opts.open_tcp = o.open_tcp;
                 opts.external_unix_sockets = o.external_unix_sockets;
@@ -787,6 +885,11 @@ impl containerd_shim::Task for Service {
             }
         }
         if opts.image_path.as_os_str().is_empty() {
+            if let Some(dir) = &config.criu_image_path {
+                opts.image_path = dir.join(&req.id);
+            }
+        }
+        if opts.image_path.as_os_str().is_empty() {
             return Err(err(
                 Code::INVALID_ARGUMENT,
                 "checkpoint without an image path",
@@ -794,7 +897,7 @@ impl containerd_shim::Task for Service {
         }
         self.zygote(
             &Request::Checkpoint {
-                root: self.root.clone(),
+                root,
                 id: req.id.clone(),
                 opts,
             },

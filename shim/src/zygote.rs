@@ -55,6 +55,21 @@ pub enum Request {
         bundle: PathBuf,
         console_socket: Option<PathBuf>,
         stdio: Stdio,
+        systemd: bool,
+        no_pivot: bool,
+    },
+    /// Restores a checkpoint as the task's init; the stdio descriptors replace the
+    /// checkpointed process's stdio pipes.
+    Restore {
+        root: PathBuf,
+        id: String,
+        bundle: PathBuf,
+        image_path: PathBuf,
+        work_path: Option<PathBuf>,
+        criu: PathBuf,
+        console_socket: Option<PathBuf>,
+        stdio: Stdio,
+        systemd: bool,
     },
     Start {
         root: PathBuf,
@@ -96,6 +111,7 @@ pub enum Request {
 /// The checkpoint options containerd sends (runc's CheckpointOptions), in serialisable form.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct CheckpointRequest {
+    pub criu: PathBuf,
     pub image_path: PathBuf,
     pub work_path: Option<PathBuf>,
     pub exit: bool,
@@ -289,6 +305,8 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             bundle,
             console_socket,
             stdio,
+            systemd,
+            no_pivot,
         } => {
             let b = ContainerBuilder::new(id, SyscallType::default())
                 .with_executor(DefaultExecutor {})
@@ -297,10 +315,47 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             let c = take_stdio(b, stdio, fds)
                 .validate_id()?
                 .as_init(bundle)
-                .with_systemd(false)
+                .with_systemd(systemd)
+                .with_no_pivot(no_pivot)
                 .with_detach(true)
                 .build()?;
             Ok(c.pid().map(|p| p.as_raw()))
+        }
+        Request::Restore {
+            root,
+            id,
+            bundle,
+            image_path,
+            work_path,
+            criu,
+            console_socket,
+            stdio,
+            systemd,
+        } => {
+            // CRIU gives the restored process the worker's own stdio in place of the old
+            // pipes; this worker is about to exit, so it can hand its fds 0-2 over.
+            let mut fds = fds.into_iter();
+            for (n, wanted) in [stdio.stdin, stdio.stdout, stdio.stderr]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(fd) = wanted.then(|| fds.next()).flatten() {
+                    nix::unistd::dup2(fd.as_raw_fd(), n as RawFd)?;
+                }
+            }
+            let opts = trenv_runtime::restore::RestoreOptions {
+                id,
+                state_root: root,
+                bundle,
+                image_path,
+                work_path,
+                shell_job: console_socket.is_some(),
+                console_socket,
+                systemd_cgroup: systemd,
+                ..Default::default()
+            };
+            let r = trenv_runtime::restore::restore(&trenv_runtime::criu::Criu::new(&criu), &opts)?;
+            Ok(Some(r.pid))
         }
         Request::Start { root, id } => {
             load(&root, &id)?.start()?;
@@ -359,7 +414,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             };
             trenv_runtime::checkpoint::checkpoint(
                 &mut c,
-                &trenv_runtime::criu::Criu::default(),
+                &trenv_runtime::criu::Criu::new(&opts.criu),
                 &o,
             )?;
             Ok(None)

@@ -1,0 +1,277 @@
+//! The shim's configuration: a TOML file plus the runtime options containerd sends with a task.
+//!
+//! Sources, later ones winning field by field:
+//! 1. built-in defaults;
+//! 2. the shim config file, `/etc/trenv/shim.toml` (or `$TRENV_SHIM_CONFIG`) when it exists;
+//! 3. the task's runtime options: either CRI's `runtimeoptions.v1.Options` whose
+//!    `ConfigPath` names a config file that replaces the one of step 2 (what CRI sends for a
+//!    runtime with `options.ConfigPath`, and `ctr run --runtime-config-path`), or runc's
+//!    `containerd.runc.v1.Options`, whose fields that trenv understands are applied.
+//!
+//! The resolved configuration is stored in the bundle (`trenv-shim.json`), so that
+//! `delete` of a dead shim finds the task's state root.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::protobuf::rt::WireType;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::{CodedInputStream, Message};
+use serde::{Deserialize, Serialize};
+
+/// Default location of the shim config file.
+pub const DEFAULT_CONFIG: &str = "/etc/trenv/shim.toml";
+/// Environment variable that overrides [`DEFAULT_CONFIG`].
+pub const CONFIG_ENV: &str = "TRENV_SHIM_CONFIG";
+/// Where the resolved configuration of a task is kept, relative to its bundle.
+const BUNDLE_FILE: &str = "trenv-shim.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading shim config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid shim config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid runtime options ({type_url}): {message}")]
+    Options { type_url: String, message: String },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Every option of the shim. Documented in docs/configuration.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShimConfig {
+    /// Root of libcontainer state; a task lives in `<root>/<namespace>/<id>`.
+    pub root: PathBuf,
+    /// CRIU binary used for checkpoint and restore (looked up in PATH when relative).
+    pub criu_path: PathBuf,
+    /// Use systemd to manage container cgroups (cgroupsPath as `slice:prefix:name`).
+    pub systemd_cgroup: bool,
+    /// Use MS_MOVE + chroot instead of pivot_root (for rootfs on ramfs).
+    pub no_pivot_root: bool,
+    /// Owner of the stdio pipes given to container processes.
+    pub io_uid: u32,
+    pub io_gid: u32,
+    /// Cgroup (path relative to each hierarchy's root) the shim moves itself into.
+    pub shim_cgroup: Option<String>,
+    /// Default image directory for `ctr task checkpoint` without `--image-path`.
+    pub criu_image_path: Option<PathBuf>,
+    /// Default CRIU work directory (logs) for checkpoint and restore.
+    pub criu_work_path: Option<PathBuf>,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/run/containerd/trenv"),
+            criu_path: PathBuf::from("criu"),
+            systemd_cgroup: false,
+            no_pivot_root: false,
+            io_uid: 0,
+            io_gid: 0,
+            shim_cgroup: None,
+            criu_image_path: None,
+            criu_work_path: None,
+        }
+    }
+}
+
+impl ShimConfig {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The defaults, overridden by the config file if there is one.
+    pub fn from_default_file() -> Result<Self, ConfigError> {
+        let path = std::env::var_os(CONFIG_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        match Self::from_file(&path) {
+            Err(ConfigError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(Self::default())
+            }
+            r => r,
+        }
+    }
+
+    /// The configuration of one task, given the runtime options of its Create request.
+    pub fn for_task(options: Option<&Any>) -> Result<Self, ConfigError> {
+        let Some(any) = options.filter(|a| !a.type_url.is_empty() || !a.value.is_empty()) else {
+            return Self::from_default_file();
+        };
+        let bad = |message: String| ConfigError::Options {
+            type_url: any.type_url.clone(),
+            message,
+        };
+        if any.type_url.ends_with("runtimeoptions.v1.Options") {
+            let config_path = runtimeoptions_config_path(&any.value).map_err(bad)?;
+            return match config_path {
+                Some(p) => Self::from_file(Path::new(&p)),
+                None => Self::from_default_file(),
+            };
+        }
+        if any.type_url.ends_with("containerd.runc.v1.Options") {
+            let o = containerd_shim::protos::shim::oci::Options::parse_from_bytes(&any.value)
+                .map_err(|e| bad(e.to_string()))?;
+            let mut c = Self::from_default_file()?;
+            c.apply_runc_options(&o);
+            return Ok(c);
+        }
+        Err(bad(
+            "unsupported type; use cri.runtimeoptions.v1.Options (ConfigPath) or \
+             containerd.runc.v1.Options"
+                .to_string(),
+        ))
+    }
+
+    fn apply_runc_options(&mut self, o: &containerd_shim::protos::shim::oci::Options) {
+        if !o.root.is_empty() {
+            self.root = PathBuf::from(&o.root);
+        }
+        self.systemd_cgroup |= o.systemd_cgroup;
+        self.no_pivot_root |= o.no_pivot_root;
+        if o.io_uid != 0 {
+            self.io_uid = o.io_uid;
+        }
+        if o.io_gid != 0 {
+            self.io_gid = o.io_gid;
+        }
+        if !o.shim_cgroup.is_empty() {
+            self.shim_cgroup = Some(o.shim_cgroup.clone());
+        }
+        if !o.criu_image_path.is_empty() {
+            self.criu_image_path = Some(PathBuf::from(&o.criu_image_path));
+        }
+        if !o.criu_work_path.is_empty() {
+            self.criu_work_path = Some(PathBuf::from(&o.criu_work_path));
+        }
+    }
+
+    /// The state root of a containerd namespace.
+    pub fn state_root(&self, namespace: &str) -> PathBuf {
+        self.root.join(namespace)
+    }
+
+    pub fn save(&self, bundle: &Path) -> Result<(), ConfigError> {
+        let path = bundle.join(BUNDLE_FILE);
+        let write = |e: std::io::Error| ConfigError::Write {
+            path: path.clone(),
+            source: e,
+        };
+        let json = serde_json::to_vec(self).map_err(|e| write(e.into()))?;
+        std::fs::write(&path, json).map_err(write)
+    }
+
+    /// The configuration a task was created with, or the defaults.
+    pub fn load_saved(bundle: &Path) -> Self {
+        std::fs::read(bundle.join(BUNDLE_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Decodes CRI's `runtimeoptions.v1.Options { string type_url = 1; string config_path = 2; }`,
+/// which no crate ships bindings for.
+fn runtimeoptions_config_path(bytes: &[u8]) -> Result<Option<String>, String> {
+    let mut input = CodedInputStream::from_bytes(bytes);
+    let mut config_path = None;
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(|e| e.to_string())? {
+        match tag {
+            // field 1 (type_url) or 2 (config_path), wire type 2 (length-delimited)
+            10 => {
+                input.read_string().map_err(|e| e.to_string())?;
+            }
+            18 => config_path = Some(input.read_string().map_err(|e| e.to_string())?),
+            t => {
+                let wire = WireType::new(t & 7)
+                    .ok_or_else(|| format!("field {}: bad wire type {}", t >> 3, t & 7))?;
+                input
+                    .skip_field(wire)
+                    .map_err(|e| format!("field {}: {e}", t >> 3))?
+            }
+        }
+    }
+    Ok(config_path.filter(|p| !p.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtimeoptions_decoding() {
+        // type_url = "x", config_path = "/etc/a.toml"
+        let mut bytes = vec![10, 1, b'x', 18, 11];
+        bytes.extend_from_slice(b"/etc/a.toml");
+        assert_eq!(
+            runtimeoptions_config_path(&bytes).unwrap().as_deref(),
+            Some("/etc/a.toml")
+        );
+        assert_eq!(runtimeoptions_config_path(&[]).unwrap(), None);
+        assert!(runtimeoptions_config_path(&[18, 20, b'a']).is_err());
+    }
+
+    #[test]
+    fn file_rejects_unknown_keys_and_keeps_defaults() {
+        let dir = tempfile_dir();
+        let path = dir.join("shim.toml");
+        std::fs::write(&path, "criu_path = \"/opt/criu\"\n").unwrap();
+        let c = ShimConfig::from_file(&path).unwrap();
+        assert_eq!(c.criu_path, PathBuf::from("/opt/criu"));
+        assert_eq!(c.root, ShimConfig::default().root);
+        std::fs::write(&path, "criu_paht = \"/opt/criu\"\n").unwrap();
+        let e = ShimConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown field") && e.contains("criu_paht"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn runc_options_override() {
+        let mut o = containerd_shim::protos::shim::oci::Options::new();
+        o.root = "/run/x".into();
+        o.io_uid = 1000;
+        let any = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: o.write_to_bytes().unwrap(),
+            ..Default::default()
+        };
+        let c = ShimConfig::for_task(Some(&any)).unwrap();
+        assert_eq!(c.root, PathBuf::from("/run/x"));
+        assert_eq!(c.io_uid, 1000);
+        let bad = Any {
+            type_url: "example.com/Other".into(),
+            value: vec![1],
+            ..Default::default()
+        };
+        assert!(ShimConfig::for_task(Some(&bad))
+            .unwrap_err()
+            .to_string()
+            .contains("unsupported type"));
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("trenv-shim-config-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

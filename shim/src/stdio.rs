@@ -1,0 +1,226 @@
+//! A process's standard streams: containerd's FIFOs, or a log URI (`file://`, `binary://`).
+//!
+//! The process always gets pipes, never the FIFOs or files themselves: pipes can be
+//! checkpointed by CRIU and replaced on restore, and the shim closing a FIFO when its pipe
+//! ends is how containerd learns that all output has been delivered.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+use nix::fcntl::OFlag;
+use nix::unistd::{fchown, pipe2, Gid, Uid};
+
+use crate::console::{copy_in, copy_out, copy_to_file};
+use crate::zygote::Stdio;
+
+/// Where a process's output goes, from containerd's stdout/stderr strings.
+#[derive(Debug, PartialEq)]
+enum Output {
+    None,
+    /// A FIFO path (the default, also written `fifo://path`).
+    Fifo(String),
+    /// `file:///path`: appended to a file; stdout and stderr share it.
+    File(PathBuf),
+    /// `binary:///path?key=value`: a logging binary gets the streams on fds 3 and 4.
+    Binary {
+        path: PathBuf,
+        args: Vec<String>,
+    },
+}
+
+fn parse(uri: &str) -> Result<Output, String> {
+    if uri.is_empty() {
+        return Ok(Output::None);
+    }
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Ok(Output::Fifo(uri.to_string()));
+    };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if !path.starts_with('/') {
+        return Err(format!("log URI {uri:?} needs an absolute path"));
+    }
+    match scheme {
+        "fifo" => Ok(Output::Fifo(path.to_string())),
+        "file" => Ok(Output::File(PathBuf::from(path))),
+        "binary" => {
+            let mut args = Vec::new();
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                args.push(k.to_string());
+                if !v.is_empty() {
+                    args.push(v.to_string());
+                }
+            }
+            Ok(Output::Binary {
+                path: PathBuf::from(path),
+                args,
+            })
+        }
+        other => Err(format!("unsupported log URI scheme {other:?} in {uri:?}")),
+    }
+}
+
+/// What a process's streams are connected to.
+pub struct Streams<'a> {
+    pub id: &'a str,
+    pub namespace: &'a str,
+    pub stdin: &'a str,
+    pub stdout: &'a str,
+    pub stderr: &'a str,
+    /// Owner of the pipes the process gets.
+    pub owner: (u32, u32),
+}
+
+fn chown(fd: &OwnedFd, owner: (u32, u32)) -> std::io::Result<()> {
+    if owner != (0, 0) {
+        fchown(
+            fd.as_raw_fd(),
+            Some(Uid::from_raw(owner.0)),
+            Some(Gid::from_raw(owner.1)),
+        )?;
+    }
+    Ok(())
+}
+
+fn other(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// Opens the process ends of the streams and starts the copying; returns which streams the
+/// descriptors are for, in stdin, stdout, stderr order.
+pub fn open(s: &Streams) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
+    let mut stdio = Stdio::default();
+    let mut fds = Vec::new();
+    if !s.stdin.is_empty() {
+        let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
+        chown(&r, s.owner)?;
+        copy_in(s.stdin.to_string(), File::from(w));
+        fds.push(r);
+        stdio.stdin = true;
+    }
+    let out = parse(s.stdout).map_err(other)?;
+    let err = parse(s.stderr).map_err(other)?;
+    // Read ends of the output pipes, for the copying set up below.
+    let mut readers = Vec::new();
+    for (o, flag) in [(&out, &mut stdio.stdout), (&err, &mut stdio.stderr)] {
+        if *o != Output::None {
+            let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
+            chown(&w, s.owner)?;
+            fds.push(w);
+            readers.push(r);
+            *flag = true;
+        }
+    }
+    match (&out, &err) {
+        (Output::Binary { path, args }, _) => {
+            spawn_logger(path, args, s, readers)?;
+        }
+        (Output::File(path), _) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            for r in readers {
+                copy_to_file(File::from(r), file.try_clone()?);
+            }
+        }
+        _ => {
+            let mut readers = readers.into_iter();
+            for o in [out, err] {
+                if let (Output::Fifo(fifo), Some(r)) = (&o, readers.next()) {
+                    copy_out(File::from(r), fifo.clone());
+                }
+            }
+        }
+    }
+    Ok((stdio, fds))
+}
+
+/// Starts a containerd logging binary: stdout on fd 3, stderr on fd 4, and fd 5 which it
+/// closes (or writes to) when it is ready; waits for that.
+fn spawn_logger(
+    path: &PathBuf,
+    args: &[String],
+    s: &Streams,
+    readers: Vec<OwnedFd>,
+) -> std::io::Result<()> {
+    let (ready_r, ready_w) = pipe2(OFlag::O_CLOEXEC)?;
+    let mut inherit: Vec<i32> = readers.iter().map(|f| f.as_raw_fd()).collect();
+    // A logger for one stream still expects both fds; give it an empty pipe for the other.
+    let mut spare = Vec::new();
+    while inherit.len() < 2 {
+        let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
+        inherit.push(r.as_raw_fd());
+        spare.push(r);
+        drop(w);
+    }
+    inherit.push(ready_w.as_raw_fd());
+    let mut cmd = std::process::Command::new(path);
+    cmd.args(args)
+        .env("CONTAINER_ID", s.id)
+        .env("CONTAINER_NAMESPACE", s.namespace)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure only calls fcntl, dup2 and setsid, all async-signal-safe, on descriptors
+    // that stay open in the parent until spawn returns.
+    let src = [inherit[0], inherit[1], inherit[2]];
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move the sources above 3..=5 first, so no dup2 overwrites a later source.
+            let mut high = [0; 3];
+            for (n, fd) in src.iter().enumerate() {
+                high[n] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
+                if high[n] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (n, fd) in high.iter().enumerate() {
+                if libc::dup2(*fd, 3 + n as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    // The shim's reaper collects the logger when it ends; the handle is not waited on.
+    cmd.spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("starting logger {path:?}: {e}")))?;
+    drop(ready_w);
+    drop(readers);
+    drop(spare);
+    let mut b = [0u8; 1];
+    let _ = nix::unistd::read(ready_r.as_raw_fd(), &mut b);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_uris() {
+        assert_eq!(parse("").unwrap(), Output::None);
+        assert_eq!(parse("/run/f").unwrap(), Output::Fifo("/run/f".into()));
+        assert_eq!(
+            parse("fifo:///run/f").unwrap(),
+            Output::Fifo("/run/f".into())
+        );
+        assert_eq!(
+            parse("file:///var/log/c.log").unwrap(),
+            Output::File("/var/log/c.log".into())
+        );
+        assert_eq!(
+            parse("binary:///bin/logger?level=debug&json").unwrap(),
+            Output::Binary {
+                path: "/bin/logger".into(),
+                args: vec!["level".into(), "debug".into(), "json".into()]
+            }
+        );
+        assert!(parse("http://x/y").unwrap_err().contains("unsupported"));
+        assert!(parse("file://relative").unwrap_err().contains("absolute"));
+    }
+}
