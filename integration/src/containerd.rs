@@ -40,7 +40,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             sock = d.join("containerd.sock").display(),
         );
         std::fs::write(d.join("config.toml"), config).expect("config");
-        let log = std::fs::File::create(d.join("containerd.log")).expect("log");
+        let child = Self::spawn(d);
+        let c = Self { dir, child };
+        c.wait_up();
+        c
+    }
+
+    fn spawn(d: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("containerd.log"))
+            .expect("log");
         // The shim under test comes first, so `--runtime io.containerd.trenv.v2` finds it.
         let shim_dir = crate::runtime::shim_bin()
             .parent()
@@ -50,7 +61,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             "{shim_dir}:/usr/local/sbin:/usr/local/bin:{}",
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = Command::new("containerd")
+        Command::new("containerd")
             .arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", path)
@@ -58,13 +69,47 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("containerd");
-        let c = Self { dir, child };
+            .expect("containerd")
+    }
+
+    fn wait_up(&self) {
         let up = wait_for(Duration::from_secs(20), || {
-            c.ctr(&["version"]).status.success().then_some(())
+            self.ctr(&["version"]).status.success().then_some(())
         });
-        assert!(up.is_some(), "containerd did not come up: {}", c.log());
-        c
+        assert!(up.is_some(), "containerd did not come up: {}", self.log());
+    }
+
+    fn stop_daemon(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+
+    /// Stops containerd (SIGTERM, as a service manager would) and starts it again on the
+    /// same root and state; shims keep running meanwhile.
+    pub fn restart(&mut self) {
+        self.stop_daemon();
+        self.child = Self::spawn(self.dir.path());
+        self.wait_up();
+    }
+
+    /// Records `ctr events` from now on.
+    pub fn events(&self) -> Events {
+        let path = self.dir.path().join(format!("events-{}.log", crate::unique_id("ev")));
+        let out = std::fs::File::create(&path).expect("events log");
+        let child = self
+            .ctr_cmd()
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ctr events");
+        // `ctr events` subscribes asynchronously; give it a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        Events { child, path }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -146,6 +191,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.ctr_ok(&["containers", "delete", id]);
     }
 
+    /// Asserts that nothing of a deleted container is left: shim process, cgroups, mounts,
+    /// trenv state, containerd's record.
+    pub fn assert_gone(&self, id: &str) {
+        let gone = wait_for(Duration::from_secs(5), || {
+            leaks::processes_with(&format!("-id {id} "))
+                .is_empty()
+                .then_some(())
+        });
+        assert!(gone.is_some(), "shim of {id} still running");
+        let cg = leaks::cgroup_dirs(&format!("/{NAMESPACE}/{id}"));
+        assert!(cg.is_empty(), "cgroups of {id} left: {cg:?}");
+        let m = leaks::mounts_with(id);
+        assert!(m.is_empty(), "mounts of {id} left: {m:?}");
+        assert!(
+            !Path::new(&format!("/run/containerd/trenv/{NAMESPACE}/{id}")).exists(),
+            "state of {id} left"
+        );
+        let listed = self.ctr_ok(&["containers", "list", "-q"]);
+        assert!(!listed.lines().any(|l| l == id), "{id} still listed");
+    }
+
     fn cleanup_containers(&self) {
         let out = self.ctr(&["containers", "list", "-q"]);
         for id in String::from_utf8_lossy(&out.stdout).lines() {
@@ -161,14 +227,39 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
+/// A running `ctr events`, writing to a file.
+pub struct Events {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Events {
+    /// Waits up to `timeout` for an event line with `topic` that mentions `id`.
+    pub fn wait(&self, topic: &str, id: &str, timeout: Duration) -> Option<String> {
+        wait_for(timeout, || {
+            std::fs::read_to_string(&self.path).ok()?.lines().find_map(|l| {
+                (l.contains(&format!(" {topic} ")) && l.contains(&format!("\"{id}\"")))
+                    .then(|| l.to_string())
+            })
+        })
+    }
+
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.cleanup_containers();
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        self.stop_daemon();
         // Shims outlive containerd by design; ours must not outlive the test.
         for pid in leaks::processes_with(&self.socket().to_string_lossy()) {
             let _ = nix::sys::signal::kill(

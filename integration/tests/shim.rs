@@ -3,31 +3,11 @@
 use std::time::Duration;
 
 use trenv_integration::containerd::{Containerd, BUSYBOX, NAMESPACE};
-use trenv_integration::leaks::{cgroup_dirs, mounts_with, processes_with};
 use trenv_integration::runtime::shim_bin;
-use trenv_integration::{require_root, unique_id, wait_for};
+use trenv_integration::{require_root, unique_id};
 
 /// containerd's name for the trenv runtime; resolved through containerd's PATH.
 const RUNTIME: &str = "io.containerd.trenv.v2";
-
-fn assert_gone(c: &Containerd, id: &str) {
-    let gone = wait_for(Duration::from_secs(5), || {
-        processes_with(&format!("-id {id} "))
-            .is_empty()
-            .then_some(())
-    });
-    assert!(gone.is_some(), "shim of {id} still running");
-    let cg = cgroup_dirs(&format!("/{NAMESPACE}/{id}"));
-    assert!(cg.is_empty(), "cgroups of {id} left: {cg:?}");
-    let m = mounts_with(id);
-    assert!(m.is_empty(), "mounts of {id} left: {m:?}");
-    assert!(
-        !std::path::Path::new(&format!("/run/containerd/trenv/{NAMESPACE}/{id}")).exists(),
-        "state of {id} left"
-    );
-    let listed = c.ctr_ok(&["containers", "list", "-q"]);
-    assert!(!listed.lines().any(|l| l == id), "{id} still listed");
-}
 
 #[test]
 fn run_by_runtime_name_and_by_path() {
@@ -56,7 +36,7 @@ fn run_by_runtime_name_and_by_path() {
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
         assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
-        assert_gone(&c, &id);
+        c.assert_gone(&id);
     }
 }
 
@@ -122,7 +102,7 @@ fn exec_kill_wait_pause_resume_ps() {
     assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
 
     c.kill_and_remove(&id);
-    assert_gone(&c, &id);
+    c.assert_gone(&id);
 }
 
 #[test]
@@ -152,6 +132,15 @@ fn bad_requests_get_errors() {
         "true",
     ]);
     assert!(!out.status.success());
+    // An exec id that is in use.
+    c.ctr_ok(&["task", "exec", "-d", "--exec-id", "dup", &id, "sleep", "1000"]);
+    let out = c.ctr(&["task", "exec", "--exec-id", "dup", &id, "true"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A command that does not exist in the image: the exec fails, the task lives on.
     let out = c.ctr(&["task", "exec", "--exec-id", "x1", &id, "/no/such/binary"]);
     assert!(!out.status.success());
@@ -161,9 +150,14 @@ fn bad_requests_get_errors() {
     // Killing an exited task is an error containerd understands, not a hang.
     let out = c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
     assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     c.ctr_ok(&["task", "delete", &id]);
     c.ctr_ok(&["containers", "delete", &id]);
-    assert_gone(&c, &id);
+    c.assert_gone(&id);
 }
 
 #[test]
@@ -213,5 +207,168 @@ fn metrics_and_checkpoint_through_the_shim() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(read("r2") > before);
     c.kill_and_remove(&id);
-    assert_gone(&c, &id);
+    c.assert_gone(&id);
+}
+
+/// A malformed trenv annotation or shim config fails Create with the reason, and leaves
+/// nothing behind.
+#[test]
+fn malformed_annotations_and_config_are_rejected() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let config = c.dir().join("bad-shim.toml");
+    std::fs::write(&config, "criu_paht = \"/usr/sbin/criu\"\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--annotation", "io.trenv.criu.file-locks=maybe"],
+            "expected true or false",
+        ),
+        (
+            &["--annotation", "io.trenv.criu.tcp=true"],
+            "unknown annotation",
+        ),
+        (&["--runtime-config-path", &config], "unknown field `criu_paht`"),
+        (
+            &["--runtime-config-path", "/nonexistent/shim.toml"],
+            "reading shim config",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let id = unique_id("shim-badanno");
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[BUSYBOX, &id, "true"]);
+        let out = c.ctr(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+        let _ = c.ctr(&["containers", "delete", &id]);
+        c.assert_gone(&id);
+    }
+    // A well-formed config file is applied: io_uid owns the process's stdio pipes.
+    let good = c.dir().join("shim.toml");
+    std::fs::write(&good, "io_uid = 1234\nio_gid = 1234\n").expect("config");
+    let id = unique_id("shim-cfg");
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        &good.to_string_lossy(),
+        BUSYBOX,
+        &id,
+        "stat",
+        "-L",
+        "-c",
+        "%u:%g",
+        "/proc/self/fd/1",
+    ]);
+    assert_eq!(out.trim(), "1234:1234");
+    c.assert_gone(&id);
+}
+
+/// `ctr container checkpoint --task` then `ctr container restore --live`: the restored task
+/// continues from the checkpointed memory, not from a fresh start.
+#[test]
+fn container_checkpoint_then_restore_through_ctr() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("shim-restore");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done",
+    ]);
+    c.wait_task(&id, "RUNNING");
+    let read = |e: &str| -> u64 {
+        c.ctr_ok(&["task", "exec", "--exec-id", e, &id, "cat", "/tmp/c"])
+            .trim()
+            .parse()
+            .expect("count")
+    };
+    let wait_count = |min: u64| {
+        trenv_integration::wait_for(Duration::from_secs(10), || (read("r") >= min).then_some(()))
+            .expect("counter")
+    };
+    wait_count(30);
+    let image = format!("trenv-it/{id}-ckpt:latest");
+    c.ctr_ok(&["containers", "checkpoint", "--task", &id, &image]);
+    let at_checkpoint = read("r0");
+    c.kill_and_remove(&id);
+
+    c.ctr_ok(&["containers", "restore", "--live", &id, &image]);
+    c.wait_task(&id, "RUNNING");
+    // The fresh rootfs has no /tmp/c until the restored loop writes it; it continues from
+    // the checkpointed count instead of 1.
+    let restored = trenv_integration::wait_for(Duration::from_secs(10), || {
+        let out = c.ctr(&["task", "exec", "--exec-id", "r1", &id, "cat", "/tmp/c"]);
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().ok()
+    })
+    .expect("restored counter");
+    assert!(
+        restored + 5 >= at_checkpoint && restored >= 20,
+        "restored count {restored}, checkpointed {at_checkpoint}"
+    );
+    let later = read("r2");
+    assert!(later >= restored);
+    c.kill_and_remove(&id);
+    c.assert_gone(&id);
+    c.ctr_ok(&["images", "rm", &image]);
+}
+
+/// A container exceeding its memory limit is OOM-killed and containerd gets TaskOOM.
+#[test]
+fn oom_kill_publishes_task_oom() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let events = c.events();
+    let id = unique_id("shim-oom");
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "16777216",
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "x=a; while true; do x=$x$x; done",
+    ]);
+    assert_eq!(out.status.code(), Some(137));
+    let oom = events.wait("/tasks/oom", &id, Duration::from_secs(5));
+    assert!(oom.is_some(), "no /tasks/oom for {id}:\n{}", events.text());
+    // A container that stays within its limit gets none.
+    let calm = unique_id("shim-nooom");
+    c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "16777216",
+        BUSYBOX,
+        &calm,
+        "true",
+    ]);
+    assert!(events
+        .wait("/tasks/exit", &calm, Duration::from_secs(5))
+        .is_some());
+    assert!(events
+        .wait("/tasks/oom", &calm, Duration::from_millis(200))
+        .is_none());
+    c.assert_gone(&id);
+    c.assert_gone(&calm);
 }

@@ -1,5 +1,6 @@
 //! `containerd-shim-trenv-v2`: the containerd task shim for trenv (`io.containerd.trenv.v2`).
 
+mod annotations;
 mod config;
 mod console;
 mod metrics;

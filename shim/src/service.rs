@@ -20,6 +20,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 use libcgroups::common::CgroupManager;
 
+use crate::annotations::CriuAnnotations;
 use crate::config::ShimConfig;
 use crate::console::ConsoleSocket;
 use crate::zygote::{Request, Stdio, Zygote};
@@ -46,6 +47,7 @@ struct Task {
     /// libcontainer state root of the task's namespace.
     root: PathBuf,
     config: ShimConfig,
+    criu: CriuAnnotations,
     rootfs_mounted: bool,
     procs: HashMap<String, Proc>,
     paused: bool,
@@ -325,6 +327,10 @@ impl Service {
         self.with_proc(id, "", |t, _| (t.root.clone(), t.config.clone()))
     }
 
+    fn task_criu(&self, id: &str) -> TtrpcResult<CriuAnnotations> {
+        self.with_proc(id, "", |t, _| t.criu.clone())
+    }
+
     /// The cgroup of a task, as libcontainer recorded it. Reading and writing cgroup files
     /// touches no process-global state, so this runs in the shim itself.
     fn cgroup(&self, id: &str) -> TtrpcResult<libcgroups::common::AnyCgroupManager> {
@@ -383,6 +389,8 @@ impl containerd_shim::Task for Service {
         }
         let config = ShimConfig::for_task(req.options.as_ref())
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let criu = CriuAnnotations::from_bundle(&bundle)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         config
             .save(&bundle)
             .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
@@ -437,6 +445,7 @@ impl containerd_shim::Task for Service {
                 bundle: bundle.clone(),
                 root,
                 config,
+                criu,
                 rootfs_mounted: mounted,
                 checkpoint,
                 ..Default::default()
@@ -489,6 +498,7 @@ impl containerd_shim::Task for Service {
                 self.with_proc(&req.id, "", |t, _| (t.bundle.clone(), t.checkpoint.clone()))?;
             match checkpoint {
                 Some(image_path) => {
+                    let criu_opts = self.task_criu(&req.id)?;
                     let (pid, master) =
                         self.launch(&req.id, &p, &config, |console_socket, stdio| {
                             Request::Restore {
@@ -501,6 +511,7 @@ impl containerd_shim::Task for Service {
                                 console_socket,
                                 stdio,
                                 systemd: config.systemd_cgroup,
+                                criu_opts,
                             }
                         })?;
                     let pid = pid.ok_or_else(|| err(Code::INTERNAL, "restore returned no pid"))?;
@@ -857,6 +868,7 @@ impl containerd_shim::Task for Service {
     ) -> TtrpcResult<api::Empty> {
         use containerd_shim::protos::protobuf::Message;
         let (root, config) = self.task_root(&req.id)?;
+        let wanted = self.task_criu(&req.id)?;
         let mut opts = crate::zygote::CheckpointRequest {
             image_path: PathBuf::from(&req.path),
             work_path: config.criu_work_path.clone(),
@@ -883,6 +895,12 @@ impl containerd_shim::Task for Service {
                 opts.empty_namespaces = o.empty_namespaces.clone();
                 opts.cgroups_mode = (!o.cgroups_mode.is_empty()).then(|| o.cgroups_mode.clone());
             }
+        }
+        opts.open_tcp |= wanted.tcp_established;
+        opts.external_unix_sockets |= wanted.ext_unix_sk;
+        opts.file_locks |= wanted.file_locks;
+        if opts.cgroups_mode.is_none() {
+            opts.cgroups_mode = wanted.manage_cgroups_mode;
         }
         if opts.image_path.as_os_str().is_empty() {
             if let Some(dir) = &config.criu_image_path {

@@ -70,6 +70,7 @@ pub enum Request {
         console_socket: Option<PathBuf>,
         stdio: Stdio,
         systemd: bool,
+        criu_opts: crate::annotations::CriuAnnotations,
     },
     Start {
         root: PathBuf,
@@ -331,6 +332,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             console_socket,
             stdio,
             systemd,
+            criu_opts,
         } => {
             // CRIU gives the restored process the worker's own stdio in place of the old
             // pipes; this worker is about to exit, so it can hand its fds 0-2 over.
@@ -352,6 +354,10 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 shell_job: console_socket.is_some(),
                 console_socket,
                 systemd_cgroup: systemd,
+                tcp_established: criu_opts.tcp_established,
+                ext_unix_sk: criu_opts.ext_unix_sk,
+                file_locks: criu_opts.file_locks,
+                manage_cgroups_mode: criu_opts.manage_cgroups_mode,
                 ..Default::default()
             };
             let r = trenv_runtime::restore::restore(&trenv_runtime::criu::Criu::new(&criu), &opts)?;

@@ -1,0 +1,137 @@
+//! trenv's OCI annotations (`io.trenv.*`) on a container spec, validated at Create.
+//!
+//! Unknown keys under `io.trenv.` are rejected rather than ignored, so a misspelt option
+//! fails loudly instead of silently doing nothing. Documented in docs/configuration.md.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub const PREFIX: &str = "io.trenv.";
+const TCP_ESTABLISHED: &str = "io.trenv.criu.tcp-established";
+const EXT_UNIX_SK: &str = "io.trenv.criu.ext-unix-sk";
+const FILE_LOCKS: &str = "io.trenv.criu.file-locks";
+const MANAGE_CGROUPS_MODE: &str = "io.trenv.criu.manage-cgroups-mode";
+const KNOWN: [&str; 4] = [
+    TCP_ESTABLISHED,
+    EXT_UNIX_SK,
+    FILE_LOCKS,
+    MANAGE_CGROUPS_MODE,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnnotationError {
+    #[error("reading {path}: {reason}")]
+    Spec { path: String, reason: String },
+    #[error("unknown annotation {key:?}; trenv knows {}", KNOWN.join(", "))]
+    Unknown { key: String },
+    #[error("annotation {key}={value:?}: {expected}")]
+    Value {
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+/// CRIU options a container asks for; applied to its checkpoints and restores, so that a
+/// container checkpointed with open TCP connections is also restored with them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CriuAnnotations {
+    pub tcp_established: bool,
+    pub ext_unix_sk: bool,
+    pub file_locks: bool,
+    pub manage_cgroups_mode: Option<String>,
+}
+
+fn boolean(key: &str, value: &str) -> Result<bool, AnnotationError> {
+    match value {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(AnnotationError::Value {
+            key: key.to_string(),
+            value: value.to_string(),
+            expected: "expected true or false",
+        }),
+    }
+}
+
+impl CriuAnnotations {
+    pub fn parse(annotations: &HashMap<String, String>) -> Result<Self, AnnotationError> {
+        let mut a = Self::default();
+        for (key, value) in annotations {
+            if !key.starts_with(PREFIX) {
+                continue;
+            }
+            match key.as_str() {
+                TCP_ESTABLISHED => a.tcp_established = boolean(key, value)?,
+                EXT_UNIX_SK => a.ext_unix_sk = boolean(key, value)?,
+                FILE_LOCKS => a.file_locks = boolean(key, value)?,
+                MANAGE_CGROUPS_MODE => {
+                    if !["soft", "full", "strict", "ignore"].contains(&value.as_str()) {
+                        return Err(AnnotationError::Value {
+                            key: key.clone(),
+                            value: value.clone(),
+                            expected: "expected soft, full, strict or ignore",
+                        });
+                    }
+                    a.manage_cgroups_mode = Some(value.clone());
+                }
+                _ => return Err(AnnotationError::Unknown { key: key.clone() }),
+            }
+        }
+        Ok(a)
+    }
+
+    /// Reads and validates the annotations of the bundle's config.json.
+    pub fn from_bundle(bundle: &Path) -> Result<Self, AnnotationError> {
+        #[derive(Deserialize)]
+        struct Annotated {
+            #[serde(default)]
+            annotations: Option<HashMap<String, String>>,
+        }
+        let path = bundle.join("config.json");
+        let spec_err = |reason: String| AnnotationError::Spec {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read(&path).map_err(|e| spec_err(e.to_string()))?;
+        let spec: Annotated =
+            serde_json::from_slice(&text).map_err(|e| spec_err(format!("annotations: {e}")))?;
+        Self::parse(&spec.annotations.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_known_and_ignores_foreign_keys() {
+        let a = CriuAnnotations::parse(&map(&[
+            (TCP_ESTABLISHED, "true"),
+            (MANAGE_CGROUPS_MODE, "soft"),
+            ("org.example.x", "whatever"),
+        ]))
+        .unwrap();
+        assert!(a.tcp_established && !a.file_locks);
+        assert_eq!(a.manage_cgroups_mode.as_deref(), Some("soft"));
+    }
+
+    #[test]
+    fn rejects_bad_values_and_unknown_keys() {
+        let e = CriuAnnotations::parse(&map(&[(FILE_LOCKS, "maybe")])).unwrap_err();
+        assert!(e.to_string().contains("expected true or false"), "{e}");
+        let e = CriuAnnotations::parse(&map(&[(MANAGE_CGROUPS_MODE, "hard")])).unwrap_err();
+        assert!(e.to_string().contains("soft, full"), "{e}");
+        let e = CriuAnnotations::parse(&map(&[("io.trenv.criu.tcp", "true")])).unwrap_err();
+        assert!(e.to_string().contains("unknown annotation"), "{e}");
+    }
+}
