@@ -97,7 +97,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Records `ctr events` from now on.
     pub fn events(&self) -> Events {
-        let path = self.dir.path().join(format!("events-{}.log", crate::unique_id("ev")));
+        let path = self
+            .dir
+            .path()
+            .join(format!("events-{}.log", crate::unique_id("ev")));
         let out = std::fs::File::create(&path).expect("events log");
         let child = self
             .ctr_cmd()
@@ -237,10 +240,13 @@ impl Events {
     /// Waits up to `timeout` for an event line with `topic` that mentions `id`.
     pub fn wait(&self, topic: &str, id: &str, timeout: Duration) -> Option<String> {
         wait_for(timeout, || {
-            std::fs::read_to_string(&self.path).ok()?.lines().find_map(|l| {
-                (l.contains(&format!(" {topic} ")) && l.contains(&format!("\"{id}\"")))
-                    .then(|| l.to_string())
-            })
+            std::fs::read_to_string(&self.path)
+                .ok()?
+                .lines()
+                .find_map(|l| {
+                    (l.contains(&format!(" {topic} ")) && l.contains(&format!("\"{id}\"")))
+                        .then(|| l.to_string())
+                })
         })
     }
 

@@ -133,7 +133,16 @@ fn bad_requests_get_errors() {
     ]);
     assert!(!out.status.success());
     // An exec id that is in use.
-    c.ctr_ok(&["task", "exec", "-d", "--exec-id", "dup", &id, "sleep", "1000"]);
+    c.ctr_ok(&[
+        "task",
+        "exec",
+        "-d",
+        "--exec-id",
+        "dup",
+        &id,
+        "sleep",
+        "1000",
+    ]);
     let out = c.ctr(&["task", "exec", "--exec-id", "dup", &id, "true"]);
     assert!(!out.status.success());
     assert!(
@@ -229,7 +238,10 @@ fn malformed_annotations_and_config_are_rejected() {
             &["--annotation", "io.trenv.criu.tcp=true"],
             "unknown annotation",
         ),
-        (&["--runtime-config-path", &config], "unknown field `criu_paht`"),
+        (
+            &["--runtime-config-path", &config],
+            "unknown field `criu_paht`",
+        ),
         (
             &["--runtime-config-path", "/nonexistent/shim.toml"],
             "reading shim config",
@@ -312,7 +324,10 @@ fn container_checkpoint_then_restore_through_ctr() {
     // the checkpointed count instead of 1.
     let restored = trenv_integration::wait_for(Duration::from_secs(10), || {
         let out = c.ctr(&["task", "exec", "--exec-id", "r1", &id, "cat", "/tmp/c"]);
-        String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().ok()
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .ok()
     })
     .expect("restored counter");
     assert!(

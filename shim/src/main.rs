@@ -53,6 +53,9 @@ impl containerd_shim::Shim for Shim {
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         let grouping = opts.id.clone();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // containerd finds a running shim again after its own restart through this file
+        // in the bundle.
+        containerd_shim::util::write_address(&address)?;
         Ok(address)
     }
 

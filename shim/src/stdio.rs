@@ -138,6 +138,8 @@ pub fn open(s: &Streams) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
     Ok((stdio, fds))
 }
 
+const LOGGER_READY_MS: u16 = 10_000;
+
 /// Starts a containerd logging binary: stdout on fd 3, stderr on fd 4, and fd 5 which it
 /// closes (or writes to) when it is ready; waits for that.
 fn spawn_logger(
@@ -192,8 +194,21 @@ fn spawn_logger(
     drop(ready_w);
     drop(readers);
     drop(spare);
-    let mut b = [0u8; 1];
-    let _ = nix::unistd::read(ready_r.as_raw_fd(), &mut b);
+    // Like containerd, wait for a byte or EOF; but not forever on a logger that hangs.
+    let mut fds = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&ready_r),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(LOGGER_READY_MS))?;
+    if ready == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "logger {path:?} did not close or write fd 5 within {LOGGER_READY_MS} ms \
+                 (its children must not inherit fd 5)"
+            ),
+        ));
+    }
     Ok(())
 }
 

@@ -1,0 +1,158 @@
+//! Standard streams through containerd-shim-trenv-v2: an interactive terminal and log URIs.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use trenv_integration::containerd::{Containerd, BUSYBOX};
+use trenv_integration::{require_root, unique_id, wait_for};
+
+const RUNTIME: &str = "io.containerd.trenv.v2";
+
+/// Reads from a pty master until `needle` shows up or the time is over.
+fn read_until(master: &mut std::fs::File, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && !seen.contains(needle) {
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(master),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)).unwrap_or(0) == 0 {
+            continue;
+        }
+        match master.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    seen
+}
+
+/// `ctr run -t` on a real pseudo-terminal: the container gets a tty, input typed on the
+/// terminal reaches its shell, its output comes back, and the exit code is the shell's.
+#[test]
+fn interactive_terminal() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("shim-tty");
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let slave: OwnedFd = pty.slave;
+    let mut cmd = c.ctr_cmd();
+    cmd.args([
+        "run",
+        "-t",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sh",
+    ])
+    .stdin(Stdio::from(slave.try_clone().expect("dup")))
+    .stdout(Stdio::from(slave.try_clone().expect("dup")))
+    .stderr(Stdio::from(slave.try_clone().expect("dup")));
+    let slave_fd = slave.as_raw_fd();
+    // SAFETY: setsid and ioctl are async-signal-safe; the slave stays open until spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            libc::ioctl(slave_fd, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("ctr run -t");
+    drop(slave);
+    let mut master = std::fs::File::from(pty.master);
+    // The prompt shows the shell is reading the terminal.
+    let prompt = read_until(&mut master, "# ", Duration::from_secs(10));
+    assert!(prompt.contains("# "), "no prompt: {prompt:?}");
+    master
+        .write_all(b"tty; echo sum-$((40+2)); exit 7\n")
+        .expect("type");
+    let out = read_until(&mut master, "sum-42", Duration::from_secs(10));
+    assert!(out.contains("sum-42"), "{out:?}");
+    assert!(out.contains("/dev/pts/"), "not a terminal: {out:?}");
+    let status = wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten())
+        .expect("ctr run -t did not end");
+    assert_eq!(status.code(), Some(7));
+    c.assert_gone(&id);
+}
+
+/// `--log-uri file://` appends stdout and stderr to a file; `binary://` hands them to a
+/// logging binary on fds 3 and 4 with CONTAINER_ID set.
+#[test]
+fn file_and_binary_log_uris() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let log = c.dir().join("logs/file.log");
+    let id = unique_id("shim-filelog");
+    c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        &format!("file://{}", log.display()),
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "echo to-stdout; echo to-stderr >&2",
+    ]);
+    let text = std::fs::read_to_string(&log).expect("log file");
+    assert!(
+        text.contains("to-stdout") && text.contains("to-stderr"),
+        "{text}"
+    );
+    c.assert_gone(&id);
+
+    let dir = c.dir().join("binlog");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let logger = dir.join("logger.sh");
+    std::fs::write(
+        &logger,
+        format!(
+            "#!/bin/sh\n\
+             echo \"$CONTAINER_NAMESPACE/$CONTAINER_ID $*\" > {d}/meta\n\
+             cat <&3 > {d}/out 5>&- &\n\
+             cat <&4 > {d}/err 5>&- &\n\
+             exec 5>&-\n\
+             wait\n",
+            d = dir.display()
+        ),
+    )
+    .expect("logger");
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let id = unique_id("shim-binlog");
+    c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        &format!("binary://{}?mode=test", logger.display()),
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "echo bin-out; echo bin-err >&2",
+    ]);
+    let read = |name: &str, want: &str| {
+        wait_for(Duration::from_secs(5), || {
+            let t = std::fs::read_to_string(dir.join(name)).ok()?;
+            t.contains(want).then_some(t)
+        })
+        .unwrap_or_else(|| panic!("{name} never contained {want:?}"))
+    };
+    read("out", "bin-out");
+    read("err", "bin-err");
+    read("meta", &format!("/{id} mode test"));
+    c.assert_gone(&id);
+}

@@ -1,0 +1,138 @@
+//! containerd-shim-trenv-v2 under a containerd restart and under concurrent starts.
+
+use trenv_integration::containerd::{Containerd, BUSYBOX};
+use trenv_integration::{require_root, unique_id};
+
+const RUNTIME: &str = "io.containerd.trenv.v2";
+
+/// A running task survives a containerd restart: same pid, still running, and reachable
+/// again (exec, pause/resume, kill, wait, delete) once containerd is back.
+#[test]
+fn task_survives_containerd_restart() {
+    require_root();
+    let mut c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("shim-restart");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "echo alive > /tmp/mark; exec sleep 1000",
+    ]);
+    c.wait_task(&id, "RUNNING");
+    let pid_of = |c: &Containerd| -> String {
+        let ls = c.ctr_ok(&["task", "ls"]);
+        ls.lines()
+            .find_map(|l| {
+                let mut cols = l.split_whitespace();
+                (cols.next() == Some(id.as_str())).then(|| cols.next().unwrap_or("").to_string())
+            })
+            .unwrap_or_default()
+    };
+    let pid = pid_of(&c);
+    assert!(!pid.is_empty());
+
+    c.restart();
+
+    assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
+    assert_eq!(pid_of(&c), pid, "the task was restarted, not kept");
+    let out = c.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        &id,
+        "cat",
+        "/tmp/mark",
+    ]);
+    assert_eq!(out.trim(), "alive");
+    c.ctr_ok(&["task", "pause", &id]);
+    c.wait_task(&id, "PAUSED");
+    c.ctr_ok(&["task", "resume", &id]);
+    c.wait_task(&id, "RUNNING");
+    // Exit events reach the new containerd: the task is seen to stop.
+    c.kill_and_remove(&id);
+    c.assert_gone(&id);
+}
+
+/// 20 containers started at once all run, print their own output, exit with their own
+/// code, and leave nothing behind.
+#[test]
+fn twenty_concurrent_containers() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let ids: Vec<String> = (0..20).map(|_| unique_id("shim-conc")).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| {
+                let c = &c;
+                s.spawn(move || {
+                    let script = format!("echo hello-{n}; exit {}", n % 7);
+                    let out = c.ctr(&[
+                        "run",
+                        "--rm",
+                        "--runtime",
+                        RUNTIME,
+                        BUSYBOX,
+                        id,
+                        "sh",
+                        "-c",
+                        &script,
+                    ]);
+                    (n, out)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (n, out) = h.join().expect("thread");
+            assert_eq!(
+                out.status.code(),
+                Some((n % 7) as i32),
+                "container {n}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("hello-{n}\n"));
+        }
+    });
+    for id in &ids {
+        c.assert_gone(id);
+    }
+    // And the same number running side by side, then stopped together.
+    std::thread::scope(|s| {
+        for id in &ids {
+            let c = &c;
+            s.spawn(move || {
+                c.ctr_ok(&[
+                    "run",
+                    "-d",
+                    "--runtime",
+                    RUNTIME,
+                    BUSYBOX,
+                    id,
+                    "sleep",
+                    "1000",
+                ]);
+            });
+        }
+    });
+    for id in &ids {
+        c.wait_task(id, "RUNNING");
+    }
+    std::thread::scope(|s| {
+        for id in &ids {
+            let c = &c;
+            s.spawn(move || c.kill_and_remove(id));
+        }
+    });
+    for id in &ids {
+        c.assert_gone(id);
+    }
+}
