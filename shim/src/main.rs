@@ -22,7 +22,8 @@ struct Shim {
     /// The ttrpc socket this shim serves (`unix:///run/containerd/s/...`).
     socket: String,
     exit: Arc<ExitSignal>,
-    zygote: std::sync::Mutex<Option<zygote::Zygote>>,
+    /// Shared with the task service; taken back at exit to end and reap the zygote.
+    zygote: service::SharedZygote,
 }
 
 impl containerd_shim::Shim for Shim {
@@ -46,7 +47,7 @@ impl containerd_shim::Shim for Shim {
             id: args.id.clone(),
             socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
-            zygote: std::sync::Mutex::new(zygote),
+            zygote: Arc::new(std::sync::Mutex::new(zygote)),
         }
     }
 
@@ -83,6 +84,10 @@ impl containerd_shim::Shim for Shim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // Reaped here rather than left to init, so no zombie outlives the shim.
+        if let Some(z) = self.zygote.lock().ok().and_then(|mut z| z.take()) {
+            z.shutdown();
+        }
         // containerd-shim removes the socket only if it can still read the address file in
         // the bundle, which containerd may already have deleted; a stale socket would make
         // the next shim for the same id wait for it. Remove it here.
@@ -92,8 +97,12 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        let zygote = self.zygote.lock().ok().and_then(|mut z| z.take());
-        service::Service::new(&self.namespace, zygote, publisher, self.exit.clone())
+        service::Service::new(
+            &self.namespace,
+            self.zygote.clone(),
+            publisher,
+            self.exit.clone(),
+        )
     }
 }
 

@@ -62,9 +62,12 @@ struct State {
     early_exits: HashMap<i32, (u32, Timestamp)>,
 }
 
+/// The zygote, shared by the shim (which ends it at exit) and the task service.
+pub type SharedZygote = Arc<Mutex<Option<Zygote>>>;
+
 pub struct Service {
     state: Arc<(Mutex<State>, Condvar)>,
-    zygote: Arc<Mutex<Option<Zygote>>>,
+    zygote: SharedZygote,
     publisher: Arc<RemotePublisher>,
     namespace: String,
     exit: Arc<ExitSignal>,
@@ -100,13 +103,13 @@ fn join_cgroup(path: &str) -> Result<(), String> {
 impl Service {
     pub fn new(
         namespace: &str,
-        zygote: Option<Zygote>,
+        zygote: SharedZygote,
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
     ) -> Self {
         let s = Self {
             state: Arc::new((Mutex::new(State::default()), Condvar::new())),
-            zygote: Arc::new(Mutex::new(zygote)),
+            zygote,
             publisher: Arc::new(publisher),
             namespace: namespace.to_string(),
             exit,

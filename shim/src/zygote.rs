@@ -134,6 +134,7 @@ enum Response {
 pub struct Zygote {
     /// Closing it ends the zygote.
     sock: OwnedFd,
+    pid: nix::unistd::Pid,
 }
 
 impl Zygote {
@@ -152,11 +153,33 @@ impl Zygote {
                 drop(ours);
                 serve(theirs);
             }
-            ForkResult::Parent { .. } => {
+            ForkResult::Parent { child } => {
                 drop(theirs);
-                Ok(Self { sock: ours })
+                Ok(Self {
+                    sock: ours,
+                    pid: child,
+                })
             }
         }
+    }
+
+    /// Ends the zygote (it exits when its socket closes) and reaps it; kills it if it does
+    /// not exit within a second (a worker stuck in an operation).
+    pub fn shutdown(self) {
+        use nix::sys::wait::WaitPidFlag;
+        let pid = self.pid;
+        drop(self.sock);
+        for _ in 0..100 {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                // Exited, or already collected by the shim's reaper.
+                _ => return,
+            }
+        }
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
     }
 
     /// Runs one request with the given descriptors; returns the pid it produced, if any.
