@@ -11,6 +11,8 @@ mod zygote;
 
 use std::sync::Arc;
 
+use nix::sys::signal::{SigHandler, Signal};
+
 use containerd_shim::{api, publisher::RemotePublisher, Config, ExitSignal, Flags, StartOpts};
 
 /// Runtime type containerd knows this shim by.
@@ -97,6 +99,14 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        // containerd-shim catches SIGPIPE and logs every one at debug level. Once containerd
+        // is gone (restarting), each log write to the shim's log FIFO raises SIGPIPE, whose
+        // log line raises the next: a busy loop until containerd returns. Ignored, a write
+        // to a closed pipe just fails with EPIPE.
+        // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
+        if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) } {
+            log::warn!("ignoring SIGPIPE: {e}");
+        }
         service::Service::new(
             &self.namespace,
             self.zygote.clone(),
