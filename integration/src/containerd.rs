@@ -18,6 +18,11 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start() -> Self {
+        Self::start_with_log_level("info")
+    }
+
+    /// A containerd whose shims get `-debug` when `level` is "debug".
+    pub fn start_with_log_level(level: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("trenv-it-ctrd-")
             .tempdir()
@@ -33,7 +38,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [ttrpc]
   address = "{sock}.ttrpc"
 [debug]
-  level = "info"
+  level = "{level}"
 "#,
             root = d.join("root").display(),
             state = d.join("state").display(),
@@ -87,10 +92,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         let _ = self.child.wait();
     }
 
-    /// Stops containerd (SIGTERM, as a service manager would) and starts it again on the
-    /// same root and state; shims keep running meanwhile.
-    pub fn restart(&mut self) {
+    /// Stops containerd (SIGTERM, as a service manager would); shims keep running.
+    pub fn stop(&mut self) {
         self.stop_daemon();
+    }
+
+    /// Starts containerd again on the same root and state, after [`Containerd::stop`].
+    pub fn resume(&mut self) {
         self.child = Self::spawn(self.dir.path());
         self.wait_up();
     }

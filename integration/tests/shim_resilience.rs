@@ -5,12 +5,22 @@ use trenv_integration::{require_root, unique_id};
 
 const RUNTIME: &str = "io.containerd.trenv.v2";
 
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
 /// A running task survives a containerd restart: same pid, still running, and reachable
-/// again (exec, pause/resume, kill, wait, delete) once containerd is back.
+/// again (exec, pause/resume, kill, wait, delete) once containerd is back. While containerd
+/// is down the shim stays idle (with debug logging, whose log FIFO has lost its reader).
 #[test]
 fn task_survives_containerd_restart() {
     require_root();
-    let mut c = Containerd::start();
+    let mut c = Containerd::start_with_log_level("debug");
     c.import_busybox();
     let id = unique_id("shim-restart");
     c.ctr_ok(&[
@@ -37,7 +47,17 @@ fn task_survives_containerd_restart() {
     let pid = pid_of(&c);
     assert!(!pid.is_empty());
 
-    c.restart();
+    let shim = trenv_integration::leaks::processes_with(&format!("-id {id} "));
+    assert!(!shim.is_empty(), "no shim for {id}");
+    c.stop();
+    let before: u64 = shim.iter().map(|p| cpu_ticks(*p)).sum();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used: u64 = shim.iter().map(|p| cpu_ticks(*p)).sum::<u64>() - before;
+    assert!(
+        used < 10,
+        "the shim used {used} ticks of CPU in 1 s without containerd"
+    );
+    c.resume();
 
     assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
     assert_eq!(pid_of(&c), pid, "the task was restarted, not kept");
