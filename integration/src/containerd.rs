@@ -8,6 +8,10 @@ use crate::{bundle::busybox_image, leaks, wait_for};
 
 /// The busybox image reference after import.
 pub const BUSYBOX: &str = "docker.io/local/busybox:latest";
+/// containerd's name for the trenv shim; resolved through containerd's PATH.
+pub const TRENV_RUNTIME: &str = "io.containerd.trenv.v2";
+/// A shell loop that counts in /tmp/c every 50 ms: state that a checkpoint must carry.
+pub const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done";
 /// containerd namespace used by tests (also the parent cgroup containerd gives containers).
 pub const NAMESPACE: &str = "trenv-it";
 
@@ -159,6 +163,29 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ctr run -d` of busybox with the trenv shim; returns once the task runs.
+    pub fn run_detached(&self, id: &str, args: &[&str]) {
+        let mut all = vec!["run", "-d", "--runtime", TRENV_RUNTIME, BUSYBOX, id];
+        all.extend_from_slice(args);
+        self.ctr_ok(&all);
+        self.wait_task(id, "RUNNING");
+    }
+
+    /// Output of `ctr task exec` of `args` in a task, asserting success.
+    pub fn exec_ok(&self, id: &str, exec_id: &str, args: &[&str]) -> String {
+        let mut all = vec!["task", "exec", "--exec-id", exec_id, id];
+        all.extend_from_slice(args);
+        self.ctr_ok(&all)
+    }
+
+    /// The value a [`COUNTER`] container has reached.
+    pub fn counter(&self, id: &str, exec_id: &str) -> u64 {
+        self.exec_ok(id, exec_id, &["cat", "/tmp/c"])
+            .trim()
+            .parse()
+            .expect("count")
     }
 
     /// Imports the busybox example image.

@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use trenv_integration::containerd::{Containerd, BUSYBOX, NAMESPACE};
+use trenv_integration::containerd::{Containerd, BUSYBOX, COUNTER, NAMESPACE};
 use trenv_integration::runtime::shim_bin;
 use trenv_integration::{require_root, unique_id};
 
 /// containerd's name for the trenv runtime; resolved through containerd's PATH.
-const RUNTIME: &str = "io.containerd.trenv.v2";
+use trenv_integration::containerd::TRENV_RUNTIME as RUNTIME;
 
 #[test]
 fn run_by_runtime_name_and_by_path() {
@@ -46,17 +46,7 @@ fn exec_kill_wait_pause_resume_ps() {
     let c = Containerd::start();
     c.import_busybox();
     let id = unique_id("shim-exec");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        &id,
-        "sleep",
-        "1000",
-    ]);
-    c.wait_task(&id, "RUNNING");
+    c.run_detached(&id, &["sleep", "1000"]);
     // The shim really runs trenv's libcontainer state, not runc's.
     assert!(std::path::Path::new(&format!(
         "/run/containerd/trenv/{NAMESPACE}/{id}/state.json"
@@ -111,17 +101,7 @@ fn bad_requests_get_errors() {
     let c = Containerd::start();
     c.import_busybox();
     let id = unique_id("shim-bad");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        &id,
-        "sleep",
-        "1000",
-    ]);
-    c.wait_task(&id, "RUNNING");
+    c.run_detached(&id, &["sleep", "1000"]);
     // Unknown task.
     let out = c.ctr(&[
         "task",
@@ -175,18 +155,7 @@ fn metrics_and_checkpoint_through_the_shim() {
     let c = Containerd::start();
     c.import_busybox();
     let id = unique_id("shim-ckpt");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        &id,
-        "sh",
-        "-c",
-        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done",
-    ]);
-    c.wait_task(&id, "RUNNING");
+    c.run_detached(&id, &["sh", "-c", COUNTER]);
     let m: serde_json::Value =
         serde_json::from_str(&c.ctr_ok(&["task", "metrics", "--format", "json", &id]))
             .expect("json");
@@ -206,12 +175,7 @@ fn metrics_and_checkpoint_through_the_shim() {
     );
     // The task keeps running after a checkpoint without --exit.
     assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
-    let read = |e: &str| -> u64 {
-        c.ctr_ok(&["task", "exec", "--exec-id", e, &id, "cat", "/tmp/c"])
-            .trim()
-            .parse()
-            .expect("count")
-    };
+    let read = |e: &str| c.counter(&id, e);
     let before = read("r1");
     std::thread::sleep(Duration::from_millis(300));
     assert!(read("r2") > before);
@@ -290,29 +254,17 @@ fn container_checkpoint_then_restore_through_ctr() {
     let c = Containerd::start();
     c.import_busybox();
     let id = unique_id("shim-restore");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        &id,
-        "sh",
-        "-c",
-        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done",
-    ]);
-    c.wait_task(&id, "RUNNING");
-    let read = |e: &str| -> u64 {
-        c.ctr_ok(&["task", "exec", "--exec-id", e, &id, "cat", "/tmp/c"])
+    c.run_detached(&id, &["sh", "-c", COUNTER]);
+    let read = |e: &str| c.counter(&id, e);
+    let reached = |min: u64| {
+        let out = c.ctr(&["task", "exec", "--exec-id", "r", &id, "cat", "/tmp/c"]);
+        let n = String::from_utf8_lossy(&out.stdout)
             .trim()
-            .parse()
-            .expect("count")
+            .parse::<u64>()
+            .ok()?;
+        (n >= min).then_some(n)
     };
-    let wait_count = |min: u64| {
-        trenv_integration::wait_for(Duration::from_secs(10), || (read("r") >= min).then_some(()))
-            .expect("counter")
-    };
-    wait_count(30);
+    trenv_integration::wait_for(Duration::from_secs(10), || reached(30)).expect("counter");
     let image = format!("trenv-it/{id}-ckpt:latest");
     c.ctr_ok(&["containers", "checkpoint", "--task", &id, &image]);
     let at_checkpoint = read("r0");
@@ -322,14 +274,8 @@ fn container_checkpoint_then_restore_through_ctr() {
     c.wait_task(&id, "RUNNING");
     // The fresh rootfs has no /tmp/c until the restored loop writes it; it continues from
     // the checkpointed count instead of 1.
-    let restored = trenv_integration::wait_for(Duration::from_secs(10), || {
-        let out = c.ctr(&["task", "exec", "--exec-id", "r1", &id, "cat", "/tmp/c"]);
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<u64>()
-            .ok()
-    })
-    .expect("restored counter");
+    let restored =
+        trenv_integration::wait_for(Duration::from_secs(10), || reached(1)).expect("restored");
     assert!(
         restored + 5 >= at_checkpoint && restored >= 20,
         "restored count {restored}, checkpointed {at_checkpoint}"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use trenv_integration::containerd::{Containerd, BUSYBOX};
 use trenv_integration::{require_root, unique_id, wait_for};
 
-const RUNTIME: &str = "io.containerd.trenv.v2";
+use trenv_integration::containerd::TRENV_RUNTIME as RUNTIME;
 
 /// Reads from a pty master until `needle` shows up or the time is over.
 fn read_until(master: &mut std::fs::File, needle: &str, timeout: Duration) -> String {

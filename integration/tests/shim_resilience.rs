@@ -3,7 +3,7 @@
 use trenv_integration::containerd::{Containerd, BUSYBOX};
 use trenv_integration::{require_root, unique_id};
 
-const RUNTIME: &str = "io.containerd.trenv.v2";
+use trenv_integration::containerd::TRENV_RUNTIME as RUNTIME;
 
 /// CPU time (user + system, in clock ticks) a process has used.
 fn cpu_ticks(pid: i32) -> u64 {
@@ -23,18 +23,10 @@ fn task_survives_containerd_restart() {
     let mut c = Containerd::start_with_log_level("debug");
     c.import_busybox();
     let id = unique_id("shim-restart");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
+    c.run_detached(
         &id,
-        "sh",
-        "-c",
-        "echo alive > /tmp/mark; exec sleep 1000",
-    ]);
-    c.wait_task(&id, "RUNNING");
+        &["sh", "-c", "echo alive > /tmp/mark; exec sleep 1000"],
+    );
     let pid_of = |c: &Containerd| -> String {
         let ls = c.ctr_ok(&["task", "ls"]);
         ls.lines()
