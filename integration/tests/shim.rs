@@ -6,7 +6,6 @@ use trenv_integration::containerd::{Containerd, BUSYBOX, COUNTER, NAMESPACE};
 use trenv_integration::runtime::shim_bin;
 use trenv_integration::{require_root, unique_id};
 
-/// containerd's name for the trenv runtime; resolved through containerd's PATH.
 use trenv_integration::containerd::TRENV_RUNTIME as RUNTIME;
 
 #[test]
