@@ -299,6 +299,13 @@ impl Drop for Events {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // A test that failed while containerd was stopped still gets its containers removed.
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            self.child = Self::spawn(self.dir.path());
+            let _ = wait_for(Duration::from_secs(20), || {
+                self.ctr(&["version"]).status.success().then_some(())
+            });
+        }
         self.cleanup_containers();
         self.stop_daemon();
         // Shims outlive containerd by design; ours must not outlive the test.

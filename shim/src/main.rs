@@ -7,6 +7,7 @@ mod metrics;
 mod oom;
 mod service;
 mod stdio;
+mod teardown;
 mod zygote;
 
 use std::sync::Arc;

@@ -830,14 +830,17 @@ impl containerd_shim::Task for Service {
             }
         } else {
             let (root, _) = self.task_root(&req.id)?;
-            self.zygote(
-                &Request::Delete {
-                    root,
-                    id: req.id.clone(),
-                    force: true,
-                },
-                &[],
-            )?;
+            let exited = p.exit.is_some();
+            if !(exited && crate::teardown::delete_stopped(&root.join(&req.id))) {
+                self.zygote(
+                    &Request::Delete {
+                        root,
+                        id: req.id.clone(),
+                        force: true,
+                    },
+                    &[],
+                )?;
+            }
             let (lock, _) = &*self.state;
             let task = lock.lock().ok().and_then(|mut st| st.tasks.remove(&req.id));
             if let Some(t) = task {
