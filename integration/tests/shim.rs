@@ -92,6 +92,13 @@ fn exec_kill_wait_pause_resume_ps() {
 
     c.kill_and_remove(&id);
     c.assert_gone(&id);
+
+    // A running task deleted with --force: containerd kills it, the shim cleans up.
+    let id = unique_id("shim-force");
+    c.run_detached(&id, &["sleep", "1000"]);
+    c.ctr_ok(&["task", "delete", "--force", &id]);
+    c.ctr_ok(&["containers", "delete", &id]);
+    c.assert_gone(&id);
 }
 
 #[test]
