@@ -167,10 +167,80 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// `ctr run -d` of busybox with the trenv shim; returns once the task runs.
     pub fn run_detached(&self, id: &str, args: &[&str]) {
-        let mut all = vec!["run", "-d", "--runtime", TRENV_RUNTIME, BUSYBOX, id];
+        self.run_detached_with(&["--runtime", TRENV_RUNTIME], id, args);
+    }
+
+    /// `ctr run -d` of busybox with `runtime` flags (e.g. `--runc-binary PATH`); returns once
+    /// the task runs.
+    pub fn run_detached_with(&self, runtime: &[&str], id: &str, args: &[&str]) {
+        let mut all = vec!["run", "-d"];
+        all.extend_from_slice(runtime);
+        all.extend_from_slice(&[BUSYBOX, id]);
         all.extend_from_slice(args);
         self.ctr_ok(&all);
         self.wait_task(id, "RUNNING");
+    }
+
+    /// Execs report their own exit code and output, and see the task's init as pid 1,
+    /// whose command line starts with `init`.
+    pub fn assert_exec_works(&self, id: &str, init: &str) {
+        let out = self.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            id,
+            "sh",
+            "-c",
+            "echo exec-out; exit 4",
+        ]);
+        assert_eq!(out.status.code(), Some(4));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("exec-out"));
+        let out = self.exec_ok(id, "e2", &["cat", "/proc/1/cmdline"]);
+        assert!(out.starts_with(init), "{out}");
+    }
+
+    /// `ctr task ps` lists the init; pause and resume change the task's status.
+    pub fn assert_ps_pause_resume(&self, id: &str) {
+        let ps = self.ctr_ok(&["task", "ps", id]);
+        assert!(ps.lines().count() >= 2, "{ps}");
+        self.ctr_ok(&["task", "pause", id]);
+        assert_eq!(self.task_status(id).as_deref(), Some("PAUSED"));
+        self.ctr_ok(&["task", "resume", id]);
+        assert_eq!(self.task_status(id).as_deref(), Some("RUNNING"));
+    }
+
+    /// Waits up to 10 s for a [`COUNTER`] task to reach `min`; returns the value seen.
+    pub fn counter_reaching(&self, id: &str, min: u64) -> Option<u64> {
+        wait_for(Duration::from_secs(10), || {
+            let out = self.ctr(&["task", "exec", "--exec-id", "r", id, "cat", "/tmp/c"]);
+            let n = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u64>()
+                .ok()?;
+            (n >= min).then_some(n)
+        })
+    }
+
+    /// `ctr task checkpoint` of a running [`COUNTER`] task stores a checkpoint image and
+    /// leaves the task running and counting.
+    pub fn assert_checkpoint_keeps_running(&self, id: &str) {
+        self.ctr_ok(&["task", "checkpoint", id]);
+        let images = self.ctr_ok(&["images", "ls", "-q"]);
+        assert!(
+            images
+                .lines()
+                .any(|l| l.starts_with(&format!("containerd.io/checkpoint/{id}:"))),
+            "{images}"
+        );
+        assert_eq!(self.task_status(id).as_deref(), Some("RUNNING"));
+        let before = self.counter(id, "r1");
+        std::thread::sleep(Duration::from_millis(300));
+        let after = self.counter(id, "r2");
+        assert!(
+            after > before,
+            "not counting after checkpoint: {before} -> {after}"
+        );
     }
 
     /// Output of `ctr task exec` of `args` in a task, asserting success.

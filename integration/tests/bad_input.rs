@@ -85,15 +85,14 @@ fn duplicate_id_keeps_the_first_container() {
         &images.path().to_string_lossy(),
         &id,
     ]);
-    let e = rt.fail(&[
-        "restore",
-        "-d",
-        "--image-path",
+    let e = restore_fails(
+        &rt,
+        &[],
+        &[],
         &images.path().to_string_lossy(),
-        "--bundle",
         &bundle,
         &id,
-    ]);
+    );
     assert!(e.contains("already exists"), "{e}");
     // The first one is untouched.
     assert_eq!(rt.status(&id), "running");
@@ -146,6 +145,23 @@ fn invalid_signal_and_states() {
 }
 
 /// A checkpoint of a counter, for the restore failure cases.
+/// `trenv [global] restore -d [extra] --image-path IMG --bundle BUNDLE ID`, which must fail;
+/// returns its output.
+fn restore_fails(
+    rt: &Runtime,
+    global: &[&str],
+    extra: &[&str],
+    image_path: &str,
+    bundle: &str,
+    id: &str,
+) -> String {
+    let mut args = global.to_vec();
+    args.extend_from_slice(&["restore", "-d"]);
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--image-path", image_path, "--bundle", bundle, id]);
+    rt.fail(&args)
+}
+
 fn checkpoint(rt: &Runtime, id: &str) -> (Bundle, tempfile::TempDir) {
     let b = Bundle::new(id, &["sh", "-c", "while true; do sleep 0.05; done"]);
     rt.detached(&[
@@ -176,27 +192,11 @@ fn restore_from_missing_or_empty_image_dir() {
     let id = unique_id("noimg");
     let b = Bundle::new(&id, &["true"]);
     let bundle = b.path().to_string_lossy().into_owned();
-    let e = rt.fail(&[
-        "restore",
-        "-d",
-        "--image-path",
-        "/nonexistent/trenv-it-img",
-        "--bundle",
-        &bundle,
-        &id,
-    ]);
+    let e = restore_fails(&rt, &[], &[], "/nonexistent/trenv-it-img", &bundle, &id);
     assert!(e.contains("/nonexistent/trenv-it-img"), "{e}");
     assert_nothing_left(&rt, &id);
     let empty = tempfile::tempdir().expect("tmp");
-    let e = rt.fail(&[
-        "restore",
-        "-d",
-        "--image-path",
-        &empty.path().to_string_lossy(),
-        "--bundle",
-        &bundle,
-        &id,
-    ]);
+    let e = restore_fails(&rt, &[], &[], &empty.path().to_string_lossy(), &bundle, &id);
     assert!(e.contains("not a CRIU checkpoint"), "{e}");
     assert_nothing_left(&rt, &id);
 }
@@ -218,15 +218,14 @@ fn restore_from_truncated_images_fails_cleanly() {
             f.set_len(3).expect("truncate");
         }
     }
-    let e = rt.fail(&[
-        "restore",
-        "-d",
-        "--image-path",
+    let e = restore_fails(
+        &rt,
+        &[],
+        &[],
         &images.path().to_string_lossy(),
-        "--bundle",
         &b.path().to_string_lossy(),
         &id,
-    ]);
+    );
     assert!(
         e.contains("criu restore failed") || e.contains("CRIU"),
         "{e}"
@@ -245,27 +244,11 @@ fn restore_with_missing_bundle_or_rootfs() {
     let id = unique_id("rsbundle");
     let (b, images) = checkpoint(&rt, &id);
     let img = images.path().to_string_lossy().into_owned();
-    let e = rt.fail(&[
-        "restore",
-        "-d",
-        "--image-path",
-        &img,
-        "--bundle",
-        "/nonexistent/trenv-it-b",
-        &id,
-    ]);
+    let e = restore_fails(&rt, &[], &[], &img, "/nonexistent/trenv-it-b", &id);
     assert!(e.contains("/nonexistent/trenv-it-b"), "{e}");
     assert_nothing_left(&rt, &id);
     std::fs::remove_dir_all(b.rootfs()).expect("rm");
-    let e = rt.fail(&[
-        "restore",
-        "-d",
-        "--image-path",
-        &img,
-        "--bundle",
-        &b.path().to_string_lossy(),
-        &id,
-    ]);
+    let e = restore_fails(&rt, &[], &[], &img, &b.path().to_string_lossy(), &id);
     assert!(e.contains("rootfs"), "{e}");
     assert_nothing_left(&rt, &id);
 }
@@ -278,31 +261,25 @@ fn restore_with_bad_options() {
     let (b, images) = checkpoint(&rt, &id);
     let img = images.path().to_string_lossy().into_owned();
     let bundle = b.path().to_string_lossy().into_owned();
-    let e = rt.fail(&[
-        "restore",
-        "-d",
-        "--manage-cgroups-mode",
-        "bogus",
-        "--image-path",
+    let e = restore_fails(
+        &rt,
+        &[],
+        &["--manage-cgroups-mode", "bogus"],
         &img,
-        "--bundle",
         &bundle,
         &id,
-    ]);
+    );
     assert!(e.contains("manage-cgroups-mode"), "{e}");
     assert_nothing_left(&rt, &id);
     // A criu that does not exist.
-    let e = rt.fail(&[
-        "--criu",
-        "/nonexistent/criu",
-        "restore",
-        "-d",
-        "--image-path",
+    let e = restore_fails(
+        &rt,
+        &["--criu", "/nonexistent/criu"],
+        &[],
         &img,
-        "--bundle",
         &bundle,
         &id,
-    ]);
+    );
     assert!(e.contains("/nonexistent/criu"), "{e}");
     assert_nothing_left(&rt, &id);
     // After all that, the images still restore.

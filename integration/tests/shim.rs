@@ -52,28 +52,7 @@ fn exec_kill_wait_pause_resume_ps() {
     ))
     .exists());
 
-    let out = c.ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e1",
-        &id,
-        "sh",
-        "-c",
-        "echo exec-out; exit 4",
-    ]);
-    assert_eq!(out.status.code(), Some(4));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("exec-out"));
-    let out = c.ctr_ok(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e2",
-        &id,
-        "cat",
-        "/proc/1/cmdline",
-    ]);
-    assert!(out.starts_with("sleep"), "{out}");
+    c.assert_exec_works(&id, "sleep");
     // An exec id may be reused once the previous one is gone.
     let out = c.ctr(&["task", "exec", "--exec-id", "e1", &id, "true"]);
     assert!(
@@ -82,13 +61,7 @@ fn exec_kill_wait_pause_resume_ps() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let ps = c.ctr_ok(&["task", "ps", &id]);
-    assert!(ps.lines().count() >= 2, "{ps}");
-
-    c.ctr_ok(&["task", "pause", &id]);
-    assert_eq!(c.task_status(&id).as_deref(), Some("PAUSED"));
-    c.ctr_ok(&["task", "resume", &id]);
-    assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
+    c.assert_ps_pause_resume(&id);
 
     c.kill_and_remove(&id);
     c.assert_gone(&id);
@@ -171,20 +144,7 @@ fn metrics_and_checkpoint_through_the_shim() {
     );
     assert!(m["pids"]["current"].as_u64().unwrap_or(0) >= 1, "{m}");
 
-    c.ctr_ok(&["task", "checkpoint", &id]);
-    let images = c.ctr_ok(&["images", "ls", "-q"]);
-    assert!(
-        images
-            .lines()
-            .any(|l| l.starts_with(&format!("containerd.io/checkpoint/{id}:"))),
-        "{images}"
-    );
-    // The task keeps running after a checkpoint without --exit.
-    assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
-    let read = |e: &str| c.counter(&id, e);
-    let before = read("r1");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(read("r2") > before);
+    c.assert_checkpoint_keeps_running(&id);
     c.kill_and_remove(&id);
     c.assert_gone(&id);
 }
@@ -262,15 +222,7 @@ fn container_checkpoint_then_restore_through_ctr() {
     let id = unique_id("shim-restore");
     c.run_detached(&id, &["sh", "-c", COUNTER]);
     let read = |e: &str| c.counter(&id, e);
-    let reached = |min: u64| {
-        let out = c.ctr(&["task", "exec", "--exec-id", "r", &id, "cat", "/tmp/c"]);
-        let n = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<u64>()
-            .ok()?;
-        (n >= min).then_some(n)
-    };
-    trenv_integration::wait_for(Duration::from_secs(10), || reached(30)).expect("counter");
+    c.counter_reaching(&id, 30).expect("counter");
     let image = format!("trenv-it/{id}-ckpt:latest");
     c.ctr_ok(&["containers", "checkpoint", "--task", &id, &image]);
     let at_checkpoint = read("r0");
@@ -280,8 +232,7 @@ fn container_checkpoint_then_restore_through_ctr() {
     c.wait_task(&id, "RUNNING");
     // The fresh rootfs has no /tmp/c until the restored loop writes it; it continues from
     // the checkpointed count instead of 1.
-    let restored =
-        trenv_integration::wait_for(Duration::from_secs(10), || reached(1)).expect("restored");
+    let restored = c.counter_reaching(&id, 1).expect("restored");
     assert!(
         restored + 5 >= at_checkpoint && restored >= 20,
         "restored count {restored}, checkpointed {at_checkpoint}"
