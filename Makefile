@@ -18,6 +18,7 @@ build:
 
 images:
 	bash examples/busybox/build.sh $(CACHE)/images/busybox
+	bash examples/python/build.sh $(CACHE)/images/python
 
 demo: setup images
 	bash examples/demo.sh

@@ -18,7 +18,7 @@ mkdir -p "$CACHE" "$STAMP_DIR"
 
 APT_PACKAGES=(
   # container stack
-  containerd runc umoci busybox-static containernetworking-plugins iproute2 iptables
+  containerd runc umoci busybox-static debootstrap containernetworking-plugins iproute2 iptables
   # runtime build deps
   build-essential pkg-config libseccomp-dev libclang-dev protobuf-compiler
   # CRIU build deps

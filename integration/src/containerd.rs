@@ -8,6 +8,9 @@ use crate::{bundle::busybox_image, leaks, wait_for};
 
 /// The busybox image reference after import.
 pub const BUSYBOX: &str = "docker.io/local/busybox:latest";
+/// Parent cgroup of the tests' sandboxes.
+pub const POOL_CGROUP: &str = "/trenv-it-pool";
+
 /// containerd's name for the trenv shim; resolved through containerd's PATH.
 pub const TRENV_RUNTIME: &str = "io.containerd.trenv.v2";
 /// A shell loop that counts in /tmp/c every 50 ms: state that a checkpoint must carry.
@@ -49,6 +52,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             sock = d.join("containerd.sock").display(),
         );
         std::fs::write(d.join("config.toml"), config).expect("config");
+        // Each containerd gets a pool of its own; a small one, so tests stay light.
+        let shim_config = format!(
+            "[pool]\nmin_idle = 1\nmax_idle = 4\nstate_dir = \"{}\"\ncgroup_parent = \"{POOL_CGROUP}\"\n",
+            d.join("pool").display()
+        );
+        std::fs::write(d.join("shim.toml"), shim_config).expect("shim config");
         let child = Self::spawn(d);
         let c = Self { dir, child };
         c.wait_up();
@@ -74,6 +83,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", path)
+            .env("TRENV_SHIM_CONFIG", d.join("shim.toml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -125,6 +135,54 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         // `ctr events` subscribes asynchronously; give it a moment.
         std::thread::sleep(Duration::from_millis(300));
         Events { child, path }
+    }
+
+    /// The shim config file containerd's shims read (TRENV_SHIM_CONFIG).
+    pub fn shim_config(&self) -> PathBuf {
+        self.dir.path().join("shim.toml")
+    }
+
+    /// The state directory of the trenv shim's sandbox pool for the test namespace.
+    pub fn pool_dir(&self) -> PathBuf {
+        self.dir.path().join("pool").join(NAMESPACE)
+    }
+
+    /// `trenv sandbox SUBCOMMAND ... --namespace trenv-it` on this containerd's pool.
+    pub fn sandbox_cmd(&self, args: &[&str]) -> Output {
+        Command::new(crate::runtime::trenv_bin())
+            .arg("sandbox")
+            .args(args)
+            .arg("--namespace")
+            .arg(NAMESPACE)
+            .arg("--pool-root")
+            .arg(self.dir.path().join("pool"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("trenv sandbox")
+    }
+
+    /// Drains the pool and waits until its shim has ended and left nothing: no process,
+    /// no pool state. Returns what is left, if anything.
+    pub fn drain_pool(&self) -> Result<(), String> {
+        let out = self.sandbox_cmd(&["drain"]);
+        if !out.status.success() {
+            return Err(format!(
+                "trenv sandbox drain: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let socket = self.socket().to_string_lossy().into_owned();
+        let done = wait_for(Duration::from_secs(10), || {
+            (leaks::processes_with(&socket).is_empty() && !self.pool_dir().exists()).then_some(())
+        });
+        match done {
+            Some(()) => Ok(()),
+            None => Err(format!(
+                "after drain: shim processes {:?}, pool dir exists: {}",
+                leaks::processes_with(&socket),
+                self.pool_dir().exists()
+            )),
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -302,12 +360,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// Asserts that nothing of a deleted container is left: shim process, cgroups, mounts,
     /// trenv state, containerd's record.
     pub fn assert_gone(&self, id: &str) {
+        // The namespace's shim lives on (it owns the pool); the task must be gone from it.
+        let published = self.pool_dir().join("containers").join(id);
         let gone = wait_for(Duration::from_secs(5), || {
-            leaks::processes_with(&format!("-id {id} "))
-                .is_empty()
-                .then_some(())
+            (!published.exists()).then_some(())
         });
-        assert!(gone.is_some(), "shim of {id} still running");
+        assert!(gone.is_some(), "address of {id} still published");
         let cg = leaks::cgroup_dirs(&format!("/{NAMESPACE}/{id}"));
         assert!(cg.is_empty(), "cgroups of {id} left: {cg:?}");
         let m = leaks::mounts_with(id);
@@ -377,6 +435,13 @@ impl Drop for Containerd {
             });
         }
         self.cleanup_containers();
+        // Draining ends the pool's shim; anything it leaves is a bug.
+        let drained = self.drain_pool();
+        if !std::thread::panicking() {
+            if let Err(e) = drained {
+                panic!("{e}");
+            }
+        }
         self.stop_daemon();
         // Shims outlive containerd by design; ours must not outlive the test.
         for pid in leaks::processes_with(&self.socket().to_string_lossy()) {

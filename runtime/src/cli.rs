@@ -80,6 +80,44 @@ pub enum Command {
     Checkpoint(Checkpoint),
     /// Restore a container from a CRIU checkpoint
     Restore(Restore),
+    /// Inspect and drain the sandbox pools of containerd-shim-trenv-v2
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PoolArgs {
+    /// containerd namespace whose pool to use
+    #[arg(short, long, default_value = "default", env = "CONTAINERD_NAMESPACE")]
+    pub namespace: String,
+    /// Root of the pools' state (the shim's pool.state_dir)
+    #[arg(long, default_value = trenv_runtime::sandbox::DEFAULT_POOL_ROOT)]
+    pub pool_root: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCommand {
+    /// List the sandboxes of a pool
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// table or json
+        #[arg(short, long, default_value = "table")]
+        format: String,
+    },
+    /// Show one sandbox as JSON
+    Inspect {
+        #[command(flatten)]
+        pool: PoolArgs,
+        id: String,
+    },
+    /// Destroy every idle sandbox and stop refilling; in-use sandboxes are destroyed when
+    /// their containers end
+    Drain {
+        #[command(flatten)]
+        pool: PoolArgs,
+    },
 }
 
 #[derive(Args, Debug)]

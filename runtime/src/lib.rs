@@ -7,4 +7,5 @@ pub mod criu;
 pub mod fdpass;
 pub mod logging;
 pub mod restore;
+pub mod sandbox;
 pub mod stats;

@@ -13,11 +13,15 @@ const TCP_ESTABLISHED: &str = "io.trenv.criu.tcp-established";
 const EXT_UNIX_SK: &str = "io.trenv.criu.ext-unix-sk";
 const FILE_LOCKS: &str = "io.trenv.criu.file-locks";
 const MANAGE_CGROUPS_MODE: &str = "io.trenv.criu.manage-cgroups-mode";
-const KNOWN: [&str; 4] = [
+const POOL: &str = "io.trenv.pool";
+const FUNCTION: &str = "io.trenv.function";
+const KNOWN: [&str; 6] = [
     TCP_ESTABLISHED,
     EXT_UNIX_SK,
     FILE_LOCKS,
     MANAGE_CGROUPS_MODE,
+    POOL,
+    FUNCTION,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -56,17 +60,56 @@ fn boolean(key: &str, value: &str) -> Result<bool, AnnotationError> {
     }
 }
 
-impl CriuAnnotations {
+/// All `io.trenv.*` annotations of a container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Annotations {
+    pub criu: CriuAnnotations,
+    /// `io.trenv.pool`: place the container in a pooled sandbox (default on).
+    pub pool: bool,
+    /// `io.trenv.function`: the function the container runs, for the pool's reuse policy.
+    pub function: Option<String>,
+}
+
+impl Annotations {
     pub fn parse(annotations: &HashMap<String, String>) -> Result<Self, AnnotationError> {
-        let mut a = Self::default();
+        let mut a = Self {
+            criu: CriuAnnotations::default(),
+            pool: true,
+            function: None,
+        };
+        let c = &mut a.criu;
         for (key, value) in annotations {
             if !key.starts_with(PREFIX) {
                 continue;
             }
             match key.as_str() {
-                TCP_ESTABLISHED => a.tcp_established = boolean(key, value)?,
-                EXT_UNIX_SK => a.ext_unix_sk = boolean(key, value)?,
-                FILE_LOCKS => a.file_locks = boolean(key, value)?,
+                TCP_ESTABLISHED => c.tcp_established = boolean(key, value)?,
+                EXT_UNIX_SK => c.ext_unix_sk = boolean(key, value)?,
+                FILE_LOCKS => c.file_locks = boolean(key, value)?,
+                POOL => {
+                    a.pool = match value.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => {
+                            return Err(AnnotationError::Value {
+                                key: key.clone(),
+                                value: value.clone(),
+                                expected: "expected on or off",
+                            })
+                        }
+                    }
+                }
+                FUNCTION => {
+                    if value.is_empty() || value.len() > 256 || value.chars().any(char::is_control)
+                    {
+                        return Err(AnnotationError::Value {
+                            key: key.clone(),
+                            value: value.clone(),
+                            expected: "expected 1-256 printable characters",
+                        });
+                    }
+                    a.function = Some(value.clone());
+                }
                 MANAGE_CGROUPS_MODE => {
                     if !["soft", "full", "strict", "ignore"].contains(&value.as_str()) {
                         return Err(AnnotationError::Value {
@@ -75,7 +118,7 @@ impl CriuAnnotations {
                             expected: "expected soft, full, strict or ignore",
                         });
                     }
-                    a.manage_cgroups_mode = Some(value.clone());
+                    c.manage_cgroups_mode = Some(value.clone());
                 }
                 _ => return Err(AnnotationError::Unknown { key: key.clone() }),
             }
@@ -115,23 +158,31 @@ mod tests {
 
     #[test]
     fn parses_known_and_ignores_foreign_keys() {
-        let a = CriuAnnotations::parse(&map(&[
+        let a = Annotations::parse(&map(&[
             (TCP_ESTABLISHED, "true"),
             (MANAGE_CGROUPS_MODE, "soft"),
             ("org.example.x", "whatever"),
         ]))
         .unwrap();
-        assert!(a.tcp_established && !a.file_locks);
-        assert_eq!(a.manage_cgroups_mode.as_deref(), Some("soft"));
+        assert!(a.criu.tcp_established && !a.criu.file_locks);
+        assert_eq!(a.criu.manage_cgroups_mode.as_deref(), Some("soft"));
+        assert!(a.pool && a.function.is_none());
+        let p = Annotations::parse(&map(&[(POOL, "off"), (FUNCTION, "resize")])).unwrap();
+        assert!(!p.pool);
+        assert_eq!(p.function.as_deref(), Some("resize"));
     }
 
     #[test]
     fn rejects_bad_values_and_unknown_keys() {
-        let e = CriuAnnotations::parse(&map(&[(FILE_LOCKS, "maybe")])).unwrap_err();
+        let e = Annotations::parse(&map(&[(FILE_LOCKS, "maybe")])).unwrap_err();
         assert!(e.to_string().contains("expected true or false"), "{e}");
-        let e = CriuAnnotations::parse(&map(&[(MANAGE_CGROUPS_MODE, "hard")])).unwrap_err();
+        let e = Annotations::parse(&map(&[(MANAGE_CGROUPS_MODE, "hard")])).unwrap_err();
         assert!(e.to_string().contains("soft, full"), "{e}");
-        let e = CriuAnnotations::parse(&map(&[("io.trenv.criu.tcp", "true")])).unwrap_err();
+        let e = Annotations::parse(&map(&[("io.trenv.criu.tcp", "true")])).unwrap_err();
         assert!(e.to_string().contains("unknown annotation"), "{e}");
+        let e = Annotations::parse(&map(&[(POOL, "true")])).unwrap_err();
+        assert!(e.to_string().contains("expected on or off"), "{e}");
+        let e = Annotations::parse(&map(&[(FUNCTION, "")])).unwrap_err();
+        assert!(e.to_string().contains("printable"), "{e}");
     }
 }

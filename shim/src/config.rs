@@ -64,6 +64,53 @@ pub struct ShimConfig {
     pub criu_image_path: Option<PathBuf>,
     /// Default CRIU work directory (logs) for checkpoint and restore.
     pub criu_work_path: Option<PathBuf>,
+    /// The sandbox pool; read from the shim config file when the shim starts.
+    pub pool: PoolConfig,
+}
+
+/// `[pool]`: repurposable sandboxes. Documented in docs/configuration.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Place containers in pooled sandboxes (containers can opt out with `io.trenv.pool=off`).
+    pub enabled: bool,
+    /// Idle sandboxes kept ready; refilled in the background.
+    pub min_idle: usize,
+    /// Idle sandboxes kept at most; a released sandbox beyond it is destroyed.
+    pub max_idle: usize,
+    /// Sandboxes (idle and in use) at most; beyond it containers get no sandbox.
+    pub max_sandboxes: usize,
+    /// Node memory bound in MiB: declared memory limits of containers in sandboxes plus
+    /// `idle_cost_mib` per idle sandbox. Idle sandboxes are evicted (least recently used
+    /// first) and not refilled while it is exceeded. 0 = no bound.
+    pub memory_limit_mib: u64,
+    pub idle_cost_mib: u64,
+    /// CNI conflist for the sandboxes' eth0; without one, a bridge `trenv0` on `subnet`.
+    pub cni_config: Option<PathBuf>,
+    pub cni_bin_dir: PathBuf,
+    pub subnet: String,
+    /// Parent cgroup of sandbox cgroups; the containerd namespace and sandbox id are appended.
+    pub cgroup_parent: String,
+    /// Pool state: records, published addresses, metrics, control socket.
+    pub state_dir: PathBuf,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_idle: 2,
+            max_idle: 16,
+            max_sandboxes: 256,
+            memory_limit_mib: 0,
+            idle_cost_mib: 1,
+            cni_config: None,
+            cni_bin_dir: PathBuf::from(trenv_runtime::sandbox::cni::DEFAULT_BIN_DIR),
+            subnet: trenv_runtime::sandbox::cni::DEFAULT_SUBNET.to_string(),
+            cgroup_parent: "/trenv".to_string(),
+            state_dir: PathBuf::from(trenv_runtime::sandbox::DEFAULT_POOL_ROOT),
+        }
+    }
 }
 
 impl Default for ShimConfig {
@@ -78,6 +125,7 @@ impl Default for ShimConfig {
             shim_cgroup: None,
             criu_image_path: None,
             criu_work_path: None,
+            pool: PoolConfig::default(),
         }
     }
 }

@@ -5,6 +5,8 @@ mod config;
 mod console;
 mod metrics;
 mod oom;
+mod placement;
+mod pool;
 mod service;
 mod stdio;
 mod teardown;
@@ -27,23 +29,55 @@ struct Shim {
     exit: Arc<ExitSignal>,
     /// Shared with the task service; taken back at exit to end and reap the zygote.
     zygote: service::SharedZygote,
+    /// A second zygote for the pool, so sandbox work never queues container starts.
+    pool_zygote: service::SharedZygote,
+    pool: std::sync::Mutex<Option<Arc<pool::Pool>>>,
+}
+
+/// One shim serves every trenv task of a containerd namespace and owns its sandbox pool.
+const GROUPING: &str = "trenv-pool";
+
+fn spawn_zygote() -> Option<zygote::Zygote> {
+    match zygote::Zygote::spawn() {
+        Ok(z) => Some(z),
+        Err(e) => {
+            log::error!("starting a zygote: {e}");
+            None
+        }
+    }
+}
+
+/// The pool of this shim, unless it is disabled or cannot work (logged; tasks then run
+/// without sandboxes).
+fn make_pool(namespace: &str, zygote: service::SharedZygote) -> Option<Arc<pool::Pool>> {
+    let cfg = match config::ShimConfig::from_default_file() {
+        Ok(c) => c.pool,
+        Err(e) => {
+            log::error!("sandbox pool disabled: {e}");
+            return None;
+        }
+    };
+    if !cfg.enabled {
+        return None;
+    }
+    match pool::Pool::new(namespace, cfg, pool::Ops { zygote }) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            log::error!("sandbox pool disabled: {e}");
+            None
+        }
+    }
 }
 
 impl containerd_shim::Shim for Shim {
     type T = service::Service;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
-        // The serving shim forks its zygote now, before the ttrpc server starts threads.
-        let zygote = if args.action.is_empty() {
-            match zygote::Zygote::spawn() {
-                Ok(z) => Some(z),
-                Err(e) => {
-                    log::error!("starting the zygote: {e}");
-                    None
-                }
-            }
+        // The serving shim forks its zygotes now, before the ttrpc server starts threads.
+        let (zygote, pool_zygote) = if args.action.is_empty() {
+            (spawn_zygote(), spawn_zygote())
         } else {
-            None
+            (None, None)
         };
         Self {
             namespace: args.namespace.clone(),
@@ -51,12 +85,20 @@ impl containerd_shim::Shim for Shim {
             socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
             zygote: Arc::new(std::sync::Mutex::new(zygote)),
+            pool_zygote: Arc::new(std::sync::Mutex::new(pool_zygote)),
+            pool: std::sync::Mutex::new(None),
         }
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let grouping = opts.id.clone();
-        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, GROUPING);
+        // The namespace's shim is already running: serve this task too.
+        let path = address.strip_prefix("unix://").unwrap_or(&address);
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            containerd_shim::util::write_address(&address)?;
+            return Ok(address);
+        }
+        let (_pid, address) = containerd_shim::spawn(opts, GROUPING, Vec::new())?;
         // containerd finds a running shim again after its own restart through this file
         // in the bundle.
         containerd_shim::util::write_address(&address)?;
@@ -86,10 +128,19 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn wait(&mut self) {
+        let pool = self.pool.lock().ok().and_then(|p| p.clone());
+        if let Some(p) = &pool {
+            p.start();
+        }
         self.exit.wait();
+        if let Some(p) = &pool {
+            p.stop();
+        }
         // Reaped here rather than left to init, so no zombie outlives the shim.
-        if let Some(z) = self.zygote.lock().ok().and_then(|mut z| z.take()) {
-            z.shutdown();
+        for z in [&self.zygote, &self.pool_zygote] {
+            if let Some(z) = z.lock().ok().and_then(|mut z| z.take()) {
+                z.shutdown();
+            }
         }
         // containerd-shim removes the socket only if it can still read the address file in
         // the bundle, which containerd may already have deleted; a stale socket would make
@@ -108,15 +159,32 @@ impl containerd_shim::Shim for Shim {
         if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) } {
             log::warn!("ignoring SIGPIPE: {e}");
         }
+        let pool = make_pool(&self.namespace, self.pool_zygote.clone());
+        if let Some(p) = &pool {
+            // The first task's bundle, our working directory so far, goes away with it;
+            // containerd-shim reads the `address` file from the working directory at exit.
+            let moved = std::env::set_current_dir(p.dir())
+                .and_then(|_| std::fs::write("address", &self.socket));
+            if let Err(e) = moved {
+                log::warn!("moving to {}: {e}", p.dir().display());
+            }
+        }
+        if let Ok(mut slot) = self.pool.lock() {
+            slot.clone_from(&pool);
+        }
         service::Service::new(
             &self.namespace,
             self.zygote.clone(),
             publisher,
             self.exit.clone(),
+            pool,
         )
     }
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(trenv_runtime::sandbox::holder::HOLDER_ARG) {
+        trenv_runtime::sandbox::holder::run();
+    }
     containerd_shim::run::<Shim>(RUNTIME_ID, None);
 }

@@ -48,6 +48,15 @@ pub fn watch(cgroup_path: &Path, on_oom: impl Fn() + Send + 'static) -> Result<(
     }
 }
 
+/// Whether the cgroup of a v1 `memory.oom_control` held open still exists: once it is
+/// removed, reads through the descriptor fail, even if a cgroup of the same path was
+/// created again (a pooled sandbox's is).
+fn v1_alive(control: &std::fs::File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 128];
+    control.read_at(&mut buf, 0).is_ok()
+}
+
 fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), OomError> {
     let control = dir.join("memory.oom_control");
     let oom_control = std::fs::File::open(&control).map_err(io("opening", &control))?;
@@ -67,15 +76,21 @@ fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), OomE
     )
     .map_err(io("registering with", &register))?;
     std::thread::spawn(move || {
-        let _keep = oom_control;
         let mut file = std::fs::File::from(event);
         let mut buf = [0u8; 8];
         while file.read_exact(&mut buf).is_ok() {
-            // The last notification comes from the cgroup's removal.
-            if !dir.exists() {
+            // The eventfd counts notifications: one per OOM, one for the cgroup's removal.
+            // Both may be read at once when the OOM killed the init and the cgroup was
+            // removed right after.
+            let count = u64::from_ne_bytes(buf);
+            if v1_alive(&oom_control) {
+                on_oom();
+            } else {
+                if count >= 2 {
+                    on_oom();
+                }
                 break;
             }
-            on_oom();
         }
     });
     Ok(())

@@ -20,10 +20,12 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 use libcgroups::common::CgroupManager;
 
-use crate::annotations::CriuAnnotations;
+use crate::annotations::{Annotations, CriuAnnotations};
 use crate::config::ShimConfig;
 use crate::console::ConsoleSocket;
-use crate::zygote::{Request, Stdio, Zygote};
+use crate::placement::{self, Plan};
+use crate::pool::{Claim, Pool};
+use crate::zygote::{Request, SandboxUts, Stdio, Zygote};
 
 /// One process of a task: the init (exec id "") or an exec.
 #[derive(Debug, Clone, Default)]
@@ -53,6 +55,8 @@ struct Task {
     paused: bool,
     /// Image directory of a task created from a checkpoint; Start restores it.
     checkpoint: Option<PathBuf>,
+    /// Runs in a pooled sandbox, which goes back to the pool on Delete.
+    pooled: bool,
 }
 
 #[derive(Default)]
@@ -71,7 +75,10 @@ pub struct Service {
     publisher: Arc<RemotePublisher>,
     namespace: String,
     exit: Arc<ExitSignal>,
+    pool: Option<Arc<Pool>>,
 }
+
+const MAX_EARLY_EXITS: usize = 256;
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -106,6 +113,7 @@ impl Service {
         zygote: SharedZygote,
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
+        pool: Option<Arc<Pool>>,
     ) -> Self {
         let s = Self {
             state: Arc::new((Mutex::new(State::default()), Condvar::new())),
@@ -113,9 +121,89 @@ impl Service {
             publisher: Arc::new(publisher),
             namespace: namespace.to_string(),
             exit,
+            pool,
         };
+        if let Some(pool) = &s.pool {
+            // A drained pool ends the shim once no task is left.
+            let state = s.state.clone();
+            let exit = s.exit.clone();
+            pool.set_on_empty(Box::new(move || {
+                let (lock, _) = &*state;
+                if lock.lock().map(|st| st.tasks.is_empty()).unwrap_or(true) {
+                    exit.signal();
+                }
+            }));
+        }
         s.watch_exits();
         s
+    }
+
+    /// Puts a new container into a pooled sandbox by rewriting its spec, when the pool is
+    /// on and the spec allows it. Pool problems never fail the container: it then runs
+    /// in namespaces of its own, as with runc.
+    fn place(
+        &self,
+        id: &str,
+        bundle: &Path,
+        config: &ShimConfig,
+        annotations: &Annotations,
+    ) -> TtrpcResult<Option<SandboxUts>> {
+        let Some(pool) = &self.pool else {
+            return Ok(None);
+        };
+        if !annotations.pool || config.systemd_cgroup {
+            return Ok(None);
+        }
+        let path = bundle.join("config.json");
+        let bad = |e: String| err(Code::INVALID_ARGUMENT, format!("{}: {e}", path.display()));
+        let text = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        let (memory, tainted) = match placement::plan(&spec) {
+            Plan::Pool { memory, tainted } => (memory, tainted),
+            Plan::Bypass(reason) => {
+                log::info!("{id}: not placed in a sandbox: {reason}");
+                return Ok(None);
+            }
+        };
+        let function = placement::function_key(&spec, annotations.function.as_deref());
+        let claim = Claim {
+            container: id,
+            function: &function,
+            memory,
+            tainted,
+        };
+        let (sb, how) = match pool.acquire(&claim) {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn!("{id}: no sandbox ({e}); running in namespaces of its own");
+                return Ok(None);
+            }
+        };
+        placement::apply(&mut spec, &sb);
+        let written = serde_json::to_vec(&spec)
+            .map_err(|e| e.to_string())
+            .and_then(|b| std::fs::write(&path, b).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            pool.release(id);
+            return Err(err(Code::INTERNAL, format!("{}: {e}", path.display())));
+        }
+        log::info!(
+            "{id}: sandbox {} ({how:?}, function {function:?}, ip {})",
+            sb.id,
+            sb.attachment.ip
+        );
+        Ok(Some(SandboxUts {
+            ns: PathBuf::from(sb.holder.ns_path("uts")),
+            hostname: spec["hostname"].as_str().map(str::to_string),
+            domainname: spec["domainname"].as_str().map(str::to_string),
+        }))
+    }
+
+    fn release_sandbox(&self, id: &str) {
+        if let Some(pool) = &self.pool {
+            pool.release(id);
+        }
     }
 
     fn publish(&self, topic: String, event: Box<dyn MessageDyn>) {
@@ -224,6 +312,18 @@ impl Service {
                         }
                     }
                     None => {
+                        // Also sandbox holders and loggers end up here; a long-lived shim
+                        // keeps only the most recent ones.
+                        if st.early_exits.len() >= MAX_EARLY_EXITS {
+                            let oldest = st
+                                .early_exits
+                                .iter()
+                                .min_by_key(|(_, (_, t))| (t.seconds, t.nanos))
+                                .map(|(p, _)| *p);
+                            if let Some(p) = oldest {
+                                st.early_exits.remove(&p);
+                            }
+                        }
                         st.early_exits.insert(pid, (code, at));
                     }
                 }
@@ -392,8 +492,9 @@ impl containerd_shim::Task for Service {
         }
         let config = ShimConfig::for_task(req.options.as_ref())
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let criu = CriuAnnotations::from_bundle(&bundle)
+        let annotations = Annotations::from_bundle(&bundle)
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let criu = annotations.criu.clone();
         config
             .save(&bundle)
             .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
@@ -412,6 +513,18 @@ impl containerd_shim::Task for Service {
         };
         // A task from a checkpoint is restored by Start, as runc's shim does: until then it
         // has no process.
+        // Restored tasks go into sandboxes too: a checkpoint taken in one refers to its
+        // network namespace as external, and CRIU needs one to put the process in.
+        let sandbox_uts = match self.place(&req.id, &bundle, &config, &annotations) {
+            Ok(s) => s,
+            Err(e) => {
+                if mounted {
+                    Self::unmount_rootfs(&bundle);
+                }
+                return Err(e);
+            }
+        };
+        let pooled = sandbox_uts.is_some();
         if checkpoint.is_none() {
             let res = self.launch(&req.id, &p, &config, |console_socket, stdio| {
                 Request::Create {
@@ -422,6 +535,7 @@ impl containerd_shim::Task for Service {
                     stdio,
                     systemd: config.systemd_cgroup,
                     no_pivot: config.no_pivot_root,
+                    sandbox_uts: sandbox_uts.clone(),
                 }
             });
             match res {
@@ -432,6 +546,9 @@ impl containerd_shim::Task for Service {
                 other => {
                     if mounted {
                         Self::unmount_rootfs(&bundle);
+                    }
+                    if pooled {
+                        self.release_sandbox(&req.id);
                     }
                     return Err(match other {
                         Err(e) => e,
@@ -451,6 +568,7 @@ impl containerd_shim::Task for Service {
                 criu,
                 rootfs_mounted: mounted,
                 checkpoint,
+                pooled,
                 ..Default::default()
             };
             task.procs.insert(String::new(), p);
@@ -847,6 +965,9 @@ impl containerd_shim::Task for Service {
                 if t.rootfs_mounted {
                     Self::unmount_rootfs(&t.bundle);
                 }
+                if t.pooled {
+                    self.release_sandbox(&req.id);
+                }
             }
             let (code, at) = p.exit.clone().unwrap_or((0, now()));
             let ev = TaskDelete {
@@ -958,7 +1079,8 @@ impl containerd_shim::Task for Service {
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         let (lock, _) = &*self.state;
         let empty = lock.lock().map(|st| st.tasks.is_empty()).unwrap_or(true);
-        if empty {
+        // The shim of a pool outlives its tasks: it keeps the sandboxes warm.
+        if empty && self.pool.as_ref().is_none_or(|p| p.may_exit()) {
             self.exit.signal();
         }
         Ok(api::Empty::new())

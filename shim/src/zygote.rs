@@ -46,6 +46,15 @@ pub struct Stdio {
     pub stderr: bool,
 }
 
+/// The UTS namespace of a pooled sandbox, which the container joins: libcontainer sets
+/// the spec's names only in a new UTS namespace, so the worker sets them first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SandboxUts {
+    pub ns: PathBuf,
+    pub hostname: Option<String>,
+    pub domainname: Option<String>,
+}
+
 /// One libcontainer operation.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
@@ -57,6 +66,23 @@ pub enum Request {
         stdio: Stdio,
         systemd: bool,
         no_pivot: bool,
+        sandbox_uts: Option<SandboxUts>,
+    },
+    /// Purges a released sandbox's IPC and UTS namespaces.
+    PurgeSandbox {
+        holder: trenv_runtime::sandbox::holder::Holder,
+    },
+    /// Creates a sandbox (holder, cgroup, CNI); answers with its record. CNI plugins run
+    /// here rather than in the shim, whose reaper would collect them before they are waited.
+    CreateSandbox {
+        id: String,
+        exe: PathBuf,
+        cgroup_parent: String,
+        network: trenv_runtime::sandbox::cni::Network,
+    },
+    DestroySandbox {
+        sandbox: Box<trenv_runtime::sandbox::Sandbox>,
+        network: trenv_runtime::sandbox::cni::Network,
     },
     /// Restores a checkpoint as the task's init; the stdio descriptors replace the
     /// checkpointed process's stdio pipes.
@@ -126,7 +152,11 @@ pub struct CheckpointRequest {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Response {
-    Ok { pid: Option<i32> },
+    Ok {
+        pid: Option<i32>,
+        #[serde(default)]
+        data: Option<serde_json::Value>,
+    },
     Err(String),
 }
 
@@ -184,6 +214,19 @@ impl Zygote {
 
     /// Runs one request with the given descriptors; returns the pid it produced, if any.
     pub fn call(&self, req: &Request, fds: &[RawFd]) -> Result<Option<i32>, ZygoteError> {
+        self.exchange(req, fds).map(|(pid, _)| pid)
+    }
+
+    /// Runs one request that answers with data.
+    pub fn call_data(&self, req: &Request) -> Result<Option<serde_json::Value>, ZygoteError> {
+        self.exchange(req, &[]).map(|(_, data)| data)
+    }
+
+    fn exchange(
+        &self,
+        req: &Request,
+        fds: &[RawFd],
+    ) -> Result<(Option<i32>, Option<serde_json::Value>), ZygoteError> {
         let msg = serde_json::to_vec(req)?;
         let cmsgs = if fds.is_empty() {
             vec![]
@@ -199,7 +242,7 @@ impl Zygote {
         )?;
         let (buf, _) = recv(&self.sock)?;
         match serde_json::from_slice(&buf)? {
-            Response::Ok { pid } => Ok(pid),
+            Response::Ok { pid, data } => Ok((pid, data)),
             Response::Err(e) => Err(ZygoteError::Op(e)),
         }
     }
@@ -252,6 +295,9 @@ fn detach_descriptors(keep: RawFd) {
 
 fn serve(sock: OwnedFd) -> ! {
     detach_descriptors(sock.as_raw_fd());
+    // The shim starts in its first task's bundle, which is removed with that task; a
+    // worker in a deleted directory cannot resolve relative paths (libcontainer's getcwd).
+    let _ = std::env::set_current_dir("/");
     // Handlers inherited from the shim would report our workers' exits to the shim.
     for s in [
         Signal::SIGCHLD,
@@ -277,8 +323,8 @@ fn serve(sock: OwnedFd) -> ! {
         // SAFETY: the zygote is single threaded.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
-                let resp = match perform(req, fds) {
-                    Ok(pid) => Response::Ok { pid },
+                let resp = match respond(req, fds) {
+                    Ok((pid, data)) => Response::Ok { pid, data },
                     Err(e) => Response::Err(format!("{e:#}")),
                 };
                 reply(&sock, &resp);
@@ -314,6 +360,41 @@ fn take_stdio(builder: ContainerBuilder, stdio: Stdio, fds: Vec<OwnedFd>) -> Con
     b
 }
 
+type Answer = (Option<i32>, Option<serde_json::Value>);
+
+fn respond(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Answer> {
+    use trenv_runtime::sandbox::Sandbox;
+    match req {
+        Request::CreateSandbox {
+            id,
+            exe,
+            cgroup_parent,
+            network,
+        } => {
+            let sb = Sandbox::create(&id, &exe, &cgroup_parent, &network)?;
+            Ok((Some(sb.holder.pid), Some(serde_json::to_value(sb)?)))
+        }
+        Request::DestroySandbox { sandbox, network } => {
+            sandbox.destroy(&network)?;
+            Ok((None, None))
+        }
+        other => perform(other, fds).map(|pid| (pid, None)),
+    }
+}
+
+fn enter_uts(uts: &SandboxUts) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let f = std::fs::File::open(&uts.ns).with_context(|| format!("opening {:?}", uts.ns))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWUTS).context("joining sandbox UTS")?;
+    if let Some(h) = &uts.hostname {
+        nix::unistd::sethostname(h).context("setting hostname")?;
+    }
+    if let Some(d) = &uts.domainname {
+        std::fs::write("/proc/sys/kernel/domainname", d).context("setting domainname")?;
+    }
+    Ok(())
+}
+
 fn load(root: &std::path::Path, id: &str) -> anyhow::Result<Container> {
     let mut c = Container::load(root.join(id))?;
     c.refresh_status()?;
@@ -331,7 +412,11 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             stdio,
             systemd,
             no_pivot,
+            sandbox_uts,
         } => {
+            if let Some(uts) = sandbox_uts {
+                enter_uts(&uts)?;
+            }
             let b = ContainerBuilder::new(id, SyscallType::default())
                 .with_executor(DefaultExecutor {})
                 .with_root_path(root)?
@@ -447,6 +532,13 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 &o,
             )?;
             Ok(None)
+        }
+        Request::PurgeSandbox { holder } => {
+            trenv_runtime::sandbox::purge::namespaces(&holder)?;
+            Ok(None)
+        }
+        Request::CreateSandbox { .. } | Request::DestroySandbox { .. } => {
+            anyhow::bail!("sandbox requests are answered by respond()")
         }
         Request::Delete { root, id, force } => {
             if root.join(&id).join("state.json").exists() {

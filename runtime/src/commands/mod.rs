@@ -5,6 +5,7 @@ mod info;
 mod lifecycle;
 mod process;
 mod resources;
+mod sandbox;
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,7 @@ pub fn dispatch(g: &Global, cmd: Command) -> Result<u8> {
         Command::Spec(a) => info::spec(g, &a).map(|_| 0),
         Command::Checkpoint(a) => criu::checkpoint(g, &a).map(|_| 0),
         Command::Restore(a) => criu::restore(g, &a),
+        Command::Sandbox(c) => sandbox::run(c).map(|_| 0),
     }
 }
 

@@ -1,0 +1,190 @@
+//! Purging a sandbox between functions, and checking that the purge worked.
+//!
+//! Everything an instance can leave behind in the namespaces a sandbox keeps: processes
+//! (found by network namespace, so one that left the cgroup is found too), listening
+//! sockets, System V IPC objects, POSIX message queues, hostname and domain name. The
+//! instance's rootfs, tmpfs mounts and /dev/shm live in its own mount namespace and
+//! vanish with it; cgroup limits and counters go with the cgroup, which is re-created.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+
+use super::holder::Holder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error("entering the sandbox's {kind} namespace: {source}")]
+    Enter {
+        kind: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("purge left {0}")]
+    Residue(String),
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PurgeError {
+    let what = what.into();
+    move |source| PurgeError::Sys { what, source }
+}
+
+/// Ids in a /proc/sysvipc table (second column; the first line is a header).
+fn sysv_ids(table: &str) -> Result<Vec<i32>, PurgeError> {
+    let path = format!("/proc/sysvipc/{table}");
+    let text = std::fs::read_to_string(&path).map_err(sys(format!("reading {path}")))?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect())
+}
+
+fn remove_sysv() -> Result<(), PurgeError> {
+    for id in sysv_ids("shm")? {
+        // SAFETY: IPC_RMID takes no buffer; a stale id only yields an error.
+        unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
+    for id in sysv_ids("sem")? {
+        // SAFETY: as above; semctl's variadic argument is unused for IPC_RMID.
+        unsafe { libc::semctl(id, 0, libc::IPC_RMID) };
+    }
+    for id in sysv_ids("msg")? {
+        // SAFETY: as above.
+        unsafe { libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
+    let left: usize = ["shm", "sem", "msg"]
+        .iter()
+        .map(|t| sysv_ids(t).map(|v| v.len()))
+        .sum::<Result<usize, _>>()?;
+    if left > 0 {
+        return Err(PurgeError::Residue(format!("{left} System V IPC objects")));
+    }
+    Ok(())
+}
+
+/// POSIX message queues belong to the IPC namespace; they are reached through an mqueue
+/// mount made, in a private mount namespace, over /tmp.
+fn remove_mqueues() -> Result<(), PurgeError> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| sys("unshare mount namespace")(e.into()))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| sys("making mounts private")(e.into()))?;
+    let dir = Path::new("/tmp");
+    mount(
+        Some("mqueue"),
+        dir,
+        Some("mqueue"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| sys("mounting mqueue")(e.into()))?;
+    let entries = |d: &Path| -> Result<Vec<PathBuf>, PurgeError> {
+        Ok(std::fs::read_dir(d)
+            .map_err(sys("listing message queues"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect())
+    };
+    for q in entries(dir)? {
+        let _ = std::fs::remove_file(q);
+    }
+    let left = entries(dir)?.len();
+    if left > 0 {
+        return Err(PurgeError::Residue(format!("{left} POSIX message queues")));
+    }
+    Ok(())
+}
+
+fn uts_names() -> Result<(String, String), PurgeError> {
+    let host = nix::unistd::gethostname()
+        .map_err(|e| sys("gethostname")(e.into()))?
+        .to_string_lossy()
+        .into_owned();
+    let domain = std::fs::read_to_string("/proc/sys/kernel/domainname")
+        .map_err(sys("reading domainname"))?
+        .trim()
+        .to_string();
+    Ok((host, domain))
+}
+
+/// Purges the IPC and UTS namespaces of a sandbox: removes all System V objects and POSIX
+/// queues, and gives it the host's hostname and domain name again (what a new UTS
+/// namespace starts with). Enters the namespaces, so it must run in a single-threaded
+/// process that is thrown away afterwards.
+pub fn namespaces(holder: &Holder) -> Result<(), PurgeError> {
+    let (host, domain) = uts_names()?;
+    for (kind, flag) in [
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+    ] {
+        let f = std::fs::File::open(holder.ns_path(kind))
+            .map_err(|source| PurgeError::Enter { kind, source })?;
+        setns(f, flag).map_err(|e| PurgeError::Enter {
+            kind,
+            source: e.into(),
+        })?;
+    }
+    remove_sysv()?;
+    remove_mqueues()?;
+    nix::unistd::sethostname(&host).map_err(|e| sys("sethostname")(e.into()))?;
+    std::fs::write("/proc/sys/kernel/domainname", &domain).map_err(sys("setting domainname"))?;
+    if uts_names()? != (host, domain) {
+        return Err(PurgeError::Residue("a changed hostname".into()));
+    }
+    Ok(())
+}
+
+/// Pids (other than `except`) whose network namespace has inode `netns`.
+pub fn processes_in_netns(netns: u64, except: i32) -> Vec<i32> {
+    let target = format!("net:[{netns}]");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != except)
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|l| l.as_os_str() == target.as_str())
+        })
+        .collect()
+}
+
+/// Number of listening TCP sockets and bound UDP sockets in the holder's network namespace.
+pub fn open_sockets(holder_pid: i32) -> usize {
+    let count = |table: &str, listen_only: bool| {
+        std::fs::read_to_string(format!("/proc/{holder_pid}/net/{table}"))
+            .map(|t| {
+                t.lines()
+                    .skip(1)
+                    // field 3 is the state; 0A is LISTEN
+                    .filter(|l| !listen_only || l.split_whitespace().nth(3) == Some("0A"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    count("tcp", true) + count("tcp6", true) + count("udp", false) + count("udp6", false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_processes_by_netns() {
+        let me = std::process::id() as i32;
+        let ino = super::super::holder::ns_inode(me, "net").unwrap();
+        assert!(processes_in_netns(ino, -1).contains(&me));
+        assert!(!processes_in_netns(ino, me).contains(&me));
+        assert!(processes_in_netns(1, -1).is_empty());
+    }
+}
