@@ -11,7 +11,7 @@ check() { # name, findings
     echo "ok: no $1"; pass=$((pass+1))
   fi
 }
-for d in $(find /sys/fs/cgroup -maxdepth 3 -type d -name 'trenv-it' 2>/dev/null | sort -r); do
+for d in $(find /sys/fs/cgroup -maxdepth 3 -type d \( -name 'trenv-it' -o -name 'trenv-it-pool' \) 2>/dev/null | sort -r); do
   find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
   rmdir "$d" 2>/dev/null || true
 done

@@ -22,6 +22,21 @@ pub fn busybox_image() -> PathBuf {
     dir
 }
 
+/// The Debian + Python example image (examples/python), built on first use.
+pub fn python_image() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let dir = cache_dir().join("images/python");
+    BUILD.call_once(|| {
+        let status = Command::new("bash")
+            .arg(workspace().join("examples/python/build.sh"))
+            .arg(&dir)
+            .status()
+            .expect("running examples/python/build.sh");
+        assert!(status.success(), "building the python image failed");
+    });
+    dir
+}
+
 /// A bundle directory with its own copy of the busybox rootfs. Removed on drop.
 pub struct Bundle {
     dir: tempfile::TempDir,

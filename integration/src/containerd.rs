@@ -8,6 +8,8 @@ use crate::{bundle::busybox_image, leaks, wait_for};
 
 /// The busybox image reference after import.
 pub const BUSYBOX: &str = "docker.io/local/busybox:latest";
+/// The Debian + Python image reference after import.
+pub const PYTHON: &str = "docker.io/local/python:latest";
 /// Parent cgroup of the tests' sandboxes.
 pub const POOL_CGROUP: &str = "/trenv-it-pool";
 
@@ -326,6 +328,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             "docker.io/local/busybox",
             &tar.to_string_lossy(),
         ]);
+    }
+
+    /// Imports the Debian + Python example image as [`PYTHON`].
+    pub fn import_python(&self) {
+        let tar = crate::bundle::python_image().join("python-oci.tar");
+        self.ctr_ok(&[
+            "images",
+            "import",
+            "--base-name",
+            "docker.io/local/python",
+            &tar.to_string_lossy(),
+        ]);
+    }
+
+    /// Replaces the `[pool]` settings the next shim of this containerd starts with.
+    pub fn set_pool_config(&self, toml_lines: &str) {
+        let text = format!(
+            "[pool]\nstate_dir = \"{}\"\ncgroup_parent = \"{POOL_CGROUP}\"\n{toml_lines}\n",
+            self.dir.path().join("pool").display()
+        );
+        std::fs::write(self.shim_config(), text).expect("shim config");
     }
 
     /// The status column of `ctr task ls` for a task (RUNNING, PAUSED, STOPPED...).

@@ -87,8 +87,22 @@ pub fn copy_to_file(mut from: impl Read + Send + 'static, mut to: File) {
 /// Copies the FIFO at `fifo` into `to` until the FIFO's writer closes, then drops `to` so the
 /// process sees EOF on its stdin.
 pub fn copy_in(fifo: String, mut to: impl Write + Send + 'static) {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(path_fd) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(&fifo)
+    {
+        if let Ok(mut w) = waiting().lock() {
+            w.insert(fifo.clone(), path_fd.into());
+        }
+    }
     std::thread::spawn(move || {
-        let Ok(mut input) = OpenOptions::new().read(true).open(&fifo) else {
+        let opened = OpenOptions::new().read(true).open(&fifo);
+        if let Ok(mut w) = waiting().lock() {
+            w.remove(&fifo);
+        }
+        let Ok(mut input) = opened else {
             log::warn!("cannot open input FIFO {fifo}");
             return;
         };
@@ -99,6 +113,32 @@ pub fn copy_in(fifo: String, mut to: impl Write + Send + 'static) {
             }
         }
     });
+}
+
+/// O_PATH descriptors of stdin FIFOs whose [`copy_in`] still waits for a writer, by path.
+fn waiting() -> &'static std::sync::Mutex<std::collections::HashMap<String, std::os::fd::OwnedFd>> {
+    static WAITING: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::os::fd::OwnedFd>>,
+    > = std::sync::OnceLock::new();
+    WAITING.get_or_init(Default::default)
+}
+
+/// Ends a [`copy_in`] still waiting for a writer of `fifo` (a client that never opened
+/// its stdin, like `ctr run` without `-i`): opening the FIFO for writing completes the
+/// waiting open, and closing it gives that reader EOF. The FIFO is reached through the
+/// O_PATH descriptor taken before the wait, as clients unlink it before deleting the
+/// task. A shim serving many tasks would otherwise keep one blocked thread per such task.
+pub fn release_stdin(fifo: &str) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(fd) = waiting().lock().ok().and_then(|mut w| w.remove(fifo)) else {
+        return;
+    };
+    // O_NONBLOCK: fails with ENXIO instead of waiting when nobody reads any more.
+    let _ = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()));
 }
 
 /// Copies stdin FIFO -> master and master -> stdout FIFO until the terminal closes.

@@ -94,9 +94,17 @@ impl containerd_shim::Shim for Shim {
         let address = containerd_shim::socket_address(&opts.address, &opts.namespace, GROUPING);
         // The namespace's shim is already running: serve this task too.
         let path = address.strip_prefix("unix://").unwrap_or(&address);
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            containerd_shim::util::write_address(&address)?;
-            return Ok(address);
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                containerd_shim::util::write_address(&address)?;
+                return Ok(address);
+            }
+            // Left by a shim that was killed. containerd-shim would probe it 200 times,
+            // leaking a descriptor per probe in the new shim.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                let _ = std::fs::remove_file(path);
+            }
+            Err(_) => {}
         }
         let (_pid, address) = containerd_shim::spawn(opts, GROUPING, Vec::new())?;
         // containerd finds a running shim again after its own restart through this file

@@ -14,7 +14,7 @@ use trenv_runtime::sandbox::Sandbox;
 
 /// Capabilities that let a container change network-namespace state the purge does not
 /// reset (addresses, routes, firewall rules); such a sandbox is destroyed after use.
-const TAINTING_CAPS: [&str; 2] = ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"];
+const TAINTING_CAPS: [&str; 1] = ["CAP_NET_ADMIN"];
 
 #[derive(Debug, PartialEq)]
 pub enum Plan {

@@ -155,6 +155,8 @@ pub struct Pool {
     exe: PathBuf,
     inner: Mutex<Inner>,
     wake: Condvar,
+    /// Signalled once sandboxes of an earlier shim are adopted.
+    adopted: Condvar,
     ops: Ops,
     on_empty: Mutex<Option<OnEmpty>>,
     stop: AtomicBool,
@@ -193,6 +195,7 @@ impl Pool {
             exe,
             inner: Mutex::new(Inner::default()),
             wake: Condvar::new(),
+            adopted: Condvar::new(),
             ops,
             on_empty: Mutex::new(None),
             stop: AtomicBool::new(false),
@@ -266,6 +269,14 @@ impl Pool {
     /// A sandbox for a container.
     pub fn acquire(&self, claim: &Claim) -> Result<(Sandbox, Acquisition), String> {
         let started = Instant::now();
+        {
+            // The first containers of a restarted shim get the sandboxes it adopts, rather
+            // than new ones next to them.
+            let g = self.lock();
+            let _ = self
+                .adopted
+                .wait_timeout_while(g, Duration::from_secs(5), |g| !g.adopted);
+        }
         let (mut sb, how) = loop {
             let mut g = self.lock();
             if g.draining {
@@ -523,6 +534,7 @@ impl Pool {
             }
         }
         self.lock().adopted = true;
+        self.adopted.notify_all();
     }
 
     fn check_holders(&self) {

@@ -930,6 +930,7 @@ impl containerd_shim::Task for Service {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         let p = self.with_proc(&req.id, &req.exec_id, |_, p| p.clone())?;
+        crate::console::release_stdin(&p.stdin);
         if !req.exec_id.is_empty() {
             if p.started && p.exit.is_none() {
                 return Err(err(
