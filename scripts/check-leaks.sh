@@ -19,6 +19,8 @@ check "trenv mounts" "$(grep -i trenv /proc/self/mountinfo | grep -v '/var/cache
 check "trenv cgroups" "$(find /sys/fs/cgroup -maxdepth 4 -type d -iname '*trenv*' 2>/dev/null || true)"
 check "trenv test processes" "$(ps -eo pid,args | grep -E 'trenv-it|criu-root|criu swrk' | grep -v -E 'grep|check-leaks' || true)"
 check "trenv test state" "$(ls -d /run/trenv-it-* /tmp/trenv-it-* /run/containerd/trenv/trenv-it/* 2>/dev/null || true)"
+check "sandbox holders" "$(ps -eo pid,args | grep trenv-sandbox-holder | grep -v grep || true)"
+check "CNI address leases" "$(ls /var/lib/cni/networks/trenv 2>/dev/null | grep -v -E '^(lock|last_reserved_ip)' || true)"
 check "shim console sockets" "$(ls /run/containerd/trenv/console 2>/dev/null || true)"
 echo "leaks: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

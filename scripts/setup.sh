@@ -24,8 +24,8 @@ APT_PACKAGES=(
   # CRIU build deps
   libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev python3-protobuf libnl-3-dev
   libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
-  # tests and tooling
-  jq xz-utils curl psmisc procps util-linux
+  # tests and tooling; the benchmark's containerd API client (python3-grpcio)
+  jq xz-utils curl psmisc procps util-linux python3-grpcio
 )
 
 missing_packages() {
@@ -81,6 +81,20 @@ if ! criu check >/tmp/trenv-criu-check.log 2>&1; then
   die "'criu check' failed: CRIU cannot checkpoint/restore on this kernel"
 fi
 echo "criu check: $(tail -n1 /tmp/trenv-criu-check.log)"
+
+# containerd's gRPC API bindings for the benchmark client (integration/bench), from PyPI.
+CONTAINERD_PY_VERSION=1.5.3
+CONTAINERD_PY="$CACHE/python/containerd-$CONTAINERD_PY_VERSION"
+step "containerd API for Python $CONTAINERD_PY_VERSION"
+if [ -f "$CONTAINERD_PY/containerd/__init__.py" ]; then
+  echo "present in $CONTAINERD_PY"
+else
+  rm -rf "$CONTAINERD_PY.tmp"
+  /usr/bin/python3 -m pip install -q --no-deps --break-system-packages \
+    --target "$CONTAINERD_PY.tmp" "containerd==$CONTAINERD_PY_VERSION"
+  mv "$CONTAINERD_PY.tmp" "$CONTAINERD_PY"
+  echo "installed in $CONTAINERD_PY"
+fi
 
 if [ "${TRENV_SETUP_SYSTEM_ONLY:-0}" = 1 ]; then step "done (system only)"; exit 0; fi
 

@@ -47,6 +47,39 @@ fn spawn_zygote() -> Option<zygote::Zygote> {
     }
 }
 
+fn pool_config() -> Option<config::PoolConfig> {
+    config::ShimConfig::from_default_file()
+        .ok()
+        .map(|c| c.pool)
+        .filter(|p| p.enabled)
+}
+
+fn pool_enabled() -> bool {
+    pool_config().is_some()
+}
+
+/// Asks the namespace's running shim, through its pool's control socket, to stay for the
+/// task about to be handed to it. False when there is no such shim or it is retiring.
+fn hold_pool_shim(namespace: &str) -> bool {
+    use std::io::{BufRead, Write};
+    let Some(cfg) = pool_config() else {
+        return false;
+    };
+    let sock = cfg.state_dir.join(namespace).join("control.sock");
+    let Ok(mut conn) = std::os::unix::net::UnixStream::connect(sock) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    if conn.write_all(b"hold\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(&conn).read_line(&mut line);
+    serde_json::from_str::<serde_json::Value>(line.trim())
+        .map(|v| v["held"] == true)
+        .unwrap_or(false)
+}
+
 /// The pool of this shim, unless it is disabled or cannot work (logged; tasks then run
 /// without sandboxes).
 fn make_pool(namespace: &str, zygote: service::SharedZygote) -> Option<Arc<pool::Pool>> {
@@ -94,11 +127,17 @@ impl containerd_shim::Shim for Shim {
         let address = containerd_shim::socket_address(&opts.address, &opts.namespace, GROUPING);
         // The namespace's shim is already running: serve this task too.
         let path = address.strip_prefix("unix://").unwrap_or(&address);
+        if hold_pool_shim(&opts.namespace) {
+            containerd_shim::util::write_address(&address)?;
+            return Ok(address);
+        }
         match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => {
+            // A shim without a pool (none is held above) serves this task too.
+            Ok(_) if !pool_enabled() => {
                 containerd_shim::util::write_address(&address)?;
                 return Ok(address);
             }
+            Ok(_) => {}
             // Left by a shim that was killed. containerd-shim would probe it 200 times,
             // leaking a descriptor per probe in the new shim.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -153,7 +192,9 @@ impl containerd_shim::Shim for Shim {
         // containerd-shim removes the socket only if it can still read the address file in
         // the bundle, which containerd may already have deleted; a stale socket would make
         // the next shim for the same id wait for it. Remove it here.
-        if let Some(path) = self.socket.strip_prefix("unix://") {
+        // A retired shim has already given its socket path up (and removed `address`).
+        let retired = pool.is_some() && !std::path::Path::new("address").exists();
+        if let Some(path) = self.socket.strip_prefix("unix://").filter(|_| !retired) {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -186,6 +227,7 @@ impl containerd_shim::Shim for Shim {
             publisher,
             self.exit.clone(),
             pool,
+            &self.socket,
         )
     }
 }

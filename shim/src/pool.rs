@@ -160,7 +160,15 @@ pub struct Pool {
     ops: Ops,
     on_empty: Mutex<Option<OnEmpty>>,
     stop: AtomicBool,
+    /// The ownership lock file, locked while this shim owns the pool.
+    owner: Mutex<Option<std::fs::File>>,
+    /// (retiring, held until): `shim start` holds the shim for the task it hands it, so
+    /// the shim cannot retire between handing out its address and the task's Create.
+    lease: Mutex<(bool, Instant)>,
 }
+
+/// How long a `hold` from `shim start` keeps the shim from retiring.
+const HOLD: Duration = Duration::from_secs(2);
 
 fn random_id() -> String {
     let mut b = [0u8; 6];
@@ -184,9 +192,6 @@ impl Pool {
         let store = Store::new(&cfg.state_dir, namespace);
         std::fs::create_dir_all(&store.dir)
             .map_err(|e| format!("creating {}: {e}", store.dir.display()))?;
-        let saved = serde_json::to_vec_pretty(&network).map_err(|e| e.to_string())?;
-        std::fs::write(store.dir.join("network.json"), saved)
-            .map_err(|e| format!("writing network.json: {e}"))?;
         Ok(Arc::new(Self {
             cfg,
             namespace: namespace.to_string(),
@@ -199,6 +204,8 @@ impl Pool {
             ops,
             on_empty: Mutex::new(None),
             stop: AtomicBool::new(false),
+            owner: Mutex::new(None),
+            lease: Mutex::new((false, Instant::now())),
         }))
     }
 
@@ -217,7 +224,8 @@ impl Pool {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adopts sandboxes left by an earlier shim, then runs the worker and the control socket.
+    /// Runs the worker, which adopts sandboxes left by an earlier shim, serves the
+    /// control socket and keeps the pool.
     pub fn start(self: &Arc<Self>) {
         let p = self.clone();
         if let Err(e) = std::thread::Builder::new()
@@ -226,11 +234,22 @@ impl Pool {
         {
             log::error!("starting the pool worker: {e}");
         }
+    }
+
+    /// Once the pool is ours: the files a retiring shim may have removed with its state.
+    fn publish_state(self: &Arc<Self>) {
+        let saved = serde_json::to_vec_pretty(&self.network)
+            .map_err(std::io::Error::other)
+            .and_then(|b| {
+                std::fs::create_dir_all(&self.store.dir)?;
+                std::fs::write(self.store.dir.join("network.json"), b)
+            });
+        if let Err(e) = saved {
+            log::warn!("writing network.json: {e}");
+        }
         let p = self.clone();
-        match UnixListener::bind(self.control_path()).or_else(|_| {
-            let _ = std::fs::remove_file(self.control_path());
-            UnixListener::bind(self.control_path())
-        }) {
+        let _ = std::fs::remove_file(self.control_path());
+        match UnixListener::bind(self.control_path()) {
             Ok(l) => {
                 let _ = std::thread::Builder::new()
                     .name("pool-control".into())
@@ -250,7 +269,8 @@ impl Pool {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_all();
         let _ = std::fs::remove_file(self.control_path());
-        if self.lock().total() == 0 && self.store.list().0.is_empty() {
+        let owner = self.owner.lock().map(|o| o.is_some()).unwrap_or(false);
+        if owner && self.lock().total() == 0 && self.store.list().0.is_empty() {
             sandbox::cgroup::remove_parents(&self.cgroup_parent(), 2);
             let _ = std::fs::remove_dir_all(&self.store.dir);
         } else {
@@ -446,6 +466,7 @@ impl Pool {
 
     fn worker(self: Arc<Self>) {
         self.adopt();
+        self.publish_state();
         let mut last_check = Instant::now();
         while !self.stop.load(Ordering::SeqCst) {
             let released = self.lock().releasing.pop_front();
@@ -506,8 +527,51 @@ impl Pool {
         }
     }
 
+    /// Takes the pool's ownership lock, held until this process exits. A shim that is
+    /// retiring may still hold it for a moment; its sandboxes must not be adopted meanwhile.
+    fn lock_ownership(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let path = self.store.dir.join("owner.lock");
+        let file = match std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("{}: {e}", path.display());
+                return false;
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is passed.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r == 0 {
+                if let Ok(mut o) = self.owner.lock() {
+                    *o = Some(file);
+                }
+                return true;
+            }
+            if Instant::now() > deadline {
+                log::warn!(
+                    "pool of {} is owned by another shim; not adopting",
+                    self.namespace
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Re-takes idle sandboxes of an earlier shim of this namespace; destroys the rest.
     fn adopt(&self) {
+        if !self.lock_ownership() {
+            self.lock().adopted = true;
+            self.adopted.notify_all();
+            return;
+        }
         let (records, bad) = self.store.list();
         for e in bad {
             log::warn!("ignoring {e}");
@@ -613,6 +677,30 @@ impl Pool {
         }
     }
 
+    /// Keeps the shim from retiring for a moment; false if it is already retiring.
+    pub fn hold(&self) -> bool {
+        let Ok(mut l) = self.lease.lock() else {
+            return false;
+        };
+        if l.0 {
+            return false;
+        }
+        l.1 = Instant::now() + HOLD;
+        true
+    }
+
+    /// Marks the shim as retiring unless a `hold` is in force; no hold succeeds afterwards.
+    pub fn begin_retire(&self) -> bool {
+        let Ok(mut l) = self.lease.lock() else {
+            return false;
+        };
+        if Instant::now() < l.1 {
+            return false;
+        }
+        l.0 = true;
+        true
+    }
+
     /// The shim may end: nothing in the pool and nothing to keep warm (drained, or
     /// `min_idle` is 0).
     pub fn may_exit(&self) -> bool {
@@ -661,6 +749,7 @@ impl Pool {
             let reply = match line.trim() {
                 "drain" => serde_json::json!({ "destroyed": self.drain() }),
                 "ping" => serde_json::json!({ "pid": std::process::id() }),
+                "hold" => serde_json::json!({ "held": self.hold() }),
                 other => serde_json::json!({ "error": format!("unknown command {other:?}") }),
             };
             let _ = writeln!(conn, "{reply}");

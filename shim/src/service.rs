@@ -76,9 +76,14 @@ pub struct Service {
     namespace: String,
     exit: Arc<ExitSignal>,
     pool: Option<Arc<Pool>>,
+    /// This shim's ttrpc socket address.
+    socket: String,
 }
 
 const MAX_EARLY_EXITS: usize = 256;
+/// How long a retiring shim still accepts requests on connections made before its socket
+/// was removed (containerd connects right after `shim start` returned the address).
+const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -114,6 +119,7 @@ impl Service {
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
         pool: Option<Arc<Pool>>,
+        socket: &str,
     ) -> Self {
         let s = Self {
             state: Arc::new((Mutex::new(State::default()), Condvar::new())),
@@ -122,20 +128,61 @@ impl Service {
             namespace: namespace.to_string(),
             exit,
             pool,
+            socket: socket.to_string(),
         };
         if let Some(pool) = &s.pool {
             // A drained pool ends the shim once no task is left.
-            let state = s.state.clone();
-            let exit = s.exit.clone();
-            pool.set_on_empty(Box::new(move || {
-                let (lock, _) = &*state;
-                if lock.lock().map(|st| st.tasks.is_empty()).unwrap_or(true) {
-                    exit.signal();
-                }
-            }));
+            let retire = s.retirement();
+            pool.set_on_empty(Box::new(move || retire()));
         }
         s.watch_exits();
         s
+    }
+
+    /// Ends the shim once it has nothing to do. Its socket is removed first, so that new
+    /// tasks start a new shim instead of reaching one that is going away; a task that
+    /// arrived through a connection made just before keeps this shim alive until it ends.
+    fn retirement(&self) -> impl Fn() + Send + Sync + 'static {
+        let state = self.state.clone();
+        let exit = self.exit.clone();
+        let pool = self.pool.clone();
+        let socket = self.socket.clone();
+        move || {
+            let (state, exit, pool, socket) =
+                (state.clone(), exit.clone(), pool.clone(), socket.clone());
+            std::thread::spawn(move || {
+                let idle = || {
+                    let (lock, _) = &*state;
+                    lock.lock().map(|st| st.tasks.is_empty()).unwrap_or(true)
+                        && pool.as_ref().is_none_or(|p| p.may_exit())
+                };
+                if !idle() {
+                    return;
+                }
+                // A task handed to this shim by `shim start` is on its way: stay, and
+                // check again when the hold has run out.
+                while let Some(p) = &pool {
+                    if p.begin_retire() {
+                        break;
+                    }
+                    std::thread::sleep(RETIRE_GRACE);
+                    if !idle() {
+                        return;
+                    }
+                }
+                // The socket path is free for the next shim from now on; the `address`
+                // file in our working directory goes too, or containerd-shim (and `wait`)
+                // would remove the next shim's socket when this one exits.
+                let _ = std::fs::remove_file("address");
+                if let Some(path) = socket.strip_prefix("unix://") {
+                    let _ = std::fs::remove_file(path);
+                }
+                std::thread::sleep(RETIRE_GRACE);
+                if idle() {
+                    exit.signal();
+                }
+            });
+        }
     }
 
     /// Puts a new container into a pooled sandbox by rewriting its spec, when the pool is
@@ -1082,7 +1129,7 @@ impl containerd_shim::Task for Service {
         let empty = lock.lock().map(|st| st.tasks.is_empty()).unwrap_or(true);
         // The shim of a pool outlives its tasks: it keeps the sandboxes warm.
         if empty && self.pool.as_ref().is_none_or(|p| p.may_exit()) {
-            self.exit.signal();
+            (self.retirement())();
         }
         Ok(api::Empty::new())
     }

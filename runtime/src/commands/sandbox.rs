@@ -128,6 +128,10 @@ fn drain_offline(st: &Store) -> Result<()> {
             failed += 1;
         }
         st.remove(&sb.id);
+        // The pool's parent cgroups (`<parent>/<namespace>`), once empty.
+        if let Some((parent, _)) = sb.cgroup.rsplit_once('/') {
+            trenv_runtime::sandbox::cgroup::remove_parents(parent, 2);
+        }
     }
     println!(
         "no shim running; destroyed {} sandboxes",

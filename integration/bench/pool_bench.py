@@ -1,0 +1,176 @@
+#!/usr/bin/python3
+"""`make bench`, part 2: networked container starts through containerd's API.
+
+Starts private containerd instances and, with pool_start.py as the API client, measures
+  pool hit   trenv, warm pool (min_idle 4): a purged sandbox with its network is reused
+  pool miss  trenv, no idle sandboxes (min_idle 0, max_idle 0): holder + cgroup + CNI per start
+  runc+CNI   io.containerd.runc.v2 with a netns attached by the same CNI plugins
+in the same run, and appends the results to docs/benchmarks.md and target/bench/pool.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CACHE = os.environ.get("TRENV_CACHE", "/var/cache/trenv")
+PYLIB = os.path.join(CACHE, "python", "containerd-1.5.3")
+NS = "trenv-bench"
+GOAL = 3.0
+
+
+def start_containerd(d, pool_toml):
+    with open(os.path.join(d, "config.toml"), "w") as f:
+        f.write(f'version = 2\nroot = "{d}/root"\nstate = "{d}/state"\n'
+                'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+                f'[grpc]\n  address = "{d}/c.sock"\n[ttrpc]\n  address = "{d}/c.sock.ttrpc"\n')
+    with open(os.path.join(d, "shim.toml"), "w") as f:
+        f.write(f'[pool]\nstate_dir = "{d}/pool"\ncgroup_parent = "/trenv-bench"\n{pool_toml}\n')
+    env = dict(os.environ, TRENV_SHIM_CONFIG=os.path.join(d, "shim.toml"),
+               PATH=f"{ROOT}/target/release:/usr/local/sbin:/usr/local/bin:{os.environ['PATH']}")
+    log = open(os.path.join(d, "containerd.log"), "w")
+    p = subprocess.Popen(["containerd", "--config", os.path.join(d, "config.toml")],
+                         env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    ctr = ["ctr", "--address", f"{d}/c.sock", "--namespace", NS]
+    for _ in range(200):
+        if subprocess.run(ctr + ["version"], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.1)
+    tar = os.path.join(CACHE, "images", "busybox", "busybox-oci.tar")
+    subprocess.run(ctr + ["images", "import", "--base-name", "docker.io/local/busybox", tar],
+                   check=True, capture_output=True)
+    return p
+
+
+def stop_containerd(p, d):
+    subprocess.run([f"{ROOT}/target/release/trenv", "sandbox", "drain", "--namespace", NS,
+                    "--pool-root", f"{d}/pool"], capture_output=True)
+    time.sleep(1)
+    p.terminate()
+    p.wait()
+    subprocess.run(["pkill", "-9", "-f", f"{d}/c.sock"], check=False)
+    subprocess.run(["umount", "-R", "-l", f"{d}/root"], capture_output=True)
+
+
+def run_case(d, case, runs, warmup, spec):
+    env = dict(os.environ, PYTHONPATH=PYLIB)
+    cmd = ["/usr/bin/python3", os.path.join(ROOT, "integration/bench/pool_start.py"),
+           "--address", f"{d}/c.sock", "--namespace", NS, "--case", case,
+           "--runs", str(runs), "--warmup", str(warmup), "--spec", spec,
+           "--pool-dir", f"{d}/pool/{NS}"]
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True)
+    return json.loads(out.stdout)
+
+
+def stats(samples):
+    s = sorted(samples)
+    if not s:
+        return None
+    p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    return {"p50_ms": round(statistics.median(s), 2), "p99_ms": round(p99, 2),
+            "mean_ms": round(statistics.mean(s), 2), "n": len(s)}
+
+
+def acquisition(d):
+    """P50 upper bound of the pool's acquisition histogram (metrics.prom)."""
+    try:
+        text = open(f"{d}/pool/{NS}/metrics.prom").read()
+    except OSError:
+        return None
+    buckets, count = [], 0
+    for line in text.splitlines():
+        if line.startswith("trenv_pool_acquire_seconds_bucket") and 'le="+Inf"' not in line:
+            le = float(line.split('le="')[1].split('"')[0])
+            buckets.append((le, float(line.split()[-1])))
+        if line.startswith("trenv_pool_acquire_seconds_count"):
+            count = float(line.split()[-1])
+    for le, n in sorted(buckets):
+        if count and n >= count / 2:
+            return le * 1000
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=5)
+    a = ap.parse_args()
+    if not os.path.isdir(PYLIB):
+        sys.exit(f"pool_bench: {PYLIB} missing: run `make setup`")
+    results, acq = {}, {}
+    cases = [("pool-hit", "min_idle = 4\nmax_idle = 8", "pool"),
+             ("pool-miss", "min_idle = 0\nmax_idle = 0", "pool"),
+             ("runc-cni", "enabled = false", "runc")]
+    for name, pool_toml, case in cases:
+        d = tempfile.mkdtemp(prefix="trenv-bench-pool-")
+        subprocess.run([f"{ROOT}/target/release/trenv", "spec", "--bundle", d], check=True)
+        print(f"pool_bench: {name}: {a.runs} starts (+{a.warmup} warm-up)", file=sys.stderr)
+        p = start_containerd(d, pool_toml)
+        try:
+            if case == "pool" and "min_idle = 4" in pool_toml:
+                time.sleep(2)  # let the pool fill
+            r = run_case(d, case, a.runs, a.warmup, os.path.join(d, "config.json"))
+            acq[name] = acquisition(d)
+        finally:
+            stop_containerd(p, d)
+            subprocess.run(["rm", "-rf", d])
+        results[name] = {"running": stats(r["running_ms"]), "http": stats(r["http_ms"]),
+                         "errors": r["errors"]}
+    ratios = {}
+    for name in ("pool-hit", "pool-miss"):
+        for what in ("running", "http"):
+            t, b = results[name][what], results["runc-cni"][what]
+            if t and b:
+                ratios[f"{name}/{what}"] = {
+                    "p50": round(b["p50_ms"] / t["p50_ms"], 2),
+                    "p99": round(b["p99_ms"] / t["p99_ms"], 2)}
+    summary = {"runs": a.runs, "results": results, "runc_over_trenv": ratios,
+               "acquisition_p50_upper_ms": acq, "goal_min_ratio": GOAL}
+    # Parent cgroups of the runs (runc leaves `/trenv-bench`, the pool its own parents).
+    subprocess.run("find /sys/fs/cgroup -maxdepth 3 -depth -type d -path '*trenv-bench*' "
+                   "-exec rmdir {} + 2>/dev/null", shell=True)
+    os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
+    with open(os.path.join(ROOT, "target/bench/pool.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    md = render(summary)
+    with open(os.path.join(ROOT, "docs/benchmarks.md"), "a") as f:
+        f.write(md)
+    print(md)
+
+
+def render(s):
+    r = s["results"]
+    lines = ["", "## Networked starts through the containerd API (sandbox pool)", "",
+             f"`make bench` (integration/bench/pool_bench.py, {s['runs']} starts per case after "
+             "warm-up, one at a time, each deleted before the next). Client: containerd's gRPC API "
+             "(snapshot prepare, container create, task create, task start), not ctr. "
+             "\"running\" = until Start returned; \"http\" = until busybox httpd in the container "
+             "answered a GET on its IP from the host. runc-cni: io.containerd.runc.v2 with a netns "
+             "attached by the same CNI plugins (bridge + host-local + loopback) before create.",
+             "", "| case | running P50 | running P99 | http P50 | http P99 | errors |",
+             "|---|---|---|---|---|---|"]
+    for name in ("pool-hit", "pool-miss", "runc-cni"):
+        x = r[name]
+        if x["running"] is None:
+            lines.append(f"| {name} | - | - | - | - | {x['errors']} |")
+            continue
+        lines.append(f"| {name} | {x['running']['p50_ms']} ms | {x['running']['p99_ms']} ms | "
+                     f"{x['http']['p50_ms']} ms | {x['http']['p99_ms']} ms | {x['errors']} |")
+    lines += ["", f"runc-cni / trenv (goal ≥ {s['goal_min_ratio']}× for pool hits at P50 and P99):", ""]
+    for k, v in s["runc_over_trenv"].items():
+        met = "met" if v["p50"] >= s["goal_min_ratio"] and v["p99"] >= s["goal_min_ratio"] else "not met"
+        note = f" ({met})" if k.startswith("pool-hit") else ""
+        lines.append(f"- {k}: P50 {v['p50']}×, P99 {v['p99']}×{note}")
+    acq = s["acquisition_p50_upper_ms"]
+    lines += ["", "Sandbox acquisition inside the shim (pool histogram, P50 bucket upper bound): "
+              + ", ".join(f"{k} ≤ {v} ms" for k, v in acq.items() if v is not None), ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
