@@ -133,7 +133,7 @@ impl Service {
         if let Some(pool) = &s.pool {
             // A drained pool ends the shim once no task is left.
             let retire = s.retirement();
-            pool.set_on_empty(Box::new(move || retire()));
+            pool.set_on_empty(Box::new(retire));
         }
         s.watch_exits();
         s

@@ -37,6 +37,9 @@ fn parse(uri: &str) -> Result<Output, String> {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return Ok(Output::Fifo(uri.to_string()));
     };
+    if !["fifo", "file", "binary"].contains(&scheme) {
+        return Err(format!("unsupported log URI scheme {scheme:?} in {uri:?}"));
+    }
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if !path.starts_with('/') {
         return Err(format!("log URI {uri:?} needs an absolute path"));
