@@ -312,10 +312,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// The value a [`COUNTER`] container has reached.
     pub fn counter(&self, id: &str, exec_id: &str) -> u64 {
-        self.exec_ok(id, exec_id, &["cat", "/tmp/c"])
-            .trim()
-            .parse()
-            .expect("count")
+        // The counter rewrites the file (truncate, then write): a read can fall in between.
+        for attempt in 0..20 {
+            let exec = format!("{exec_id}-{attempt}");
+            if let Ok(n) = self.exec_ok(id, &exec, &["cat", "/tmp/c"]).trim().parse() {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{id}: no counter value in /tmp/c");
     }
 
     /// Imports the busybox example image.

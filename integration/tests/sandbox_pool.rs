@@ -20,6 +20,27 @@ fn run(c: &Containerd, flags: &[&str], image: &str, id: &str, args: &[&str]) {
     c.wait_task(id, "RUNNING");
 }
 
+/// A private containerd whose trenv shim starts with these `[pool]` settings, with busybox.
+fn pool_containerd(pool_toml: &str) -> Containerd {
+    let c = Containerd::start();
+    c.set_pool_config(pool_toml);
+    c.import_busybox();
+    c
+}
+
+/// `ctr run --rm --runtime trenv busybox ID true`.
+fn run_rm(c: &Containerd, id: &str) {
+    c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        TRENV_RUNTIME,
+        BUSYBOX,
+        id,
+        "true",
+    ]);
+}
+
 /// What the pool published for a container (`<pool>/containers/<id>`).
 fn published(c: &Containerd, id: &str) -> Value {
     let path = c.pool_dir().join("containers").join(id);
@@ -95,9 +116,7 @@ fn memory_limit(cgroup: &str) -> String {
 #[test]
 fn busybox_then_python_share_one_sandbox() {
     require_root();
-    let c = Containerd::start();
-    c.set_pool_config("min_idle = 0\nmax_idle = 2");
-    c.import_busybox();
+    let c = pool_containerd("min_idle = 0\nmax_idle = 2");
     c.import_python();
     let a = unique_id("pool-a");
     run(
@@ -192,9 +211,7 @@ time.sleep(1000)
 #[test]
 fn purge_leaves_nothing_for_the_next_function() {
     require_root();
-    let c = Containerd::start();
-    c.set_pool_config("min_idle = 0\nmax_idle = 1");
-    c.import_busybox();
+    let c = pool_containerd("min_idle = 0\nmax_idle = 1");
     c.import_python();
     let a = unique_id("dirty-a");
     run(
@@ -255,9 +272,7 @@ fn purge_leaves_nothing_for_the_next_function() {
 #[test]
 fn exhausted_and_full_pools_never_fail_a_container() {
     require_root();
-    let c = Containerd::start();
-    c.set_pool_config("min_idle = 0\nmax_idle = 4\nmax_sandboxes = 2");
-    c.import_busybox();
+    let c = pool_containerd("min_idle = 0\nmax_idle = 4\nmax_sandboxes = 2");
     let ids: Vec<String> = (0..3).map(|i| unique_id(&format!("full{i}"))).collect();
     for id in &ids {
         run(&c, &[], BUSYBOX, id, &["sleep", "1000"]);
@@ -311,19 +326,9 @@ fn shim_pids(c: &Containerd) -> Vec<i32> {
 #[test]
 fn shim_and_containerd_restarts_keep_the_pool() {
     require_root();
-    let mut c = Containerd::start();
-    c.set_pool_config("min_idle = 1\nmax_idle = 2");
-    c.import_busybox();
+    let mut c = pool_containerd("min_idle = 1\nmax_idle = 2");
     let first = unique_id("first");
-    c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--runtime",
-        TRENV_RUNTIME,
-        BUSYBOX,
-        &first,
-        "true",
-    ]);
+    run_rm(&c, &first);
     let idle = wait_for(Duration::from_secs(10), || {
         let ids: Vec<Value> = sandboxes(&c)
             .into_iter()
@@ -357,15 +362,7 @@ fn shim_and_containerd_restarts_keep_the_pool() {
     c.assert_exec_works(&after, "sleep");
     c.kill_and_remove(&after);
     let last = unique_id("after-ctrd");
-    c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--runtime",
-        TRENV_RUNTIME,
-        BUSYBOX,
-        &last,
-        "true",
-    ]);
+    run_rm(&c, &last);
     c.assert_gone(&after);
     c.assert_gone(&last);
 }
@@ -373,19 +370,9 @@ fn shim_and_containerd_restarts_keep_the_pool() {
 #[test]
 fn killed_holder_is_detected_and_replaced() {
     require_root();
-    let c = Containerd::start();
-    c.set_pool_config("min_idle = 1\nmax_idle = 1");
-    c.import_busybox();
+    let c = pool_containerd("min_idle = 1\nmax_idle = 1");
     let first = unique_id("holder1");
-    c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--runtime",
-        TRENV_RUNTIME,
-        BUSYBOX,
-        &first,
-        "true",
-    ]);
+    run_rm(&c, &first);
     let victim = wait_for(Duration::from_secs(10), || {
         sandboxes(&c).into_iter().find(|s| s["state"] == "idle")
     })
@@ -416,15 +403,7 @@ fn killed_holder_is_detected_and_replaced() {
         "IP of the dead sandbox kept"
     );
     let next = unique_id("holder2");
-    c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--runtime",
-        TRENV_RUNTIME,
-        BUSYBOX,
-        &next,
-        "true",
-    ]);
+    run_rm(&c, &next);
     c.assert_gone(&next);
 }
 
@@ -469,9 +448,7 @@ fn malformed_pool_annotations_are_rejected() {
 #[test]
 fn drain_empties_the_pool_while_containers_run() {
     require_root();
-    let c = Containerd::start();
-    c.set_pool_config("min_idle = 2\nmax_idle = 4");
-    c.import_busybox();
+    let c = pool_containerd("min_idle = 2\nmax_idle = 4");
     let id = unique_id("drain");
     run(&c, &[], BUSYBOX, &id, &["sleep", "1000"]);
     let refilled = wait_for(Duration::from_secs(10), || {
@@ -547,20 +524,10 @@ fn in_netns(netns: u64, except: i32) -> Vec<i32> {
 #[test]
 fn two_hundred_cycles_leave_nothing_behind() {
     require_root();
-    let c = Containerd::start();
-    c.set_pool_config("min_idle = 1\nmax_idle = 2");
-    c.import_busybox();
+    let c = pool_containerd("min_idle = 1\nmax_idle = 2");
     let cycle = |i: usize| {
         let id = unique_id(&format!("cycle{i}"));
-        c.ctr_ok(&[
-            "run",
-            "--rm",
-            "--runtime",
-            TRENV_RUNTIME,
-            BUSYBOX,
-            &id,
-            "true",
-        ]);
+        run_rm(&c, &id);
     };
     for i in 0..20 {
         cycle(i);

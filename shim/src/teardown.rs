@@ -8,24 +8,9 @@
 //! Anything else, or any failure (a cgroup still busy), is left to libcontainer's delete in
 //! the zygote, with the state directory still in place.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use libcontainer::container::Container;
-
-/// Mount points of every cgroup hierarchy (v1 controllers, named v1 hierarchies, v2).
-fn cgroup_mounts() -> std::io::Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let fstype = post.split_whitespace().next()?;
-            (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })
-        .collect())
-}
 
 /// Deletes the stopped container in `state_dir` if the fast path applies; returns whether
 /// it did. On `false` nothing was removed that libcontainer's delete still needs.
@@ -47,7 +32,7 @@ pub fn delete_stopped(state_dir: &Path) -> bool {
     if has_poststop {
         return false;
     }
-    let Ok(mounts) = cgroup_mounts() else {
+    let Ok(mounts) = trenv_runtime::sandbox::cgroup::mounts() else {
         return false;
     };
     let relative = config
