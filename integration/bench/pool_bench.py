@@ -95,45 +95,119 @@ def acquisition(d):
     return None
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=5)
-    a = ap.parse_args()
-    if not os.path.isdir(PYLIB):
-        sys.exit(f"pool_bench: {PYLIB} missing: run `make setup`")
-    results, acq = {}, {}
+def cgroup2():
+    """(mount point, super options) of the cgroup2 mount, or None."""
+    for line in open("/proc/self/mountinfo"):
+        pre, _, post = line.partition(" - ")
+        f = post.split()
+        if f and f[0] == "cgroup2":
+            return pre.split()[4], f[2]
+    return None
+
+
+def set_favordynmods(on):
+    """Host tuning for every runtime of a pass (see pool.cgroup_favor_dynmods)."""
+    cg = cgroup2()
+    if cg is None:
+        return False
+    mp, opts = cg
+    keep = [o for o in opts.split(",") if o not in ("rw", "ro", "favordynmods")]
+    if on:
+        keep.append("favordynmods")
+    r = subprocess.run(["mount", "-t", "cgroup2", "-o", ",".join(["remount"] + keep), "none", mp],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def holder_memory(d):
+    """PSS (KiB) of each idle sandbox's holder process."""
+    out = []
+    sdir = f"{d}/pool/{NS}/sandboxes"
+    for name in os.listdir(sdir) if os.path.isdir(sdir) else []:
+        try:
+            pid = json.load(open(os.path.join(sdir, name)))["holder"]["pid"]
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    out.append(int(line.split()[1]))
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
+
+
+def run_pass(a, tuned):
+    results, acq, memory = {}, {}, {}
     cases = [("pool-hit", "min_idle = 4\nmax_idle = 8", "pool"),
              ("pool-miss", "min_idle = 0\nmax_idle = 0", "pool"),
              ("runc-cni", "enabled = false", "runc")]
+    wanted = a.cases.split(",")
+    label = "favordynmods" if tuned else "default"
     for name, pool_toml, case in cases:
+        if name not in wanted:
+            continue
         d = tempfile.mkdtemp(prefix="trenv-bench-pool-")
         subprocess.run([f"{ROOT}/target/release/trenv", "spec", "--bundle", d], check=True)
-        print(f"pool_bench: {name}: {a.runs} starts (+{a.warmup} warm-up)", file=sys.stderr)
+        print(f"pool_bench: {label}: {name}: {a.runs} starts (+{a.warmup} warm-up)",
+              file=sys.stderr)
         p = start_containerd(d, pool_toml)
         try:
             if case == "pool" and "min_idle = 4" in pool_toml:
                 time.sleep(2)  # let the pool fill
             r = run_case(d, case, a.runs, a.warmup, os.path.join(d, "config.json"))
             acq[name] = acquisition(d)
+            if name == "pool-hit":
+                time.sleep(1)  # the last instance's sandbox back in the pool
+                memory["holder_pss_kib"] = holder_memory(d)
         finally:
             stop_containerd(p, d)
             subprocess.run(["rm", "-rf", d])
         results[name] = {"running": stats(r["running_ms"]), "http": stats(r["http_ms"]),
+                         "phases": {k: stats(v) for k, v in r["phases_ms"].items()},
                          "errors": r["errors"]}
+        print(f"pool_bench: {label}: {name}: " + json.dumps(results[name]), file=sys.stderr)
     ratios = {}
     for name in ("pool-hit", "pool-miss"):
         for what in ("running", "http"):
-            t, b = results[name][what], results["runc-cni"][what]
+            t, b = results.get(name, {}).get(what), results.get("runc-cni", {}).get(what)
             if t and b:
                 ratios[f"{name}/{what}"] = {
                     "p50": round(b["p50_ms"] / t["p50_ms"], 2),
                     "p99": round(b["p99_ms"] / t["p99_ms"], 2)}
-    summary = {"runs": a.runs, "results": results, "runc_over_trenv": ratios,
-               "acquisition_p50_upper_ms": acq, "goal_min_ratio": GOAL}
+    return {"host": label, "results": results, "runc_over_trenv": ratios,
+            "acquisition_p50_upper_ms": acq, "memory": memory}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--cases", default="pool-hit,pool-miss,runc-cni",
+                    help="comma-separated subset to run (the report needs all three)")
+    ap.add_argument("--hosts", default="default,favordynmods",
+                    help="host settings to run every case under")
+    ap.add_argument("--no-report", action="store_true",
+                    help="print the results only; leave docs/benchmarks.md alone")
+    a = ap.parse_args()
+    if not os.path.isdir(PYLIB):
+        sys.exit(f"pool_bench: {PYLIB} missing: run `make setup`")
+    before = cgroup2()
+    passes = []
+    try:
+        for host in a.hosts.split(","):
+            tuned = host == "favordynmods"
+            if not set_favordynmods(tuned) and tuned:
+                print("pool_bench: cannot set favordynmods; skipping that pass", file=sys.stderr)
+                continue
+            passes.append(run_pass(a, tuned))
+    finally:
+        if before is not None:
+            set_favordynmods("favordynmods" in before[1].split(","))
     # Parent cgroups of the runs (runc leaves `/trenv-bench`, the pool its own parents).
     subprocess.run("find /sys/fs/cgroup -maxdepth 3 -depth -type d -path '*trenv-bench*' "
                    "-exec rmdir {} + 2>/dev/null", shell=True)
+    summary = {"runs": a.runs, "goal_min_ratio": GOAL, "passes": passes}
+    if a.no_report or any(len(x["results"]) < 3 for x in passes):
+        json.dump(summary, sys.stdout, indent=2)
+        return
     os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
     with open(os.path.join(ROOT, "target/bench/pool.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -144,31 +218,46 @@ def main():
 
 
 def render(s):
-    r = s["results"]
     lines = ["", "## Networked starts through the containerd API (sandbox pool)", "",
              f"`make bench` (integration/bench/pool_bench.py, {s['runs']} starts per case after "
              "warm-up, one at a time, each deleted before the next). Client: containerd's gRPC API "
              "(snapshot prepare, container create, task create, task start), not ctr. "
              "\"running\" = until Start returned; \"http\" = until busybox httpd in the container "
              "answered a GET on its IP from the host. runc-cni: io.containerd.runc.v2 with a netns "
-             "attached by the same CNI plugins (bridge + host-local + loopback) before create.",
-             "", "| case | running P50 | running P99 | http P50 | http P99 | errors |",
-             "|---|---|---|---|---|---|"]
-    for name in ("pool-hit", "pool-miss", "runc-cni"):
-        x = r[name]
-        if x["running"] is None:
-            lines.append(f"| {name} | - | - | - | - | {x['errors']} |")
-            continue
-        lines.append(f"| {name} | {x['running']['p50_ms']} ms | {x['running']['p99_ms']} ms | "
-                     f"{x['http']['p50_ms']} ms | {x['http']['p99_ms']} ms | {x['errors']} |")
-    lines += ["", f"runc-cni / trenv (goal ≥ {s['goal_min_ratio']}× for pool hits at P50 and P99):", ""]
-    for k, v in s["runc_over_trenv"].items():
-        met = "met" if v["p50"] >= s["goal_min_ratio"] and v["p99"] >= s["goal_min_ratio"] else "not met"
-        note = f" ({met})" if k.startswith("pool-hit") else ""
-        lines.append(f"- {k}: P50 {v['p50']}×, P99 {v['p99']}×{note}")
-    acq = s["acquisition_p50_upper_ms"]
-    lines += ["", "Sandbox acquisition inside the shim (pool histogram, P50 bucket upper bound): "
-              + ", ".join(f"{k} ≤ {v} ms" for k, v in acq.items() if v is not None), ""]
+             "attached by the same CNI plugins (bridge + host-local + loopback) before create. "
+             "Every case runs under two host settings: the kernel's default, and cgroup2 "
+             "`favordynmods` (`pool.cgroup_favor_dynmods`; it speeds up every runtime's cgroup "
+             "moves, so runc-cni runs with it too)."]
+    for x in s["passes"]:
+        r = x["results"]
+        lines += ["", f"### host: {x['host']}", "",
+                  "| case | running P50 | running P99 | http P50 | http P99 | errors |",
+                  "|---|---|---|---|---|---|"]
+        for name in ("pool-hit", "pool-miss", "runc-cni"):
+            c = r[name]
+            if c["running"] is None:
+                lines.append(f"| {name} | - | - | - | - | {c['errors']} |")
+                continue
+            lines.append(f"| {name} | {c['running']['p50_ms']} ms | {c['running']['p99_ms']} ms | "
+                         f"{c['http']['p50_ms']} ms | {c['http']['p99_ms']} ms | {c['errors']} |")
+        lines += ["", "Where \"running\" goes (P50 per phase, ms): "
+                  + "; ".join(f"{name}: " + ", ".join(
+                      f"{k} {v['p50_ms']}" for k, v in r[name]["phases"].items()
+                      if v and v["p50_ms"] > 0) for name in ("pool-hit", "pool-miss", "runc-cni")
+                      if r[name]["running"]), "",
+                  f"runc-cni / trenv (goal ≥ {s['goal_min_ratio']}× for pool hits at P50 and P99):", ""]
+        for k, v in x["runc_over_trenv"].items():
+            met = ("met" if v["p50"] >= s["goal_min_ratio"] and v["p99"] >= s["goal_min_ratio"]
+                   else "not met")
+            note = f" ({met})" if k.startswith("pool-hit") else ""
+            lines.append(f"- {k}: P50 {v['p50']}×, P99 {v['p99']}×{note}")
+        acq = x["acquisition_p50_upper_ms"]
+        lines += ["", "Sandbox acquisition inside the shim (pool histogram, P50 bucket upper "
+                  "bound): " + ", ".join(f"{k} ≤ {v} ms" for k, v in acq.items() if v is not None)]
+        pss = x["memory"].get("holder_pss_kib") or []
+        if pss:
+            lines += ["", f"Idle sandbox memory: holder process PSS {min(pss)}-{max(pss)} KiB "
+                      f"({len(pss)} idle sandboxes); its cgroup is empty while idle."]
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,9 @@ from containerd.services.tasks.v1 import tasks_pb2 as T, tasks_pb2_grpc as Tg
 SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 HTTPD = "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 8080 -h /www"
 CNI_BIN = "/usr/lib/cni"
+# Consecutive parts of "running": the client's own netns + CNI (runc case only), snapshot
+# prepare + container record, task create (shim start + runtime create), task start.
+PHASES = ("network", "container", "task_create", "task_start")
 
 
 def cni(command, plugin, conf, cid, netns, ifname):
@@ -132,7 +135,8 @@ def main():
     keeper = f"bench-keep-{os.getpid()}"
     c.snapshots.View(S.ViewSnapshotRequest(snapshotter="overlayfs", key=keeper, parent=chain),
                      metadata=c.md)
-    result = {"running_ms": [], "http_ms": [], "errors": 0}
+    result = {"running_ms": [], "http_ms": [], "errors": 0,
+              "phases_ms": {k: [] for k in PHASES}}
     for i in range(a.warmup + a.runs):
         cid = f"bench-{a.case}-{os.getpid()}-{i}"
         netns = None
@@ -154,13 +158,16 @@ def main():
                 for n in spec["linux"]["namespaces"]:
                     if n["type"] == "network":
                         n["path"] = path
+            t_net = time.monotonic()
             mounts = c.snapshots.Prepare(S.PrepareSnapshotRequest(
                 snapshotter="overlayfs", key=cid, parent=chain), metadata=c.md).mounts
             c.containers.Create(C.CreateContainerRequest(container=C.Container(
                 id=cid, image=a.image, runtime=C.Container.Runtime(name=runtime),
                 spec=any_pb2.Any(type_url=SPEC_TYPE, value=json.dumps(spec).encode()),
                 snapshotter="overlayfs", snapshot_key=cid)), metadata=c.md)
+            t_container = time.monotonic()
             c.tasks.Create(T.CreateTaskRequest(container_id=cid, rootfs=mounts), metadata=c.md)
+            t_task = time.monotonic()
             c.tasks.Start(T.StartRequest(container_id=cid), metadata=c.md)
             t_run = time.monotonic()
             if a.case == "pool":
@@ -171,6 +178,9 @@ def main():
             if i >= a.warmup:
                 result["running_ms"].append((t_run - t0) * 1000)
                 result["http_ms"].append((t_http - t0) * 1000)
+                marks = (t0, t_net, t_container, t_task, t_run)
+                for k, a0, a1 in zip(PHASES, marks, marks[1:]):
+                    result["phases_ms"][k].append((a1 - a0) * 1000)
         except Exception as e:  # counted, reported, and the run goes on
             result["errors"] += 1
             print(f"pool_start: {e}", file=sys.stderr)

@@ -269,6 +269,114 @@ fn purge_leaves_nothing_for_the_next_function() {
     c.assert_gone(&b);
 }
 
+/// The read-only cgroup mount CRI, nerdctl and `runc spec` put in specs.
+const CGROUP_MOUNT: &str =
+    "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro:nosuid:noexec:nodev";
+
+/// v1 hierarchies under /sys/fs/cgroup (what a container's cgroup mount shows).
+fn v1_hierarchies() -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mut names: Vec<String> = info
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mp = pre.split_whitespace().nth(4)?;
+            (post.starts_with("cgroup ") && mp.starts_with("/sys/fs/cgroup/"))
+                .then(|| mp.rsplit('/').next().unwrap_or_default().to_string())
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn each_instance_sees_its_own_fresh_cgroup() {
+    require_root();
+    let c = pool_containerd("min_idle = 0\nmax_idle = 1");
+    let a = unique_id("cg-a");
+    let mount = ["--mount", CGROUP_MOUNT];
+    let limit_a = ["--memory-limit", "67108864"];
+    run(
+        &c,
+        &[&mount[..], &limit_a[..]].concat(),
+        BUSYBOX,
+        &a,
+        &["sleep", "999"],
+    );
+    let sb = published(&c, &a)["sandbox"].clone();
+    let sh = |id: &str, cmd: &str| c.exec_ok(id, &unique_id("x"), &["sh", "-c", cmd]);
+    let hierarchies = v1_hierarchies();
+    let views = || leaks::mounts_with(&c.pool_dir().join("cgroup-views").display().to_string());
+    if !hierarchies.is_empty() {
+        // one view per sandbox: its tmpfs and one bind per hierarchy
+        assert_eq!(views().len(), 1 + hierarchies.len(), "{:?}", views());
+        let listed: Vec<String> = sh(&a, "ls /sys/fs/cgroup")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(listed, hierarchies);
+    }
+    assert_eq!(
+        sh(&a, "cat /sys/fs/cgroup/memory/memory.limit_in_bytes").trim(),
+        "67108864"
+    );
+    // the container's processes, seen from its PID namespace
+    let procs = sh(&a, "cat /sys/fs/cgroup/memory/cgroup.procs");
+    assert!(procs.lines().any(|l| l == "1"), "{procs}");
+    assert!(
+        sh(&a, "mkdir /sys/fs/cgroup/memory/escape 2>&1; echo 1 > /sys/fs/cgroup/memory/memory.limit_in_bytes 2>&1; true")
+            .contains("Read-only"),
+        "the cgroup mount is writable"
+    );
+    // charge 24 MiB to A's cgroup (tmpfs pages count against it)
+    sh(
+        &a,
+        "dd if=/dev/zero of=/dev/shm/fill bs=1M count=24 2>/dev/null; sync",
+    );
+    let peak_a: u64 = sh(&a, "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes")
+        .trim()
+        .parse()
+        .expect("max usage");
+    assert!(peak_a >= 24 << 20, "{peak_a}");
+    c.kill_and_remove(&a);
+    wait_idle(&c, sb.as_str().expect("sandbox"));
+
+    let b = unique_id("cg-b");
+    let limit_b = ["--memory-limit", "33554432"];
+    run(
+        &c,
+        &[&mount[..], &limit_b[..]].concat(),
+        BUSYBOX,
+        &b,
+        &["sleep", "999"],
+    );
+    assert_eq!(
+        published(&c, &b)["sandbox"],
+        sb,
+        "B did not get A's sandbox"
+    );
+    assert_eq!(
+        sh(&b, "cat /sys/fs/cgroup/memory/memory.limit_in_bytes").trim(),
+        "33554432",
+        "B sees A's limit"
+    );
+    let peak_b: u64 = sh(&b, "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes")
+        .trim()
+        .parse()
+        .expect("max usage");
+    assert!(peak_b < 16 << 20, "B sees A's counters: {peak_b}");
+    if !hierarchies.is_empty() {
+        assert_eq!(
+            views().len(),
+            1 + hierarchies.len(),
+            "views stacked: {:?}",
+            views()
+        );
+    }
+    c.kill_and_remove(&b);
+    c.assert_gone(&b);
+}
+
 #[test]
 fn exhausted_and_full_pools_never_fail_a_container() {
     require_root();

@@ -131,15 +131,19 @@ impl Bundle {
         out
     }
 
-    /// Whether the spec mounts a cgroup filesystem (cgroup v1 controllers then show up as
-    /// separate mounts that CRIU must take from the host).
+    /// Whether the spec mounts a cgroup filesystem, itself or as a pooled sandbox's
+    /// prebuilt view (cgroup v1 controllers then show up as separate mounts that CRIU must
+    /// take from the host).
     pub fn mounts_cgroupfs(&self) -> bool {
         self.spec
             .mounts()
             .as_deref()
             .unwrap_or_default()
             .iter()
-            .any(|m| m.typ().as_deref() == Some("cgroup"))
+            .any(|m| {
+                m.typ().as_deref() == Some("cgroup")
+                    || m.destination() == std::path::Path::new("/sys/fs/cgroup")
+            })
     }
 }
 

@@ -93,6 +93,13 @@ pub struct PoolConfig {
     pub cgroup_parent: String,
     /// Pool state: records, published addresses, metrics, control socket.
     pub state_dir: PathBuf,
+    /// On cgroup v1 hosts, build each sandbox's `/sys/fs/cgroup` once and bind it into its
+    /// instances (one mount per start instead of one per hierarchy).
+    pub cgroup_view: bool,
+    /// Host tuning, off by default: remount cgroup2 with `favordynmods` when the pool
+    /// starts, so that moving a process into a cgroup does not wait for an RCU grace
+    /// period. Affects every cgroup user on the host.
+    pub cgroup_favor_dynmods: bool,
 }
 
 impl Default for PoolConfig {
@@ -109,6 +116,8 @@ impl Default for PoolConfig {
             subnet: trenv_runtime::sandbox::cni::DEFAULT_SUBNET.to_string(),
             cgroup_parent: "/trenv".to_string(),
             state_dir: PathBuf::from(trenv_runtime::sandbox::DEFAULT_POOL_ROOT),
+            cgroup_view: true,
+            cgroup_favor_dynmods: false,
         }
     }
 }

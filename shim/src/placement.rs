@@ -9,6 +9,7 @@
 
 use serde_json::Value;
 
+use trenv_runtime::sandbox::cgroup_view;
 use trenv_runtime::sandbox::holder::SANDBOX_NAMESPACES;
 use trenv_runtime::sandbox::Sandbox;
 
@@ -109,6 +110,40 @@ pub fn apply(spec: &mut Value, sb: &Sandbox) {
         }
     }
     spec["linux"]["cgroupsPath"] = Value::String(sb.cgroup.clone());
+    if let Some(view) = sb
+        .cgroup_view
+        .as_deref()
+        .filter(|v| cgroup_view::is_built(v))
+    {
+        use_cgroup_view(spec, &view.to_string_lossy());
+    }
+}
+
+/// Replaces a read-only cgroup mount at `/sys/fs/cgroup` by a recursive bind of the
+/// sandbox's prebuilt view (one mount instead of one per hierarchy). A writable cgroup
+/// mount stays as it is: the view is read-only.
+fn use_cgroup_view(spec: &mut Value, view: &str) {
+    let Some(mounts) = spec["mounts"].as_array_mut() else {
+        return;
+    };
+    for m in mounts.iter_mut() {
+        let opts: Vec<&str> = m["options"]
+            .as_array()
+            .map(|o| o.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if m["type"].as_str() != Some("cgroup")
+            || m["destination"].as_str() != Some(cgroup_view::CGROUP_ROOT)
+            || !opts.contains(&"ro")
+        {
+            continue;
+        }
+        *m = serde_json::json!({
+            "destination": cgroup_view::CGROUP_ROOT,
+            "type": "bind",
+            "source": view,
+            "options": ["rbind", "ro", "nosuid", "noexec", "nodev"],
+        });
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +183,33 @@ mod tests {
         let mut sysctl = spec(all());
         sysctl["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
         assert!(matches!(plan(&sysctl), Plan::Pool { tainted: true, .. }));
+    }
+
+    #[test]
+    fn cgroup_mount_becomes_a_view_bind() {
+        let cg = |opts: Value| {
+            json!({"destination": "/sys/fs/cgroup", "type": "cgroup",
+                                      "source": "cgroup", "options": opts})
+        };
+        let mut s = json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            cg(json!(["nosuid", "noexec", "nodev", "relatime", "ro"])),
+        ]});
+        use_cgroup_view(&mut s, "/run/trenv/pool/k8s/cgroup-views/sb-1");
+        assert_eq!(s["mounts"][0]["type"], "proc");
+        assert_eq!(s["mounts"][1]["type"], "bind");
+        assert_eq!(
+            s["mounts"][1]["source"],
+            "/run/trenv/pool/k8s/cgroup-views/sb-1"
+        );
+        assert!(s["mounts"][1]["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ro")));
+        // a writable cgroup mount is left to the runtime
+        let mut rw = json!({"mounts": [cg(json!(["nosuid", "rw"]))]});
+        use_cgroup_view(&mut rw, "/v");
+        assert_eq!(rw["mounts"][0]["type"], "cgroup");
     }
 
     #[test]

@@ -272,6 +272,8 @@ impl Pool {
         let owner = self.owner.lock().map(|o| o.is_some()).unwrap_or(false);
         if owner && self.lock().total() == 0 && self.store.list().0.is_empty() {
             sandbox::cgroup::remove_parents(&self.cgroup_parent(), 2);
+            // Never recurse into a mounted view (it binds live cgroup directories).
+            sandbox::cgroup_view::remove_all(&self.store.views());
             let _ = std::fs::remove_dir_all(&self.store.dir);
         } else {
             self.write_metrics();
@@ -413,10 +415,15 @@ impl Pool {
     fn create_now(&self) -> Result<Sandbox, String> {
         let id = random_id();
         let parent = self.cgroup_parent();
-        let sb = self
+        let mut sb = self
             .ops
             .create(&id, &self.exe, &parent, &self.network)
             .map_err(|e| format!("creating sandbox: {e}"))?;
+        if self.cfg.cgroup_view {
+            if let Err(e) = sb.build_cgroup_view(&self.store.cgroup_view_dir(&id)) {
+                log::warn!("sandbox {id}: {e}; its instances mount their own cgroups");
+            }
+        }
         if let Err(e) = self.store.save(&sb) {
             log::warn!("{e}");
         }
@@ -433,7 +440,7 @@ impl Pool {
     }
 
     /// Purges a released sandbox and checks it; an error means it must be destroyed.
-    fn purge(&self, sb: &Sandbox) -> Result<(), String> {
+    fn purge(&self, sb: &mut Sandbox) -> Result<(), String> {
         // A PID namespace dies with its init, but processes may still be exiting.
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
@@ -456,15 +463,19 @@ impl Pool {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        // A fresh cgroup has default limits and zero counters.
-        sandbox::cgroup::remove_when_empty(&sb.cgroup, Duration::from_secs(1))
-            .map_err(|e| e.to_string())?;
-        sandbox::cgroup::create(&sb.cgroup).map_err(|e| e.to_string())?;
+        sb.renew_cgroup().map_err(|e| e.to_string())?;
         self.ops.purge(&sb.holder)?;
         sb.check_empty()
     }
 
     fn worker(self: Arc<Self>) {
+        if self.cfg.cgroup_favor_dynmods {
+            match sandbox::cgroup::favor_dynmods() {
+                Ok(true) => log::info!("cgroup2 remounted with favordynmods"),
+                Ok(false) => {}
+                Err(e) => log::warn!("pool.cgroup_favor_dynmods: {e}"),
+            }
+        }
         self.adopt();
         self.publish_state();
         let mut last_check = Instant::now();
@@ -507,7 +518,7 @@ impl Pool {
             self.destroy(&sb);
             return;
         }
-        match self.purge(&sb) {
+        match self.purge(&mut sb) {
             Ok(()) => {
                 sb.state = State::Idle;
                 sb.served += 1;
@@ -584,9 +595,16 @@ impl Pool {
                 .chain(g.in_use.values().map(|u| u.sandbox.id.clone()))
                 .collect()
         };
-        for sb in records.into_iter().filter(|s| !known.contains(&s.id)) {
+        for mut sb in records.into_iter().filter(|s| !known.contains(&s.id)) {
             if sb.state == State::Idle && sb.check_empty().is_ok() {
                 log::info!("adopting idle sandbox {}", sb.id);
+                if let Some(v) = sb.cgroup_view.clone() {
+                    if !sandbox::cgroup_view::is_built(&v) {
+                        if let Err(e) = sb.build_cgroup_view(&v) {
+                            log::warn!("sandbox {}: {e}", sb.id);
+                        }
+                    }
+                }
                 self.lock().idle.push_back(sb);
             } else {
                 log::info!(

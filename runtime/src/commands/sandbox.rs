@@ -133,6 +133,7 @@ fn drain_offline(st: &Store) -> Result<()> {
             trenv_runtime::sandbox::cgroup::remove_parents(parent, 2);
         }
     }
+    trenv_runtime::sandbox::cgroup_view::remove_all(&st.views());
     println!(
         "no shim running; destroyed {} sandboxes",
         sandboxes.len() - failed

@@ -6,6 +6,7 @@
 //! `<pool root>/<containerd namespace>/sandboxes/`, read by `trenv sandbox`.
 
 pub mod cgroup;
+pub mod cgroup_view;
 pub mod cni;
 pub mod holder;
 pub mod purge;
@@ -31,6 +32,8 @@ pub enum SandboxError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error(transparent)]
     Purge(#[from] purge::PurgeError),
+    #[error(transparent)]
+    CgroupView(#[from] cgroup_view::ViewError),
     #[error("sandbox record {path}: {reason}")]
     Record { path: PathBuf, reason: String },
 }
@@ -82,6 +85,9 @@ pub struct Sandbox {
     pub container: Option<String>,
     /// Instances it has served.
     pub served: u64,
+    /// Its prebuilt `/sys/fs/cgroup` for instances (cgroup v1 hosts; see `cgroup_view`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_view: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -119,7 +125,33 @@ impl Sandbox {
             function: None,
             container: None,
             served: 0,
+            cgroup_view: None,
         })
+    }
+
+    /// Builds the sandbox's cgroup view at `dir`. Without one (an error, or a v2-only
+    /// host) instances get the runtime's own cgroup mount, which works the same, slower.
+    pub fn build_cgroup_view(&mut self, dir: &Path) -> Result<(), SandboxError> {
+        self.cgroup_view = None;
+        if cgroup_view::prepare(dir, &self.cgroup)? {
+            self.cgroup_view = Some(dir.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// Replaces the cgroup with a fresh one (default limits, zero counters), once the
+    /// processes of the last instance have left it, and rebuilds the view onto it.
+    pub fn renew_cgroup(&mut self) -> Result<(), SandboxError> {
+        let view = self.cgroup_view.take();
+        if let Some(v) = &view {
+            cgroup_view::remove(v);
+        }
+        cgroup::remove_when_empty(&self.cgroup, std::time::Duration::from_secs(1))?;
+        cgroup::create(&self.cgroup)?;
+        if let Some(v) = view {
+            self.build_cgroup_view(&v)?;
+        }
+        Ok(())
     }
 
     /// Tears a sandbox down: its processes, network, holder and cgroup. Best effort and
@@ -149,6 +181,10 @@ impl Sandbox {
         };
         let cni = network.del(&self.id, Path::new(&netns), Some(&self.attachment));
         self.holder.kill();
+        // Its bind mounts would keep the cgroup directories busy.
+        if let Some(v) = &self.cgroup_view {
+            cgroup_view::remove(v);
+        }
         let cg = cgroup::remove_when_empty(&self.cgroup, std::time::Duration::from_secs(2));
         cni?;
         cg?;
@@ -242,6 +278,16 @@ impl Store {
         }
         ok.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         (ok, bad)
+    }
+
+    /// Where a sandbox's cgroup view is built.
+    pub fn cgroup_view_dir(&self, id: &str) -> PathBuf {
+        self.views().join(id)
+    }
+
+    /// The directory of all cgroup views of this pool.
+    pub fn views(&self) -> PathBuf {
+        self.dir.join("cgroup-views")
     }
 
     /// Where the address of a container's sandbox is published for platforms.
