@@ -13,6 +13,10 @@ pub enum CgroupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("no cgroup2 mount to set favordynmods on")]
+    NoCgroup2,
+    #[error("remounting {path} with favordynmods: {source}")]
+    Remount { path: PathBuf, source: nix::Error },
     #[error("removing cgroup {path}: {source}")]
     Remove {
         path: PathBuf,
@@ -60,10 +64,7 @@ pub fn favor_dynmods() -> Result<bool, CgroupError> {
         let opts = post.nth(1)?.to_string();
         Some((PathBuf::from(pre.split_whitespace().nth(4)?), opts))
     }) else {
-        return Err(CgroupError::Mounts(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no cgroup2 mount",
-        )));
+        return Err(CgroupError::NoCgroup2);
     };
     let mut keep: Vec<&str> = opts
         .split(',')
@@ -81,10 +82,7 @@ pub fn favor_dynmods() -> Result<bool, CgroupError> {
         nix::mount::MsFlags::MS_REMOUNT,
         Some(keep.join(",").as_str()),
     )
-    .map_err(|e| CgroupError::Create {
-        path: mp,
-        source: e.into(),
-    })?;
+    .map_err(|source| CgroupError::Remount { path: mp, source })?;
     Ok(true)
 }
 
