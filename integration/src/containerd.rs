@@ -10,7 +10,8 @@ use crate::{bundle::busybox_image, leaks, wait_for};
 pub const BUSYBOX: &str = "docker.io/local/busybox:latest";
 /// The Debian + Python image reference after import.
 pub const PYTHON: &str = "docker.io/local/python:latest";
-/// Parent cgroup of the tests' sandboxes.
+/// Parent cgroup of the tests' sandboxes; each containerd's pool has its own below it
+/// (`Containerd::pool_cgroup`), so tests running side by side can count their own.
 pub const POOL_CGROUP: &str = "/trenv-it-pool";
 
 /// containerd's name for the trenv shim; resolved through containerd's PATH.
@@ -54,16 +55,34 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             sock = d.join("containerd.sock").display(),
         );
         std::fs::write(d.join("config.toml"), config).expect("config");
-        // Each containerd gets a pool of its own; a small one, so tests stay light.
-        let shim_config = format!(
-            "[pool]\nmin_idle = 1\nmax_idle = 4\nstate_dir = \"{}\"\ncgroup_parent = \"{POOL_CGROUP}\"\n",
-            d.join("pool").display()
-        );
-        std::fs::write(d.join("shim.toml"), shim_config).expect("shim config");
         let child = Self::spawn(d);
         let c = Self { dir, child };
+        // Each containerd gets a pool of its own; a small one, so tests stay light.
+        c.set_pool_config("min_idle = 1\nmax_idle = 4");
         c.wait_up();
         c
+    }
+
+    /// The parent cgroup of this containerd's sandboxes (the shim appends the namespace).
+    pub fn pool_cgroup(&self) -> String {
+        let name = self.dir.path().file_name().unwrap_or_default();
+        format!("{POOL_CGROUP}/{}", name.to_string_lossy())
+    }
+
+    /// Removes this containerd's (empty) pool parent cgroups in every hierarchy.
+    fn remove_pool_cgroups(&self) {
+        let rel = self.pool_cgroup();
+        let rel = rel.trim_start_matches('/');
+        let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        let mut roots: Vec<PathBuf> = hierarchies.flatten().map(|e| e.path()).collect();
+        roots.push(PathBuf::from("/sys/fs/cgroup"));
+        for root in roots {
+            let parent = root.join(rel);
+            let _ = std::fs::remove_dir(parent.join(NAMESPACE));
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 
     fn spawn(d: &Path) -> Child {
@@ -350,8 +369,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// Replaces the `[pool]` settings the next shim of this containerd starts with.
     pub fn set_pool_config(&self, toml_lines: &str) {
         let text = format!(
-            "[pool]\nstate_dir = \"{}\"\ncgroup_parent = \"{POOL_CGROUP}\"\n{toml_lines}\n",
-            self.dir.path().join("pool").display()
+            "[pool]\nstate_dir = \"{}\"\ncgroup_parent = \"{}\"\n{toml_lines}\n",
+            self.dir.path().join("pool").display(),
+            self.pool_cgroup()
         );
         std::fs::write(self.shim_config(), text).expect("shim config");
     }
@@ -471,6 +491,7 @@ impl Drop for Containerd {
             }
         }
         self.stop_daemon();
+        self.remove_pool_cgroups();
         // Shims outlive containerd by design; ours must not outlive the test.
         for pid in leaks::processes_with(&self.socket().to_string_lossy()) {
             let _ = nix::sys::signal::kill(

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use trenv_integration::containerd::{Containerd, BUSYBOX, POOL_CGROUP, PYTHON, TRENV_RUNTIME};
+use trenv_integration::containerd::{Containerd, BUSYBOX, PYTHON, TRENV_RUNTIME};
 use trenv_integration::{leaks, require_root, unique_id, wait_for};
 
 /// `ctr run -d --runtime trenv FLAGS IMAGE ID ARGS`, waiting until the task runs.
@@ -265,6 +265,46 @@ fn purge_leaves_nothing_for_the_next_function() {
     // No listening socket left in the shared network namespace (LISTEN is state 0A).
     let tcp = check("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4 == \"0A\"' | wc -l");
     assert_eq!(tcp.trim(), "0", "listening sockets left");
+    c.kill_and_remove(&b);
+    c.assert_gone(&b);
+}
+
+/// A listening socket left in a sandbox's network namespace by a process outside it (here
+/// the test, which created it there and left) survives the purge's kills: the check must
+/// catch it, and the sandbox must be destroyed rather than handed to the next function.
+#[test]
+fn a_socket_the_purge_cannot_remove_destroys_the_sandbox() {
+    require_root();
+    let c = pool_containerd("min_idle = 0\nmax_idle = 1");
+    let a = unique_id("sock-a");
+    run(&c, &[], BUSYBOX, &a, &["sleep", "999"]);
+    let sb = published(&c, &a)["sandbox"]
+        .as_str()
+        .expect("sandbox")
+        .to_string();
+    let holder = sandbox(&c, &sb).expect("record")["holder"]["pid"]
+        .as_i64()
+        .expect("holder pid");
+    let netns = format!("/proc/{holder}/ns/net");
+    let planted = std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns).expect("sandbox netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        std::net::TcpListener::bind("0.0.0.0:7777").expect("listen in the sandbox")
+    })
+    .join()
+    .expect("planting thread");
+    let failures = "trenv_pool_purge_failures_total{namespace=\"trenv-it\"}";
+    let before = metric(&c, failures);
+    c.kill_and_remove(&a);
+    let destroyed = wait_for(Duration::from_secs(10), || {
+        sandbox(&c, &sb).is_none().then_some(())
+    });
+    assert!(destroyed.is_some(), "kept: {:?}", sandbox(&c, &sb));
+    assert!(metric(&c, failures) > before, "purge failure not counted");
+    drop(planted);
+    let b = unique_id("sock-b");
+    run(&c, &[], BUSYBOX, &b, &["sleep", "999"]);
+    assert_ne!(published(&c, &b)["sandbox"], sb.as_str(), "reused");
     c.kill_and_remove(&b);
     c.assert_gone(&b);
 }
@@ -579,7 +619,7 @@ fn drain_empties_the_pool_while_containers_run() {
     c.kill_and_remove(&id);
     // With the last container gone, the drained pool's shim ends and leaves nothing.
     c.drain_pool().expect("drained pool ends cleanly");
-    assert!(cgroup_children(&format!("{POOL_CGROUP}/trenv-it")).is_empty());
+    assert!(cgroup_children(&format!("{}/trenv-it", c.pool_cgroup())).is_empty());
     c.assert_gone(&id);
 }
 
@@ -665,7 +705,7 @@ fn two_hundred_cycles_leave_nothing_behind() {
     );
     // Exactly one cgroup per sandbox, nothing else: no process in any sandbox.
     assert_eq!(
-        cgroup_children(&format!("{POOL_CGROUP}/trenv-it")).len(),
+        cgroup_children(&format!("{}/trenv-it", c.pool_cgroup())).len(),
         all.len()
     );
     for s in &all {

@@ -100,6 +100,9 @@ pub struct PoolConfig {
     /// starts, so that moving a process into a cgroup does not wait for an RCU grace
     /// period. Affects every cgroup user on the host.
     pub cgroup_favor_dynmods: bool,
+    /// Nice value (0-19) of the pool's background work: purging released sandboxes,
+    /// refilling, destroying. Container starts keep the shim's priority. 0 = no change.
+    pub background_nice: i32,
 }
 
 impl Default for PoolConfig {
@@ -118,6 +121,7 @@ impl Default for PoolConfig {
             state_dir: PathBuf::from(trenv_runtime::sandbox::DEFAULT_POOL_ROOT),
             cgroup_view: true,
             cgroup_favor_dynmods: false,
+            background_nice: 10,
         }
     }
 }

@@ -93,7 +93,14 @@ fn make_pool(namespace: &str, zygote: service::SharedZygote) -> Option<Arc<pool:
     if !cfg.enabled {
         return None;
     }
-    match pool::Pool::new(namespace, cfg, pool::Ops { zygote }) {
+    match pool::Pool::new(
+        namespace,
+        cfg.clone(),
+        pool::Ops {
+            zygote,
+            nice: cfg.background_nice,
+        },
+    ) {
         Ok(p) => Some(p),
         Err(e) => {
             log::error!("sandbox pool disabled: {e}");

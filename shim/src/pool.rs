@@ -110,38 +110,62 @@ const MIB: u64 = 1 << 20;
 /// the CNI plugins must be waited for by their parent, not by the shim's reaper.
 pub struct Ops {
     pub zygote: SharedZygote,
+    /// Nice value of background requests (`pool.background_nice`).
+    pub nice: i32,
+}
+
+/// Whether a container start waits for a request, or it is the pool's background work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    Waited,
+    Background,
 }
 
 impl Ops {
-    fn call(&self, req: &Request) -> Result<Option<serde_json::Value>, String> {
+    fn call(&self, req: Request, urgency: Urgency) -> Result<Option<serde_json::Value>, String> {
+        let req = match urgency {
+            Urgency::Background if self.nice != 0 => Request::Background {
+                nice: self.nice,
+                request: Box::new(req),
+            },
+            _ => req,
+        };
         let guard = self.zygote.lock().map_err(|_| "zygote lock poisoned")?;
         let z = guard
             .as_ref()
             .ok_or("no pool zygote in this shim process")?;
-        z.call_data(req).map_err(|e| e.to_string())
+        z.call_data(&req).map_err(|e| e.to_string())
     }
 
-    fn create(&self, id: &str, exe: &Path, parent: &str, net: &Network) -> Result<Sandbox, String> {
-        let data = self.call(&Request::CreateSandbox {
+    fn create(
+        &self,
+        id: &str,
+        exe: &Path,
+        parent: &str,
+        net: &Network,
+        urgency: Urgency,
+    ) -> Result<Sandbox, String> {
+        let req = Request::CreateSandbox {
             id: id.to_string(),
             exe: exe.to_path_buf(),
             cgroup_parent: parent.to_string(),
             network: net.clone(),
-        })?;
+        };
+        let data = self.call(req, urgency)?;
         serde_json::from_value(data.unwrap_or_default()).map_err(|e| e.to_string())
     }
 
     fn destroy(&self, sb: &Sandbox, net: &Network) -> Result<(), String> {
-        self.call(&Request::DestroySandbox {
+        let req = Request::DestroySandbox {
             sandbox: Box::new(sb.clone()),
             network: net.clone(),
-        })
-        .map(|_| ())
+        };
+        self.call(req, Urgency::Background).map(|_| ())
     }
 
     fn purge(&self, holder: &Holder) -> Result<(), String> {
-        self.call(&Request::PurgeSandbox { holder: *holder })
-            .map(|_| ())
+        let req = Request::PurgeSandbox { holder: *holder };
+        self.call(req, Urgency::Background).map(|_| ())
     }
 }
 /// Called whenever the pool became empty with nothing in use.
@@ -183,6 +207,12 @@ impl Pool {
     /// A pool for `namespace`; `None` (with the reason logged) when it cannot work, e.g.
     /// a broken CNI config: containers then run without sandboxes rather than fail.
     pub fn new(namespace: &str, cfg: PoolConfig, ops: Ops) -> Result<Arc<Self>, String> {
+        if !(0..=19).contains(&cfg.background_nice) {
+            return Err(format!(
+                "pool.background_nice is {}; it must be 0-19",
+                cfg.background_nice
+            ));
+        }
         let bin = cfg.cni_bin_dir.clone();
         let network = match &cfg.cni_config {
             Some(p) => Network::load(p, &bin).map_err(|e| e.to_string())?,
@@ -303,7 +333,7 @@ impl Pool {
             let mut g = self.lock();
             if g.draining {
                 drop(g);
-                break (self.create_now()?, Acquisition::Miss);
+                break (self.create_now(Urgency::Waited)?, Acquisition::Miss);
             }
             let same = g
                 .idle
@@ -338,7 +368,7 @@ impl Pool {
                     }
                     g.busy += 1;
                     drop(g);
-                    let r = self.create_now();
+                    let r = self.create_now(Urgency::Waited);
                     self.lock().busy -= 1;
                     break (r?, Acquisition::Miss);
                 }
@@ -412,12 +442,12 @@ impl Pool {
         n
     }
 
-    fn create_now(&self) -> Result<Sandbox, String> {
+    fn create_now(&self, urgency: Urgency) -> Result<Sandbox, String> {
         let id = random_id();
         let parent = self.cgroup_parent();
         let mut sb = self
             .ops
-            .create(&id, &self.exe, &parent, &self.network)
+            .create(&id, &self.exe, &parent, &self.network, urgency)
             .map_err(|e| format!("creating sandbox: {e}"))?;
         if self.cfg.cgroup_view {
             if let Err(e) = sb.build_cgroup_view(&self.store.cgroup_view_dir(&id)) {
@@ -469,6 +499,8 @@ impl Pool {
     }
 
     fn worker(self: Arc<Self>) {
+        // Purges, refills and evictions run behind container starts.
+        crate::zygote::set_nice(self.cfg.background_nice);
         if self.cfg.cgroup_favor_dynmods {
             match sandbox::cgroup::favor_dynmods() {
                 Ok(true) => log::info!("cgroup2 remounted with favordynmods"),
@@ -677,7 +709,7 @@ impl Pool {
             }
             g.busy += 1;
         }
-        let r = self.create_now();
+        let r = self.create_now(Urgency::Background);
         let mut g = self.lock();
         g.busy -= 1;
         match r {

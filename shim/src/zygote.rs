@@ -68,6 +68,12 @@ pub enum Request {
         no_pivot: bool,
         sandbox_uts: Option<SandboxUts>,
     },
+    /// Runs `request` at a lower CPU priority: the pool's background work (purges,
+    /// refills) must not take CPU from container starts on small nodes.
+    Background {
+        nice: i32,
+        request: Box<Request>,
+    },
     /// Purges a released sandbox's IPC and UTS namespaces.
     PurgeSandbox {
         holder: trenv_runtime::sandbox::holder::Holder,
@@ -365,6 +371,11 @@ type Answer = (Option<i32>, Option<serde_json::Value>);
 fn respond(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Answer> {
     use trenv_runtime::sandbox::Sandbox;
     match req {
+        Request::Background { nice, request } => {
+            // This worker is a fresh process: the priority goes with it.
+            set_nice(nice);
+            respond(*request, fds)
+        }
         Request::CreateSandbox {
             id,
             exe,
@@ -379,6 +390,19 @@ fn respond(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Answer> {
             Ok((None, None))
         }
         other => perform(other, fds).map(|pid| (pid, None)),
+    }
+}
+
+/// Lowers the calling thread's CPU priority (a nice value, 0-19); failures only cost speed.
+pub fn set_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid and setpriority have no memory-safety preconditions; on Linux
+    // PRIO_PROCESS with a thread id applies to that thread only.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if r != 0 {
+        log::warn!("setting nice {nice}: {}", std::io::Error::last_os_error());
     }
 }
 
@@ -537,7 +561,9 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             trenv_runtime::sandbox::purge::namespaces(&holder)?;
             Ok(None)
         }
-        Request::CreateSandbox { .. } | Request::DestroySandbox { .. } => {
+        Request::CreateSandbox { .. }
+        | Request::DestroySandbox { .. }
+        | Request::Background { .. } => {
             anyhow::bail!("sandbox requests are answered by respond()")
         }
         Request::Delete { root, id, force } => {

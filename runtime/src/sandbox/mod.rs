@@ -10,6 +10,7 @@ pub mod cgroup_view;
 pub mod cni;
 pub mod holder;
 pub mod purge;
+pub mod sockets;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -161,6 +161,18 @@ pub fn processes_in_netns(netns: u64, except: i32) -> Vec<i32> {
 
 /// Number of listening TCP sockets and bound UDP sockets in the holder's network namespace.
 pub fn open_sockets(holder_pid: i32) -> usize {
+    let netns = PathBuf::from(format!("/proc/{holder_pid}/ns/net"));
+    match super::sockets::listening_or_bound(&netns) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("{e}; reading /proc/{holder_pid}/net instead");
+            proc_sockets(holder_pid)
+        }
+    }
+}
+
+/// The same count from the /proc tables, which walk host-wide hashes: slower.
+fn proc_sockets(holder_pid: i32) -> usize {
     let count = |table: &str, listen_only: bool| {
         std::fs::read_to_string(format!("/proc/{holder_pid}/net/{table}"))
             .map(|t| {
