@@ -7,6 +7,7 @@ mod metrics;
 mod oom;
 mod placement;
 mod pool;
+mod rootfs;
 mod service;
 mod stdio;
 mod teardown;

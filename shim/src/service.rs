@@ -428,13 +428,8 @@ impl Service {
         std::fs::create_dir_all(&target)
             .map_err(|e| err(Code::INTERNAL, format!("creating {target:?}: {e}")))?;
         for m in mounts {
-            containerd_shim::mount::mount_rootfs(
-                Some(m.type_.as_str()),
-                Some(m.source.as_str()),
-                &m.options,
-                &target,
-            )
-            .map_err(|e| err(Code::INTERNAL, format!("mounting rootfs: {e}")))?;
+            crate::rootfs::mount(&m.type_, &m.source, &m.options, &target)
+                .map_err(|e| err(Code::INTERNAL, format!("mounting rootfs: {e}")))?;
         }
         Ok(true)
     }
@@ -550,7 +545,31 @@ impl containerd_shim::Task for Service {
         }
         let root = config.state_root(&self.namespace);
         let checkpoint = (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint));
-        let mounted = Self::mount_rootfs(&bundle, &req.rootfs)?;
+        // Mounting the rootfs (an overlay mount, the larger part) and taking a sandbox
+        // are independent: done side by side, a pool hit waits for the longer of the two.
+        let (mounted, placed) = std::thread::scope(|s| {
+            let mount = s.spawn(|| Self::mount_rootfs(&bundle, &req.rootfs));
+            let placed = self.place(&req.id, &bundle, &config, &annotations);
+            let mounted = mount
+                .join()
+                .unwrap_or_else(|_| Err(err(Code::INTERNAL, "rootfs mount thread panicked")));
+            (mounted, placed)
+        });
+        let (mounted, sandbox_uts) = match (mounted, placed) {
+            (Ok(m), Ok(s)) => (m, s),
+            (Err(e), placed) => {
+                if matches!(placed, Ok(Some(_))) {
+                    self.release_sandbox(&req.id);
+                }
+                return Err(e);
+            }
+            (Ok(m), Err(e)) => {
+                if m {
+                    Self::unmount_rootfs(&bundle);
+                }
+                return Err(e);
+            }
+        };
         let mut p = Proc {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -562,15 +581,6 @@ impl containerd_shim::Task for Service {
         // has no process.
         // Restored tasks go into sandboxes too: a checkpoint taken in one refers to its
         // network namespace as external, and CRIU needs one to put the process in.
-        let sandbox_uts = match self.place(&req.id, &bundle, &config, &annotations) {
-            Ok(s) => s,
-            Err(e) => {
-                if mounted {
-                    Self::unmount_rootfs(&bundle);
-                }
-                return Err(e);
-            }
-        };
         let pooled = sandbox_uts.is_some();
         if checkpoint.is_none() {
             let res = self.launch(&req.id, &p, &config, |console_socket, stdio| {
