@@ -189,8 +189,10 @@ fn malformed_annotations_and_config_are_rejected() {
         let _ = c.ctr(&["containers", "delete", &id]);
         c.assert_gone(&id);
     }
-    // A well-formed config file is applied: io_uid owns the process's stdio pipes.
-    let good = c.dir().join("shim.toml");
+    // A well-formed config file is applied: io_uid owns the process's stdio pipes. It is a
+    // file of its own: the shim's default file also holds the pool settings, which
+    // `shim start` reads to find the namespace's running shim.
+    let good = c.dir().join("good-shim.toml");
     std::fs::write(&good, "io_uid = 1234\nio_gid = 1234\n").expect("config");
     let id = unique_id("shim-cfg");
     let out = c.ctr_ok(&[
