@@ -5,13 +5,14 @@ use trenv_integration::{require_root, unique_id};
 
 use trenv_integration::containerd::TRENV_RUNTIME as RUNTIME;
 
-/// CPU time (user + system, in clock ticks) a process has used.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+/// CPU time (user + system, in clock ticks) a process has used; None once it has exited
+/// (the zygotes' short-lived workers match the shim's command line too).
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// A running task survives a containerd restart: same pid, still running, and reachable
@@ -42,9 +43,16 @@ fn task_survives_containerd_restart() {
     let shim = trenv_integration::leaks::processes_with(&format!("-id {id} "));
     assert!(!shim.is_empty(), "no shim for {id}");
     c.stop();
-    let before: u64 = shim.iter().map(|p| cpu_ticks(*p)).sum();
+    let before: Vec<(i32, u64)> = shim
+        .iter()
+        .filter_map(|p| Some((*p, cpu_ticks(*p)?)))
+        .collect();
+    assert!(!before.is_empty(), "the shim is gone");
     std::thread::sleep(std::time::Duration::from_secs(1));
-    let used: u64 = shim.iter().map(|p| cpu_ticks(*p)).sum::<u64>() - before;
+    let used: u64 = before
+        .iter()
+        .filter_map(|(p, t)| Some(cpu_ticks(*p)?.saturating_sub(*t)))
+        .sum();
     assert!(
         used < 10,
         "the shim used {used} ticks of CPU in 1 s without containerd"
