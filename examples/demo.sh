@@ -16,6 +16,9 @@ cleanup() {
   "$TRENV" --root "$WORK/state" delete --force demo-counter >/dev/null 2>&1
   if [ -n "$CTRD_PID" ]; then
     ctr --address "$WORK/containerd.sock" -n "$NS" task kill -s SIGKILL demo-bg >/dev/null 2>&1
+    # The namespace's pool shim outlives containerd by design: drain it (it then exits).
+    "$TRENV" sandbox drain --namespace "$NS" >/dev/null 2>&1
+    for _ in $(seq 100); do pgrep -f "containerd-shim-trenv-v2 -namespace $NS " >/dev/null || break; sleep 0.1; done
     kill "$CTRD_PID" 2>/dev/null; wait "$CTRD_PID" 2>/dev/null
   fi
   grep "$WORK" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null

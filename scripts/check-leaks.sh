@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # After a test run: nothing named trenv may remain mounted, in a cgroup or running.
-# Empty parent cgroups the tests used (/trenv-it) are removed first; a non-empty one is a leak.
+# Every cgroup below the parents the tests share (/trenv-it, /trenv-it-pool) is a leak,
+# empty or not: it is counted before anything is removed. The shared parents themselves are
+# removed afterwards when empty, so the next run starts clean.
 set -u
 fail=0
 pass=0
@@ -11,16 +13,24 @@ check() { # name, findings
     echo "ok: no $1"; pass=$((pass+1))
   fi
 }
-for d in $(find /sys/fs/cgroup -maxdepth 3 -type d \( -name 'trenv-it' -o -name 'trenv-it-pool' \) 2>/dev/null | sort -r); do
-  find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
-  rmdir "$d" 2>/dev/null || true
+parents=$(find /sys/fs/cgroup -maxdepth 2 -type d \( -name 'trenv-it' -o -name 'trenv-it-pool' \) 2>/dev/null | sort)
+below=""
+for d in $parents; do
+  below+="$(find "$d" -mindepth 1 -type d 2>/dev/null)"$'\n'
 done
+others=$(find /sys/fs/cgroup -maxdepth 4 -type d -iname '*trenv*' 2>/dev/null | while read -r d; do
+  skip=0
+  for p in $parents; do case "$d/" in "$p"/*) skip=1 ;; esac; done
+  [ "$skip" = 0 ] && echo "$d"
+done)
 check "trenv mounts" "$(grep -i trenv /proc/self/mountinfo | grep -v '/var/cache/trenv' || true)"
-check "trenv cgroups" "$(find /sys/fs/cgroup -maxdepth 4 -type d -iname '*trenv*' 2>/dev/null || true)"
+check "trenv cgroups" "$(printf '%s\n%s\n' "$below" "$others" | sed '/^$/d' | sort -u)"
 check "trenv test processes" "$(ps -eo pid,args | grep -E 'trenv-it|criu-root|criu swrk' | grep -v -E 'grep|check-leaks' || true)"
 check "trenv test state" "$(ls -d /run/trenv-it-* /tmp/trenv-it-* /run/containerd/trenv/trenv-it/* 2>/dev/null || true)"
 check "sandbox holders" "$(ps -eo pid,args | grep trenv-sandbox-holder | grep -v grep || true)"
+check "trenv zygotes" "$(ps -eo pid,args | grep trenv-zygote | grep -v grep || true)"
 check "CNI address leases" "$(ls /var/lib/cni/networks/trenv 2>/dev/null | grep -v -E '^(lock|last_reserved_ip)' || true)"
 check "shim console sockets" "$(ls /run/containerd/trenv/console 2>/dev/null || true)"
+for d in $parents; do rmdir "$d" 2>/dev/null || true; done
 echo "leaks: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -326,3 +326,60 @@ fn features_and_spec() {
     let e = rt.fail(&["spec", "--bundle", &d]);
     assert!(e.contains("exists"), "{e}");
 }
+
+/// A failing poststop hook is a warning (runtime spec): delete finishes, the state is
+/// gone, the hook ran. Even with the bundle already removed, delete --force finishes.
+#[test]
+fn failing_poststop_hook_does_not_stop_delete() {
+    require_root();
+    let rt = Runtime::trenv();
+    for remove_bundle in [false, true] {
+        let id = unique_id("poststop");
+        let b = Bundle::new(&id, &["true"]);
+        let ran = b.path().with_extension("hook-ran");
+        let ran_path = ran.to_string_lossy().into_owned();
+        b.edit(|c| {
+            c["hooks"] = serde_json::json!({
+                "poststop": [
+                    {"path": "/bin/sh", "args": ["sh", "-c", format!("touch {ran_path}; exit 3")]},
+                ]
+            });
+        });
+        let bundle = b.path().to_string_lossy().into_owned();
+        rt.detached(&["create", "--bundle", &bundle, &id]);
+        if remove_bundle {
+            std::fs::remove_file(b.path().join("config.json")).expect("remove config");
+        }
+        rt.ok(&["delete", "--force", &id]);
+        assert!(ran.exists(), "the poststop hook did not run");
+        let _ = std::fs::remove_file(&ran);
+        assert!(
+            !rt.root().join(&id).exists(),
+            "state directory of {id} left after delete"
+        );
+        assert_container_gone(&rt, &id);
+    }
+}
+
+/// `linux.resources.memory.disableOOMKiller` reaches the memory cgroup (v1:
+/// memory.oom_control).
+#[test]
+fn disable_oom_killer_is_applied() {
+    require_root();
+    let rt = Runtime::trenv();
+    let id = unique_id("oomoff");
+    let b = Bundle::new(&id, &["sleep", "1000"]);
+    b.edit(|c| {
+        c["linux"]["resources"]["memory"] =
+            serde_json::json!({"limit": 64 * 1024 * 1024, "disableOOMKiller": true});
+    });
+    let bundle = b.path().to_string_lossy().into_owned();
+    rt.detached(&["create", "--bundle", &bundle, &id]);
+    let control = std::path::Path::new("/sys/fs/cgroup/memory")
+        .join(cgroup_path(&id).trim_start_matches('/'))
+        .join("memory.oom_control");
+    let text = std::fs::read_to_string(&control).expect("memory.oom_control");
+    rt.ok(&["delete", "--force", &id]);
+    assert!(text.contains("oom_kill_disable 1"), "{text}");
+    assert_container_gone(&rt, &id);
+}

@@ -44,6 +44,8 @@ pub enum CheckpointError {
     },
     #[error(transparent)]
     Container(#[from] libcontainer::error::LibcontainerError),
+    #[error(transparent)]
+    Delete(#[from] crate::lifecycle::LifecycleError),
 }
 
 /// runc's `checkpoint` flags.
@@ -269,7 +271,7 @@ pub fn checkpoint(
     tracing::debug!(id = container.id(), "checkpointed");
     if !opts.leave_running && !opts.pre_dump {
         container.set_status(ContainerStatus::Stopped).save()?;
-        container.delete(true)?;
+        crate::lifecycle::delete(container, true)?;
     }
     Ok(())
 }

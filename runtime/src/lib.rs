@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod checkpoint;
 pub mod criu;
 pub mod fdpass;
+pub mod lifecycle;
 pub mod logging;
 pub mod restore;
 pub mod sandbox;

@@ -66,6 +66,43 @@ pub struct ShimConfig {
     pub criu_work_path: Option<PathBuf>,
     /// The sandbox pool; read from the shim config file when the shim starts.
     pub pool: PoolConfig,
+    /// Deadlines of operations; read from the shim config file when the shim starts.
+    pub timeouts: Timeouts,
+}
+
+/// `[timeouts]`: how long an operation may take before its worker is killed and the
+/// request fails with DEADLINE_EXCEEDED. Documented in docs/configuration.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Create, start, exec, kill, pause, resume, delete.
+    pub operation_secs: u64,
+    /// Checkpoint and restore (CRIU), which grow with the container's memory.
+    pub criu_secs: u64,
+    /// The pool's sandbox operations: create (holder, cgroup, CNI), purge, destroy.
+    pub sandbox_secs: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            operation_secs: 60,
+            criu_secs: 600,
+            sandbox_secs: 120,
+        }
+    }
+}
+
+impl Timeouts {
+    /// The deadline of one zygote request.
+    pub fn for_request(&self, req: &crate::zygote::Request) -> std::time::Duration {
+        let secs = match req.name() {
+            "checkpoint" | "restore" => self.criu_secs,
+            "create sandbox" | "purge sandbox" | "destroy sandbox" => self.sandbox_secs,
+            _ => self.operation_secs,
+        };
+        std::time::Duration::from_secs(secs.max(1))
+    }
 }
 
 /// `[pool]`: repurposable sandboxes. Documented in docs/configuration.md.
@@ -103,6 +140,12 @@ pub struct PoolConfig {
     /// Nice value (0-19) of the pool's background work: purging released sandboxes,
     /// refilling, destroying. Container starts keep the shim's priority. 0 = no change.
     pub background_nice: i32,
+    /// How long one CNI plugin call may run before it is killed and the sandbox creation
+    /// fails (undone).
+    pub cni_timeout_secs: u64,
+    /// A pool shim whose containerd has been unreachable this long while it had no task
+    /// drains its pool and exits. 0 = never.
+    pub orphan_grace_secs: u64,
 }
 
 impl Default for PoolConfig {
@@ -122,6 +165,8 @@ impl Default for PoolConfig {
             cgroup_view: true,
             cgroup_favor_dynmods: false,
             background_nice: 10,
+            cni_timeout_secs: 30,
+            orphan_grace_secs: 300,
         }
     }
 }
@@ -139,6 +184,7 @@ impl Default for ShimConfig {
             criu_image_path: None,
             criu_work_path: None,
             pool: PoolConfig::default(),
+            timeouts: Timeouts::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ mod teardown;
 mod zygote;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::signal::{SigHandler, Signal};
 
@@ -27,6 +28,8 @@ struct Shim {
     id: String,
     /// The ttrpc socket this shim serves (`unix:///run/containerd/s/...`).
     socket: String,
+    /// containerd's own socket.
+    containerd: String,
     exit: Arc<ExitSignal>,
     /// Shared with the task service; taken back at exit to end and reap the zygote.
     zygote: service::SharedZygote,
@@ -38,14 +41,16 @@ struct Shim {
 /// One shim serves every trenv task of a containerd namespace and owns its sandbox pool.
 const GROUPING: &str = "trenv-pool";
 
-fn spawn_zygote() -> Option<zygote::Zygote> {
-    match zygote::Zygote::spawn() {
-        Ok(z) => Some(z),
-        Err(e) => {
-            log::error!("starting a zygote: {e}");
-            None
+/// A zygote handle; the serving shim starts the process at once, a failure to do so is
+/// logged and retried by the first request.
+fn new_zygote(name: &'static str, serving: bool) -> service::SharedZygote {
+    let z = zygote::Zygote::new(name);
+    if serving {
+        if let Err(e) = z.ensure_running() {
+            log::error!("{e}");
         }
     }
+    Arc::new(z)
 }
 
 fn pool_config() -> Option<config::PoolConfig> {
@@ -84,8 +89,8 @@ fn hold_pool_shim(namespace: &str) -> bool {
 /// The pool of this shim, unless it is disabled or cannot work (logged; tasks then run
 /// without sandboxes).
 fn make_pool(namespace: &str, zygote: service::SharedZygote) -> Option<Arc<pool::Pool>> {
-    let cfg = match config::ShimConfig::from_default_file() {
-        Ok(c) => c.pool,
+    let (cfg, timeouts) = match config::ShimConfig::from_default_file() {
+        Ok(c) => (c.pool, c.timeouts),
         Err(e) => {
             log::error!("sandbox pool disabled: {e}");
             return None;
@@ -100,6 +105,7 @@ fn make_pool(namespace: &str, zygote: service::SharedZygote) -> Option<Arc<pool:
         pool::Ops {
             zygote,
             nice: cfg.background_nice,
+            deadline: Duration::from_secs(timeouts.sandbox_secs.max(1)),
         },
     ) {
         Ok(p) => Some(p),
@@ -114,19 +120,15 @@ impl containerd_shim::Shim for Shim {
     type T = service::Service;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
-        // The serving shim forks its zygotes now, before the ttrpc server starts threads.
-        let (zygote, pool_zygote) = if args.action.is_empty() {
-            (spawn_zygote(), spawn_zygote())
-        } else {
-            (None, None)
-        };
+        let serving = args.action.is_empty();
         Self {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             socket: args.socket.clone(),
+            containerd: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
-            zygote: Arc::new(std::sync::Mutex::new(zygote)),
-            pool_zygote: Arc::new(std::sync::Mutex::new(pool_zygote)),
+            zygote: new_zygote("task", serving),
+            pool_zygote: new_zygote("pool", serving),
             pool: std::sync::Mutex::new(None),
         }
     }
@@ -169,7 +171,7 @@ impl containerd_shim::Shim for Shim {
         if dir.join("state.json").exists() {
             match libcontainer::container::Container::load(dir) {
                 Ok(mut c) => {
-                    if let Err(e) = c.delete(true) {
+                    if let Err(e) = trenv_runtime::lifecycle::delete(&mut c, true) {
                         log::warn!("deleting container {}: {e}", self.id);
                     }
                 }
@@ -193,9 +195,7 @@ impl containerd_shim::Shim for Shim {
         }
         // Reaped here rather than left to init, so no zombie outlives the shim.
         for z in [&self.zygote, &self.pool_zygote] {
-            if let Some(z) = z.lock().ok().and_then(|mut z| z.take()) {
-                z.shutdown();
-            }
+            z.shutdown();
         }
         // containerd-shim removes the socket only if it can still read the address file in
         // the bundle, which containerd may already have deleted; a stale socket would make
@@ -236,13 +236,16 @@ impl containerd_shim::Shim for Shim {
             self.exit.clone(),
             pool,
             &self.socket,
+            &self.containerd,
         )
     }
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some(trenv_runtime::sandbox::holder::HOLDER_ARG) {
-        trenv_runtime::sandbox::holder::run();
+    match std::env::args().nth(1).as_deref() {
+        Some(trenv_runtime::sandbox::holder::HOLDER_ARG) => trenv_runtime::sandbox::holder::run(),
+        Some(zygote::ZYGOTE_ARG) => zygote::serve(),
+        _ => {}
     }
     containerd_shim::run::<Shim>(RUNTIME_ID, None);
 }

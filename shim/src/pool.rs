@@ -112,6 +112,8 @@ pub struct Ops {
     pub zygote: SharedZygote,
     /// Nice value of background requests (`pool.background_nice`).
     pub nice: i32,
+    /// Deadline of each request (`timeouts.sandbox_secs`).
+    pub deadline: Duration,
 }
 
 /// Whether a container start waits for a request, or it is the pool's background work.
@@ -130,11 +132,10 @@ impl Ops {
             },
             _ => req,
         };
-        let guard = self.zygote.lock().map_err(|_| "zygote lock poisoned")?;
-        let z = guard
-            .as_ref()
-            .ok_or("no pool zygote in this shim process")?;
-        z.call_data(&req).map_err(|e| e.to_string())
+        self.zygote
+            .call(&req, &[], self.deadline)
+            .map(|a| a.data)
+            .map_err(|e| e.to_string())
     }
 
     fn create(
@@ -191,6 +192,9 @@ pub struct Pool {
     lease: Mutex<(bool, Instant)>,
 }
 
+/// How long a control client may take to send its command or read the answer.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a `hold` from `shim start` keeps the shim from retiring.
 const HOLD: Duration = Duration::from_secs(2);
 
@@ -217,7 +221,8 @@ impl Pool {
         let network = match &cfg.cni_config {
             Some(p) => Network::load(p, &bin).map_err(|e| e.to_string())?,
             None => Network::builtin(&cfg.subnet, &bin),
-        };
+        }
+        .with_timeout(Duration::from_secs(cfg.cni_timeout_secs.max(1)));
         let exe = std::env::current_exe().map_err(|e| format!("shim executable: {e}"))?;
         let store = Store::new(&cfg.state_dir, namespace);
         std::fs::create_dir_all(&store.dir)
@@ -560,6 +565,12 @@ impl Pool {
                 }
                 let mut g = self.lock();
                 g.counters.purges += 1;
+                // A drain that began during the purge wants no idle sandbox.
+                if g.draining {
+                    drop(g);
+                    self.destroy(&sb);
+                    return;
+                }
                 g.idle.push_back(sb);
             }
             Err(e) => {
@@ -573,38 +584,17 @@ impl Pool {
     /// Takes the pool's ownership lock, held until this process exits. A shim that is
     /// retiring may still hold it for a moment; its sandboxes must not be adopted meanwhile.
     fn lock_ownership(&self) -> bool {
-        use std::os::fd::AsRawFd;
-        let path = self.store.dir.join("owner.lock");
-        let file = match std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) => {
-                log::warn!("{}: {e}", path.display());
-                return false;
-            }
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // SAFETY: flock on a descriptor we own; no memory is passed.
-            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if r == 0 {
+        match self.store.lock_owner(Duration::from_secs(10)) {
+            Ok(file) => {
                 if let Ok(mut o) = self.owner.lock() {
                     *o = Some(file);
                 }
-                return true;
+                true
             }
-            if Instant::now() > deadline {
-                log::warn!(
-                    "pool of {} is owned by another shim; not adopting",
-                    self.namespace
-                );
-                return false;
+            Err(e) => {
+                log::warn!("{e}; not adopting the pool of {}", self.namespace);
+                false
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -713,6 +703,13 @@ impl Pool {
         let mut g = self.lock();
         g.busy -= 1;
         match r {
+            // A drain that began during the creation wants no idle sandbox.
+            Ok(sb) if g.draining => {
+                drop(g);
+                self.destroy(&sb);
+                self.check_empty();
+                false
+            }
             Ok(sb) => {
                 g.idle.push_back(sb);
                 true
@@ -737,6 +734,11 @@ impl Pool {
         }
         l.1 = Instant::now() + HOLD;
         true
+    }
+
+    /// How long the shim stays after containerd went away with no task left.
+    pub fn orphan_grace(&self) -> Duration {
+        Duration::from_secs(self.cfg.orphan_grace_secs)
     }
 
     /// Marks the shim as retiring unless a `hold` is in force; no hold succeeds afterwards.
@@ -788,22 +790,39 @@ impl Pool {
         }
     }
 
+    /// Serves the control socket: each client on a thread of its own, with a deadline for
+    /// its command, so a client that connects and says nothing blocks nobody.
     fn serve_control(self: Arc<Self>, listener: UnixListener) {
         for conn in listener.incoming() {
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let Ok(mut conn) = conn else { continue };
-            let mut line = String::new();
-            let _ = BufReader::new(&conn).read_line(&mut line);
-            let reply = match line.trim() {
-                "drain" => serde_json::json!({ "destroyed": self.drain() }),
-                "ping" => serde_json::json!({ "pid": std::process::id() }),
-                "hold" => serde_json::json!({ "held": self.hold() }),
-                other => serde_json::json!({ "error": format!("unknown command {other:?}") }),
-            };
-            let _ = writeln!(conn, "{reply}");
+            let Ok(conn) = conn else { continue };
+            let p = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("pool-control-client".into())
+                .spawn(move || p.answer_control(conn));
+            if let Err(e) = spawned {
+                log::warn!("pool control: {e}");
+            }
         }
+    }
+
+    fn answer_control(&self, mut conn: std::os::unix::net::UnixStream) {
+        let _ = conn.set_read_timeout(Some(CONTROL_TIMEOUT));
+        let _ = conn.set_write_timeout(Some(CONTROL_TIMEOUT));
+        let mut line = String::new();
+        if let Err(e) = BufReader::new(&conn).read_line(&mut line) {
+            log::debug!("pool control: {e}");
+            return;
+        }
+        let reply = match line.trim() {
+            "drain" => serde_json::json!({ "destroyed": self.drain() }),
+            "ping" => serde_json::json!({ "pid": std::process::id() }),
+            "hold" => serde_json::json!({ "held": self.hold() }),
+            other => serde_json::json!({ "error": format!("unknown command {other:?}") }),
+        };
+        let _ = writeln!(conn, "{reply}");
     }
 
     /// Prometheus text exposition in `<pool dir>/metrics.prom` (a node_exporter textfile

@@ -25,7 +25,7 @@ use crate::config::ShimConfig;
 use crate::console::ConsoleSocket;
 use crate::placement::{self, Plan};
 use crate::pool::{Claim, Pool};
-use crate::zygote::{Request, SandboxUts, Stdio, Zygote};
+use crate::zygote::{FailureKind, Kind, Request, SandboxUts, Stdio, Zygote, ZygoteError};
 
 /// One process of a task: the init (exec id "") or an exec.
 #[derive(Debug, Clone, Default)]
@@ -64,10 +64,31 @@ struct State {
     tasks: HashMap<String, Task>,
     /// Exits reaped before the pid was known (a process that ended during create/start).
     early_exits: HashMap<i32, (u32, Timestamp)>,
+    /// How deleted processes ended, for a Wait that was blocked on one when it was
+    /// deleted (a task deleted before it ever ran has no exit of its own).
+    deleted: HashMap<(String, String), (u32, Timestamp)>,
+}
+
+impl State {
+    /// Records how a deleted process ended, keeping the most recent ones.
+    fn bury(&mut self, id: &str, exec_id: &str, exit: (u32, Timestamp)) {
+        if self.deleted.len() >= MAX_EARLY_EXITS {
+            let oldest = self
+                .deleted
+                .iter()
+                .min_by_key(|(_, (_, t))| (t.seconds, t.nanos))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.deleted.remove(&k);
+            }
+        }
+        self.deleted
+            .insert((id.to_string(), exec_id.to_string()), exit);
+    }
 }
 
 /// The zygote, shared by the shim (which ends it at exit) and the task service.
-pub type SharedZygote = Arc<Mutex<Option<Zygote>>>;
+pub type SharedZygote = Arc<Zygote>;
 
 pub struct Service {
     state: Arc<(Mutex<State>, Condvar)>,
@@ -78,15 +99,33 @@ pub struct Service {
     pool: Option<Arc<Pool>>,
     /// This shim's ttrpc socket address.
     socket: String,
+    timeouts: crate::config::Timeouts,
 }
 
 const MAX_EARLY_EXITS: usize = 256;
+/// Exit status reported for a process deleted before it exited (it was killed), as runc's
+/// shim does.
+const DELETED_STATUS: u32 = 128 + libc::SIGKILL as u32;
 /// How long a retiring shim still accepts requests on connections made before its socket
 /// was removed (containerd connects right after `shim start` returned the address).
 const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+/// The ttrpc status of a failed zygote request.
+fn zygote_err(e: ZygoteError) -> ttrpc::Error {
+    let code = match e.kind() {
+        Kind::Op(FailureKind::NotFound) => Code::NOT_FOUND,
+        Kind::Op(FailureKind::AlreadyExists) => Code::ALREADY_EXISTS,
+        Kind::Op(FailureKind::FailedPrecondition) => Code::FAILED_PRECONDITION,
+        Kind::Op(FailureKind::InvalidArgument) => Code::INVALID_ARGUMENT,
+        Kind::Op(FailureKind::Internal) => Code::UNKNOWN,
+        Kind::Deadline => Code::DEADLINE_EXCEEDED,
+        Kind::Unavailable => Code::UNAVAILABLE,
+    };
+    err(code, e.to_string())
 }
 
 fn now() -> Timestamp {
@@ -120,6 +159,7 @@ impl Service {
         exit: Arc<ExitSignal>,
         pool: Option<Arc<Pool>>,
         socket: &str,
+        containerd: &str,
     ) -> Self {
         let s = Self {
             state: Arc::new((Mutex::new(State::default()), Condvar::new())),
@@ -129,6 +169,9 @@ impl Service {
             exit,
             pool,
             socket: socket.to_string(),
+            timeouts: ShimConfig::from_default_file()
+                .map(|c| c.timeouts)
+                .unwrap_or_default(),
         };
         if let Some(pool) = &s.pool {
             // A drained pool ends the shim once no task is left.
@@ -136,7 +179,54 @@ impl Service {
             pool.set_on_empty(Box::new(retire));
         }
         s.watch_exits();
+        s.watch_containerd(containerd);
         s
+    }
+
+    /// A pool shim outlives containerd by design (it keeps sandboxes warm across a
+    /// containerd restart), but not for ever: once containerd has been unreachable for
+    /// `pool.orphan_grace_secs` while no task was left, the pool is drained, which ends
+    /// the shim.
+    fn watch_containerd(&self, containerd: &str) {
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
+        let grace = pool.orphan_grace();
+        if grace.is_zero() || containerd.is_empty() {
+            return;
+        }
+        let path = PathBuf::from(containerd.strip_prefix("unix://").unwrap_or(containerd));
+        let state = self.state.clone();
+        let every = (grace / 4).clamp(
+            std::time::Duration::from_millis(250),
+            std::time::Duration::from_secs(5),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("containerd-watch".into())
+            .spawn(move || {
+                let mut orphaned_since: Option<std::time::Instant> = None;
+                loop {
+                    std::thread::sleep(every);
+                    let idle = state.0.lock().map(|st| st.tasks.is_empty()).unwrap_or(false);
+                    if !idle || std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                        orphaned_since = None;
+                        continue;
+                    }
+                    let since = *orphaned_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= grace {
+                        log::warn!(
+                            "containerd ({}) unreachable for {}s and no task left: draining the pool",
+                            path.display(),
+                            grace.as_secs()
+                        );
+                        pool.drain();
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("not watching containerd: {e}");
+        }
     }
 
     /// Ends the shim once it has nothing to do. Its socket is removed first, so that new
@@ -262,17 +352,13 @@ impl Service {
         }
     }
 
+    /// Runs a request in a zygote worker, within the configured deadline for its kind.
     fn zygote(&self, req: &Request, fds: &[OwnedFd]) -> TtrpcResult<Option<i32>> {
-        let guard = self
-            .zygote
-            .lock()
-            .map_err(|_| err(Code::INTERNAL, "zygote lock poisoned"))?;
-        let z = guard
-            .as_ref()
-            .ok_or_else(|| err(Code::INTERNAL, "no zygote in this shim process"))?;
         let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        z.call(req, &raw)
-            .map_err(|e| err(Code::UNKNOWN, e.to_string()))
+        self.zygote
+            .call(req, &raw, self.timeouts.for_request(req))
+            .map(|a| a.pid)
+            .map_err(zygote_err)
     }
 
     /// Starts a process (init or exec) through the zygote, wiring its stdio: containerd's
@@ -601,6 +687,22 @@ impl containerd_shim::Task for Service {
                     p.pid = pid;
                 }
                 other => {
+                    // Undo everything the failed create may have done, in reverse: the
+                    // container (a worker that died or timed out half-way leaves its state
+                    // and cgroups), the stdin copier, the rootfs, the sandbox.
+                    let undo = Request::Delete {
+                        root: root.clone(),
+                        id: req.id.clone(),
+                        force: true,
+                    };
+                    let exists = matches!(&other, Err(ttrpc::Error::RpcStatus(st))
+                        if st.code() == Code::ALREADY_EXISTS);
+                    if !exists {
+                        if let Err(e) = self.zygote(&undo, &[]) {
+                            log::warn!("{}: cleaning up after a failed create: {e}", req.id);
+                        }
+                    }
+                    crate::console::release_stdin(&p.stdin);
                     if mounted {
                         Self::unmount_rootfs(&bundle);
                     }
@@ -844,24 +946,35 @@ impl containerd_shim::Task for Service {
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
         let (lock, cv) = &*self.state;
         let mut st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
+        let mut waited = false;
         loop {
             let p = st
                 .tasks
                 .get(&req.id)
-                .and_then(|t| t.procs.get(&req.exec_id))
-                .ok_or_else(|| {
-                    err(
-                        Code::NOT_FOUND,
-                        format!("process {:?} of {} not found", req.exec_id, req.id),
-                    )
-                })?;
-            if let Some((code, at)) = &p.exit {
+                .and_then(|t| t.procs.get(&req.exec_id));
+            let exit = match p {
+                Some(p) => p.exit.clone(),
+                // Deleted while this Wait was blocked on it.
+                None if waited => st
+                    .deleted
+                    .get(&(req.id.clone(), req.exec_id.clone()))
+                    .cloned(),
+                None => None,
+            };
+            if let Some((code, at)) = exit {
                 return Ok(api::WaitResponse {
-                    exit_status: *code,
-                    exited_at: Some(at.clone()).into(),
+                    exit_status: code,
+                    exited_at: Some(at).into(),
                     ..Default::default()
                 });
             }
+            if p.is_none() {
+                return Err(err(
+                    Code::NOT_FOUND,
+                    format!("process {:?} of {} not found", req.exec_id, req.id),
+                ));
+            }
+            waited = true;
             st = cv.wait(st).map_err(|_| err(Code::INTERNAL, "lock"))?;
         }
     }
@@ -995,11 +1108,14 @@ impl containerd_shim::Task for Service {
                     format!("exec {} is running", req.exec_id),
                 ));
             }
-            let (lock, _) = &*self.state;
+            let (lock, cv) = &*self.state;
             if let Ok(mut st) = lock.lock() {
                 if let Some(t) = st.tasks.get_mut(&req.id) {
                     t.procs.remove(&req.exec_id);
                 }
+                let exit = p.exit.clone().unwrap_or_else(|| (DELETED_STATUS, now()));
+                st.bury(&req.id, &req.exec_id, exit);
+                cv.notify_all();
             }
             if let Some(spec) = p.spec {
                 let _ = std::fs::remove_file(spec);
@@ -1017,8 +1133,17 @@ impl containerd_shim::Task for Service {
                     &[],
                 )?;
             }
-            let (lock, _) = &*self.state;
-            let task = lock.lock().ok().and_then(|mut st| st.tasks.remove(&req.id));
+            let (lock, cv) = &*self.state;
+            let task = lock.lock().ok().and_then(|mut st| {
+                let task = st.tasks.remove(&req.id)?;
+                // Waits on any of its processes return now.
+                for (exec_id, q) in &task.procs {
+                    let exit = q.exit.clone().unwrap_or_else(|| (DELETED_STATUS, now()));
+                    st.bury(&req.id, exec_id, exit);
+                }
+                Some(task)
+            });
+            cv.notify_all();
             if let Some(t) = task {
                 if t.rootfs_mounted {
                     Self::unmount_rootfs(&t.bundle);
@@ -1098,14 +1223,28 @@ impl containerd_shim::Task for Service {
                 "checkpoint without an image path",
             ));
         }
-        self.zygote(
+        let done = self.zygote(
             &Request::Checkpoint {
                 root,
                 id: req.id.clone(),
                 opts,
             },
             &[],
-        )?;
+        );
+        if let Err(e) = done {
+            // A dump freezes the container first; one whose worker died or timed out
+            // never thawed it.
+            let paused = self.with_proc(&req.id, "", |t, _| t.paused).unwrap_or(true);
+            if !paused {
+                if let Err(t) = self.cgroup(&req.id).and_then(|m| {
+                    m.freeze(libcgroups::common::FreezerState::Thawed)
+                        .map_err(|e| err(Code::INTERNAL, e.to_string()))
+                }) {
+                    log::warn!("{}: thawing after a failed checkpoint: {t}", req.id);
+                }
+            }
+            return Err(e);
+        }
         let ev = containerd_shim::protos::events::task::TaskCheckpointed {
             container_id: req.id.clone(),
             ..Default::default()

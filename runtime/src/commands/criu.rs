@@ -66,8 +66,7 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
     }
     let code = process::wait_foreground(Pid::from_raw(r.pid))?;
     r.container.refresh_status()?;
-    r.container
-        .delete(true)
+    trenv_runtime::lifecycle::delete(&mut r.container, true)
         .with_context(|| format!("deleting container {}", a.id))?;
     Ok(code)
 }

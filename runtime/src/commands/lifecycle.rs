@@ -68,6 +68,11 @@ fn build(g: &Global, a: &Create, detach: bool) -> Result<Container> {
         .with_detach(detach)
         .with_no_pivot(a.no_pivot)
         .build()?;
+    if let Err(e) = trenv_runtime::lifecycle::apply_oom_killer_setting(&container) {
+        let mut c = container;
+        let _ = trenv_runtime::lifecycle::delete(&mut c, true);
+        return Err(e.into());
+    }
     Ok(container)
 }
 
@@ -90,7 +95,7 @@ pub fn run(g: &Global, a: &Run) -> Result<u8> {
     let mut c = build(g, &a.create, a.detach)
         .with_context(|| format!("creating container {}", a.create.id))?;
     if let Err(e) = c.start() {
-        let _ = c.delete(true);
+        let _ = trenv_runtime::lifecycle::delete(&mut c, true);
         return Err(e).with_context(|| format!("starting container {}", a.create.id));
     }
     if a.detach {
@@ -100,7 +105,7 @@ pub fn run(g: &Global, a: &Run) -> Result<u8> {
     let code = process::wait_foreground(pid)?;
     if !a.keep {
         c.refresh_status()?;
-        c.delete(true)
+        trenv_runtime::lifecycle::delete(&mut c, true)
             .with_context(|| format!("deleting container {}", a.create.id))?;
     }
     Ok(code)
@@ -131,7 +136,7 @@ pub fn delete(g: &Global, a: &Delete) -> Result<()> {
         bail!("container {} does not exist", a.id);
     }
     let mut c = load(g, &a.id)?;
-    c.delete(a.force)
+    trenv_runtime::lifecycle::delete(&mut c, a.force)
         .with_context(|| format!("deleting container {}", a.id))?;
     Ok(())
 }

@@ -108,6 +108,15 @@ fn drain(p: &PoolArgs) -> Result<()> {
 }
 
 fn drain_offline(st: &Store) -> Result<()> {
+    if !st.dir.exists() {
+        println!("no shim running and no sandboxes recorded");
+        return Ok(());
+    }
+    // A shim that owns the pool but does not answer on its control socket (starting up,
+    // or wedged) must not have its sandboxes destroyed under it.
+    let _owner = st
+        .lock_owner(Duration::from_secs(2))
+        .context("no shim answers on the pool's control socket, but one owns the pool")?;
     let (sandboxes, bad) = st.list();
     for e in &bad {
         eprintln!("trenv: {e}");

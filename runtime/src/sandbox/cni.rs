@@ -5,9 +5,11 @@
 //! Without a config file trenv uses a bridge `trenv0` with host-local IPAM on a configurable
 //! subnet; the bridge is the gateway, so sandbox addresses are reachable from the host.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -38,6 +40,19 @@ pub enum CniError {
     },
     #[error("CNI result of {plugin} has no IP address")]
     NoAddress { plugin: String },
+    #[error("CNI plugin {plugin} {command} did not finish within {}s and was killed", .after.as_secs())]
+    Timeout {
+        plugin: String,
+        command: &'static str,
+        after: Duration,
+    },
+}
+
+/// How long one plugin call may take unless configured otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
 }
 
 /// A CNI network: the conflist for eth0 and where the plugin binaries are.
@@ -48,6 +63,9 @@ pub struct Network {
     plugins: Vec<Value>,
     bin_dir: PathBuf,
     source: PathBuf,
+    /// Deadline of one plugin call; a plugin still running then is killed.
+    #[serde(default = "default_timeout")]
+    timeout: Duration,
 }
 
 /// What ADD produced: the address (CIDR form and bare IP) and the raw result, which DEL
@@ -79,6 +97,7 @@ impl Network {
             })],
             bin_dir: bin_dir.to_path_buf(),
             source: PathBuf::from("<built-in>"),
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 
@@ -121,7 +140,14 @@ impl Network {
             plugins,
             bin_dir: bin_dir.to_path_buf(),
             source: path.to_path_buf(),
+            timeout: DEFAULT_TIMEOUT,
         })
+    }
+
+    /// Sets the deadline of each plugin call.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     pub fn source(&self) -> &Path {
@@ -129,7 +155,9 @@ impl Network {
     }
 
     /// Attaches the network namespace at `netns`: eth0 through the conflist, lo up.
-    /// On failure whatever was set up is torn down again.
+    /// On failure whatever was set up is torn down again: DEL for every plugin that ran,
+    /// the one that failed included (it may have allocated before failing, as the CNI
+    /// specification expects runtimes to assume).
     pub fn add(&self, id: &str, netns: &Path) -> Result<Attachment, CniError> {
         self.loopback("ADD", id, netns)?;
         let mut prev: Option<Value> = None;
@@ -137,9 +165,12 @@ impl Network {
             match self.exec(p, "ADD", id, netns, IFNAME, prev.as_ref()) {
                 Ok(r) => prev = Some(r),
                 Err(e) => {
-                    for q in self.plugins[..i].iter().rev() {
-                        let _ = self.exec(q, "DEL", id, netns, IFNAME, prev.as_ref());
+                    for q in self.plugins[..=i].iter().rev() {
+                        if let Err(d) = self.exec(q, "DEL", id, netns, IFNAME, prev.as_ref()) {
+                            tracing::warn!("undoing a failed CNI ADD: {d}");
+                        }
                     }
+                    let _ = self.loopback("DEL", id, netns);
                     return Err(e);
                 }
             }
@@ -206,6 +237,7 @@ impl Network {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()
             .map_err(exec_err)?;
         if let Some(mut stdin) = child.stdin.take() {
@@ -213,7 +245,14 @@ impl Network {
                 .write_all(conf.to_string().as_bytes())
                 .map_err(exec_err)?;
         }
-        let out = child.wait_with_output().map_err(exec_err)?;
+        let out = wait_output(child, self.timeout).map_err(|e| match e {
+            Waited::Io(source) => exec_err(source),
+            Waited::TimedOut => CniError::Timeout {
+                plugin: kind.clone(),
+                command,
+                after: self.timeout,
+            },
+        })?;
         let parsed: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         if !out.status.success() {
             let message = parsed["msg"]
@@ -237,6 +276,51 @@ impl Network {
         }
         Ok(parsed)
     }
+}
+
+enum Waited {
+    Io(std::io::Error),
+    TimedOut,
+}
+
+/// Like `Child::wait_with_output`, but kills the child (and reaps it) once `timeout` has
+/// passed. Output is read on its own threads so a chatty plugin cannot block on a full pipe.
+fn wait_output(mut child: Child, timeout: Duration) -> Result<Output, Waited> {
+    fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let end = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().map_err(Waited::Io)? {
+            Some(s) => break s,
+            None if Instant::now() >= end => {
+                // The plugin leads its own process group: whatever it started goes too.
+                if let Ok(pid) = i32::try_from(child.id()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(-pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Waited::TimedOut);
+            }
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@ pub enum SandboxError {
     CgroupView(#[from] cgroup_view::ViewError),
     #[error("sandbox record {path}: {reason}")]
     Record { path: PathBuf, reason: String },
+    #[error("pool {path} is owned by a running shim")]
+    Owned { path: PathBuf },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,6 +281,32 @@ impl Store {
         }
         ok.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         (ok, bad)
+    }
+
+    /// Takes the pool's ownership lock (`owner.lock`, flock), waiting up to `wait` for a
+    /// shim that holds it. Whoever holds it may adopt or destroy the pool's sandboxes.
+    pub fn lock_owner(&self, wait: std::time::Duration) -> Result<std::fs::File, SandboxError> {
+        use std::os::fd::AsRawFd;
+        let path = self.dir.join("owner.lock");
+        std::fs::create_dir_all(&self.dir).map_err(|e| Self::record_err(&self.dir, e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Self::record_err(&path, e))?;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is passed.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r == 0 {
+                return Ok(file);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(SandboxError::Owned { path });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Where a sandbox's cgroup view is built.

@@ -1,0 +1,292 @@
+//! What a zygote worker does: one libcontainer, CRIU or sandbox operation per process.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::error::LibcontainerError;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+
+use super::protocol::{Answer, Failure, FailureKind, Request, SandboxUts, Stdio};
+
+fn take_stdio(builder: ContainerBuilder, stdio: Stdio, fds: Vec<OwnedFd>) -> ContainerBuilder {
+    let mut fds = fds.into_iter();
+    let mut b = builder;
+    if stdio.stdin {
+        if let Some(fd) = fds.next() {
+            b = b.with_stdin(fd);
+        }
+    }
+    if stdio.stdout {
+        if let Some(fd) = fds.next() {
+            b = b.with_stdout(fd);
+        }
+    }
+    if stdio.stderr {
+        if let Some(fd) = fds.next() {
+            b = b.with_stderr(fd);
+        }
+    }
+    b
+}
+
+/// Performs `req` and says how it went, with the kind of a failure classified for the
+/// caller's error code.
+pub fn respond(req: Request, fds: Vec<OwnedFd>) -> Result<Answer, Failure> {
+    // A write to a closed pipe or socket is an error to report, not a reason to die. Only
+    // workers that create container processes keep the default: an ignored SIGPIPE would
+    // be inherited by the container's processes through exec.
+    if !matches!(req.name(), "create" | "exec") {
+        // SAFETY: setting a disposition to SIG_IGN has no memory-safety preconditions.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigIgn,
+            )
+        };
+    }
+    run(req, fds).map_err(|e| Failure {
+        kind: classify(&e),
+        message: format!("{e:#}"),
+    })
+}
+
+/// The kind of a failure, from the typed errors in its chain.
+fn classify(e: &anyhow::Error) -> FailureKind {
+    for cause in e.chain() {
+        if let Some(l) = cause.downcast_ref::<LibcontainerError>() {
+            return match l {
+                LibcontainerError::Exist => FailureKind::AlreadyExists,
+                LibcontainerError::NoDirectory => FailureKind::NotFound,
+                LibcontainerError::IncorrectStatus(_) => FailureKind::FailedPrecondition,
+                LibcontainerError::InvalidID(_)
+                | LibcontainerError::InvalidInput(_)
+                | LibcontainerError::MissingSpec(_)
+                | LibcontainerError::InvalidSpec(_) => FailureKind::InvalidArgument,
+                _ => continue,
+            };
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::NotFound {
+                return FailureKind::NotFound;
+            }
+        }
+    }
+    FailureKind::Internal
+}
+
+fn run(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Answer> {
+    use trenv_runtime::sandbox::Sandbox;
+    match req {
+        Request::Background { nice, request } => {
+            // This worker is a fresh process: the priority goes with it.
+            set_nice(nice);
+            run(*request, fds)
+        }
+        Request::CreateSandbox {
+            id,
+            exe,
+            cgroup_parent,
+            network,
+        } => {
+            let sb = Sandbox::create(&id, &exe, &cgroup_parent, &network)?;
+            Ok(Answer {
+                pid: Some(sb.holder.pid),
+                data: Some(serde_json::to_value(sb)?),
+            })
+        }
+        Request::DestroySandbox { sandbox, network } => {
+            sandbox.destroy(&network)?;
+            Ok(Answer::default())
+        }
+        other => perform(other, fds).map(|pid| Answer { pid, data: None }),
+    }
+}
+
+/// Lowers the calling thread's CPU priority (a nice value, 0-19); failures only cost speed.
+pub fn set_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid and setpriority have no memory-safety preconditions; on Linux
+    // PRIO_PROCESS with a thread id applies to that thread only.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if r != 0 {
+        log::warn!("setting nice {nice}: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn enter_uts(uts: &SandboxUts) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let f = std::fs::File::open(&uts.ns).with_context(|| format!("opening {:?}", uts.ns))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWUTS).context("joining sandbox UTS")?;
+    if let Some(h) = &uts.hostname {
+        nix::unistd::sethostname(h).context("setting hostname")?;
+    }
+    if let Some(d) = &uts.domainname {
+        std::fs::write("/proc/sys/kernel/domainname", d).context("setting domainname")?;
+    }
+    Ok(())
+}
+
+fn load(root: &std::path::Path, id: &str) -> anyhow::Result<Container> {
+    let mut c = Container::load(root.join(id))?;
+    c.refresh_status()?;
+    Ok(c)
+}
+
+/// Runs in a worker process.
+fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
+    match req {
+        Request::Create {
+            root,
+            id,
+            bundle,
+            console_socket,
+            stdio,
+            systemd,
+            no_pivot,
+            sandbox_uts,
+        } => {
+            if let Some(uts) = sandbox_uts {
+                enter_uts(&uts)?;
+            }
+            let b = ContainerBuilder::new(id, SyscallType::default())
+                .with_executor(DefaultExecutor {})
+                .with_root_path(root)?
+                .with_console_socket(console_socket.as_ref());
+            let c = take_stdio(b, stdio, fds)
+                .validate_id()?
+                .as_init(bundle)
+                .with_systemd(systemd)
+                .with_no_pivot(no_pivot)
+                .with_detach(true)
+                .build()?;
+            if let Err(e) = trenv_runtime::lifecycle::apply_oom_killer_setting(&c) {
+                let mut c = c;
+                let _ = trenv_runtime::lifecycle::delete(&mut c, true);
+                return Err(e.into());
+            }
+            Ok(c.pid().map(|p| p.as_raw()))
+        }
+        Request::Restore {
+            root,
+            id,
+            bundle,
+            image_path,
+            work_path,
+            criu,
+            console_socket,
+            stdio,
+            systemd,
+            criu_opts,
+        } => {
+            // CRIU gives the restored process the worker's own stdio in place of the old
+            // pipes; this worker is about to exit, so it can hand its fds 0-2 over.
+            let mut fds = fds.into_iter();
+            for (n, wanted) in [stdio.stdin, stdio.stdout, stdio.stderr]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(fd) = wanted.then(|| fds.next()).flatten() {
+                    nix::unistd::dup2(fd.as_raw_fd(), n as RawFd)?;
+                }
+            }
+            let opts = trenv_runtime::restore::RestoreOptions {
+                id,
+                state_root: root,
+                bundle,
+                image_path,
+                work_path,
+                shell_job: console_socket.is_some(),
+                console_socket,
+                systemd_cgroup: systemd,
+                tcp_established: criu_opts.tcp_established,
+                ext_unix_sk: criu_opts.ext_unix_sk,
+                file_locks: criu_opts.file_locks,
+                manage_cgroups_mode: criu_opts.manage_cgroups_mode,
+                ..Default::default()
+            };
+            let r = trenv_runtime::restore::restore(&trenv_runtime::criu::Criu::new(&criu), &opts)?;
+            Ok(Some(r.pid))
+        }
+        Request::Start { root, id } => {
+            load(&root, &id)?.start()?;
+            Ok(None)
+        }
+        Request::Exec {
+            root,
+            id,
+            process,
+            console_socket,
+            stdio,
+        } => {
+            let b = ContainerBuilder::new(id, SyscallType::default())
+                .with_executor(DefaultExecutor {})
+                .with_root_path(root)?
+                .with_console_socket(console_socket.as_ref());
+            let pid = take_stdio(b, stdio, fds)
+                .validate_id()?
+                .as_tenant()
+                .with_detach(true)
+                .with_process(Some(process))
+                .build()?;
+            Ok(Some(pid.as_raw()))
+        }
+        Request::Kill {
+            root,
+            id,
+            signal,
+            all,
+        } => {
+            let sig = libcontainer::signal::Signal::try_from(signal as i32)?;
+            load(&root, &id)?.kill(sig, all)?;
+            Ok(None)
+        }
+        Request::Pause { root, id } => {
+            load(&root, &id)?.pause()?;
+            Ok(None)
+        }
+        Request::Resume { root, id } => {
+            load(&root, &id)?.resume()?;
+            Ok(None)
+        }
+        Request::Checkpoint { root, id, opts } => {
+            let mut c = load(&root, &id)?;
+            let o = trenv_runtime::checkpoint::CheckpointOptions {
+                image_path: opts.image_path,
+                work_path: opts.work_path,
+                leave_running: !opts.exit,
+                tcp_established: opts.open_tcp,
+                ext_unix_sk: opts.external_unix_sockets,
+                shell_job: opts.terminal,
+                file_locks: opts.file_locks,
+                empty_ns: opts.empty_namespaces,
+                manage_cgroups_mode: opts.cgroups_mode,
+                ..Default::default()
+            };
+            trenv_runtime::checkpoint::checkpoint(
+                &mut c,
+                &trenv_runtime::criu::Criu::new(&opts.criu),
+                &o,
+            )?;
+            Ok(None)
+        }
+        Request::PurgeSandbox { holder } => {
+            trenv_runtime::sandbox::purge::namespaces(&holder)?;
+            Ok(None)
+        }
+        Request::CreateSandbox { .. }
+        | Request::DestroySandbox { .. }
+        | Request::Background { .. } => {
+            anyhow::bail!("sandbox requests are answered by run()")
+        }
+        Request::Delete { root, id, force } => {
+            if root.join(&id).join("state.json").exists() {
+                trenv_runtime::lifecycle::delete(&mut load(&root, &id)?, force)?;
+            }
+            Ok(None)
+        }
+    }
+}
