@@ -121,7 +121,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     fn stop_daemon(&mut self) {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid")),
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.child.wait();

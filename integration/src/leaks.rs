@@ -33,7 +33,7 @@ pub fn mounts_with(needle: &str) -> Vec<String> {
 
 /// Pids whose command line mentions `needle`.
 pub fn processes_with(needle: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
+    let me = nix::unistd::getpid().as_raw();
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {

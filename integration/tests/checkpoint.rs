@@ -164,7 +164,7 @@ fn one_checkpoint_restores_twice_with_leave_running() {
             .windows(2)
             .position(|w| w[1] != w[0] + 1)
             .map(|i| i + 1)
-            .unwrap_or(base as usize);
+            .unwrap_or(usize::try_from(base).expect("count"));
         let resumed_at = c[restart];
         assert!(
             resumed_at > 3 && resumed_at <= base + 1,

@@ -112,7 +112,7 @@ fn run_forwards_signals_and_reports_signal_deaths() {
     wait_status(&rt, &id, "running");
     std::thread::sleep(Duration::from_millis(200));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("signal");

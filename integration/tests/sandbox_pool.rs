@@ -526,7 +526,7 @@ fn killed_holder_is_detected_and_replaced() {
     })
     .expect("an idle sandbox");
     let ip = victim["attachment"]["ip"].as_str().expect("ip").to_string();
-    let pid = victim["holder"]["pid"].as_i64().expect("pid") as i32;
+    let pid = i32::try_from(victim["holder"]["pid"].as_i64().expect("pid")).expect("pid");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -710,7 +710,7 @@ fn two_hundred_cycles_leave_nothing_behind() {
     );
     for s in &all {
         let netns = s["holder"]["netns"].as_u64().expect("netns");
-        let pid = s["holder"]["pid"].as_i64().expect("pid") as i32;
+        let pid = i32::try_from(s["holder"]["pid"].as_i64().expect("pid")).expect("pid");
         let inside = in_netns(netns, pid);
         assert!(
             inside.is_empty(),

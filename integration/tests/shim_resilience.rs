@@ -115,7 +115,7 @@ fn twenty_concurrent_containers() {
             let (n, out) = h.join().expect("thread");
             assert_eq!(
                 out.status.code(),
-                Some((n % 7) as i32),
+                Some(i32::try_from(n % 7).expect("small")),
                 "container {n}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );

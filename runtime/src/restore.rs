@@ -365,15 +365,11 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
         }
     }
     // New pipes for the old ones: the caller's stdio replaces the checkpointed stdio.
-    for (n, old) in read_descriptors(&opts.image_path)
-        .iter()
-        .enumerate()
-        .take(3)
-    {
+    for (n, old) in (0..3i32).zip(read_descriptors(&opts.image_path).iter()) {
         if old.starts_with("pipe:") || old.starts_with("socket:") {
             let mut i = rpc::Inherit_fd::new();
             i.set_key(old.clone());
-            i.set_fd(n as i32);
+            i.set_fd(n);
             inherit.push(i);
         }
     }
@@ -403,7 +399,9 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
     let mut session = criu.spawn(&keep).map_err(|e| criu_err(e, &log))?;
     let criu_pid = session.pid();
     cgroup
-        .add_task(Pid::from_raw(criu_pid as i32))
+        .add_task(Pid::from_raw(
+            i32::try_from(criu_pid).map_err(|e| cg_err(format!("CRIU pid {criu_pid}: {e}")))?,
+        ))
         .map_err(|e| cg_err(format!("placing CRIU in the container cgroup: {e}")))?;
     undo.cgroup = Some(cgroup);
     let default_resources = LinuxResources::default();

@@ -155,8 +155,8 @@ pub fn spawn_copy(master: Arc<File>, stdin: &str, stdout: &str) -> std::io::Resu
 /// Sets the terminal size (ResizePty).
 pub fn resize(master: &File, width: u32, height: u32) -> std::io::Result<()> {
     let ws = libc::winsize {
-        ws_row: height as u16,
-        ws_col: width as u16,
+        ws_row: u16::try_from(height).unwrap_or(u16::MAX),
+        ws_col: u16::try_from(width).unwrap_or(u16::MAX),
         ws_xpixel: 0,
         ws_ypixel: 0,
     };

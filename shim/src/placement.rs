@@ -62,8 +62,8 @@ pub fn plan(spec: &Value) -> Plan {
     }
     let memory = spec["linux"]["resources"]["memory"]["limit"]
         .as_i64()
-        .filter(|l| *l > 0)
-        .unwrap_or(0) as u64;
+        .and_then(|l| u64::try_from(l).ok())
+        .unwrap_or(0);
     let caps = &spec["process"]["capabilities"];
     let privileged = ["bounding", "effective", "permitted", "ambient"]
         .iter()

@@ -128,13 +128,19 @@ fn zygote_err(e: ZygoteError) -> ttrpc::Error {
     err(code, e.to_string())
 }
 
+/// A pid as containerd's API carries it (pids are positive; 0 means none).
+fn api_pid(pid: i32) -> u32 {
+    u32::try_from(pid).unwrap_or(0)
+}
+
 fn now() -> Timestamp {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let mut t = Timestamp::new();
-    t.seconds = d.as_secs() as i64;
-    t.nanos = d.subsec_nanos() as i32;
+    t.seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    // Below 10^9.
+    t.nanos = i32::try_from(d.subsec_nanos()).unwrap_or(0);
     t
 }
 
@@ -414,7 +420,8 @@ impl Service {
                 let Subject::Pid(pid) = ev.subject else {
                     continue;
                 };
-                let code = ev.exit_code as u32;
+                // Exit statuses are 0-255 (128 + signal for a killed process).
+                let code = u32::try_from(ev.exit_code).unwrap_or(255);
                 let at = now();
                 let (lock, cv) = &*state;
                 let Ok(mut st) = lock.lock() else { return };
@@ -432,7 +439,7 @@ impl Service {
                         let ev = TaskExit {
                             container_id: tid.clone(),
                             id: if eid.is_empty() { tid } else { eid },
-                            pid: pid as u32,
+                            pid: api_pid(pid),
                             exit_status: code,
                             exited_at: Some(at).into(),
                             ..Default::default()
@@ -592,7 +599,7 @@ impl containerd_shim::Task for Service {
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
         let pid = self
-            .with_proc(&req.id, "", |_, p| p.pid as u32)
+            .with_proc(&req.id, "", |_, p| api_pid(p.pid))
             .unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
@@ -750,12 +757,12 @@ impl containerd_shim::Task for Service {
             })
             .into(),
             checkpoint: req.checkpoint.clone(),
-            pid: pid as u32,
+            pid: api_pid(pid),
             ..Default::default()
         };
         self.publish(ev.topic(), Box::new(ev));
         Ok(api::CreateTaskResponse {
-            pid: pid as u32,
+            pid: api_pid(pid),
             ..Default::default()
         })
     }
@@ -840,7 +847,7 @@ impl containerd_shim::Task for Service {
         if req.exec_id.is_empty() {
             let ev = TaskStart {
                 container_id: req.id.clone(),
-                pid: pid as u32,
+                pid: api_pid(pid),
                 ..Default::default()
             };
             self.publish(ev.topic(), Box::new(ev));
@@ -848,13 +855,13 @@ impl containerd_shim::Task for Service {
             let ev = TaskExecStarted {
                 container_id: req.id.clone(),
                 exec_id: req.exec_id.clone(),
-                pid: pid as u32,
+                pid: api_pid(pid),
                 ..Default::default()
             };
             self.publish(ev.topic(), Box::new(ev));
         }
         Ok(api::StartResponse {
-            pid: pid as u32,
+            pid: api_pid(pid),
             ..Default::default()
         })
     }
@@ -927,7 +934,7 @@ impl containerd_shim::Task for Service {
                 req.exec_id.clone()
             },
             bundle: bundle.to_string_lossy().into_owned(),
-            pid: p.pid as u32,
+            pid: api_pid(p.pid),
             stdin: p.stdin.clone(),
             stdout: p.stdout.clone(),
             stderr: p.stderr.clone(),
@@ -996,7 +1003,12 @@ impl containerd_shim::Task for Service {
                 &[],
             )?;
         } else {
-            let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
+            let sig = i32::try_from(req.signal)
+                .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))
+                .and_then(|s| {
+                    nix::sys::signal::Signal::try_from(s)
+                        .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))
+                })
                 .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig)
                 .map_err(|e| err(Code::NOT_FOUND, format!("process already finished: {e}")))?;
@@ -1013,7 +1025,7 @@ impl containerd_shim::Task for Service {
             processes: pids
                 .into_iter()
                 .map(|p| containerd_shim::protos::api::ProcessInfo {
-                    pid: p.as_raw() as u32,
+                    pid: api_pid(p.as_raw()),
                     ..Default::default()
                 })
                 .collect(),
@@ -1155,7 +1167,7 @@ impl containerd_shim::Task for Service {
             let (code, at) = p.exit.clone().unwrap_or((0, now()));
             let ev = TaskDelete {
                 container_id: req.id.clone(),
-                pid: p.pid as u32,
+                pid: api_pid(p.pid),
                 exit_status: code,
                 exited_at: Some(at).into(),
                 ..Default::default()
@@ -1164,7 +1176,7 @@ impl containerd_shim::Task for Service {
         }
         let (code, at) = p.exit.unwrap_or((0, now()));
         Ok(api::DeleteResponse {
-            pid: p.pid as u32,
+            pid: api_pid(p.pid),
             exit_status: code,
             exited_at: Some(at).into(),
             ..Default::default()

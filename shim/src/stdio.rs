@@ -169,9 +169,9 @@ fn spawn_logger(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
+    let src = [inherit[0], inherit[1], inherit[2]];
     // SAFETY: the closure only calls fcntl, dup2 and setsid, all async-signal-safe, on descriptors
     // that stay open in the parent until spawn returns.
-    let src = [inherit[0], inherit[1], inherit[2]];
     unsafe {
         cmd.pre_exec(move || {
             // Move the sources above 3..=5 first, so no dup2 overwrites a later source.
@@ -182,8 +182,8 @@ fn spawn_logger(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            for (n, fd) in high.iter().enumerate() {
-                if libc::dup2(*fd, 3 + n as i32) < 0 {
+            for (target, fd) in (3..).zip(high.iter()) {
+                if libc::dup2(*fd, target) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

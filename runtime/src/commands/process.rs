@@ -48,8 +48,11 @@ pub fn wait_foreground(pid: Pid) -> Result<u8> {
     });
     loop {
         match waitpid(pid, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code as u8),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128u8.wrapping_add(sig as u8)),
+            // An exit status is the low 8 bits of what the process passed to exit.
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code.to_le_bytes()[0]),
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                return Ok(128u8.wrapping_add((sig as i32).to_le_bytes()[0]))
+            }
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(e) => return Err(e).with_context(|| format!("waiting for pid {pid}")),
         }

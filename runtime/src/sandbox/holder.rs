@@ -88,7 +88,8 @@ impl Holder {
             });
         }
         let child = cmd.spawn().map_err(spawn_err)?;
-        let pid = child.id() as i32;
+        // Kernel pids are below 2^22, so this never fails.
+        let pid = i32::try_from(child.id()).map_err(|e| spawn_err(std::io::Error::other(e)))?;
         let proc_err = |source| HolderError::Proc { pid, source };
         let (start_time, _) = start_time(pid).map_err(proc_err)?;
         let netns = ns_inode(pid, "net").map_err(proc_err)?;
@@ -136,7 +137,7 @@ mod tests {
 
     #[test]
     fn own_start_time_is_stable_and_alive() {
-        let pid = std::process::id() as i32;
+        let pid = nix::unistd::getpid().as_raw();
         let (t, state) = start_time(pid).unwrap();
         assert_eq!(start_time(pid).unwrap().0, t);
         assert_ne!(state, 'Z');

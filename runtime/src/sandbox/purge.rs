@@ -193,7 +193,7 @@ mod tests {
 
     #[test]
     fn finds_processes_by_netns() {
-        let me = std::process::id() as i32;
+        let me = nix::unistd::getpid().as_raw();
         let ino = super::super::holder::ns_inode(me, "net").unwrap();
         assert!(processes_in_netns(ino, -1).contains(&me));
         assert!(!processes_in_netns(ino, me).contains(&me));

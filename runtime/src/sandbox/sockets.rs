@@ -44,6 +44,8 @@ struct Query {
     states: u32,
 }
 
+// Address families and protocol numbers are below 256.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 const QUERIES: [Query; 4] = [
     Query {
         family: libc::AF_INET as u8,
@@ -72,8 +74,8 @@ const QUERIES: [Query; 4] = [
 pub fn listening_or_bound(netns: &Path) -> Result<usize, SocketsError> {
     let sock = socket_in(netns)?;
     let mut n = 0;
-    for (seq, q) in QUERIES.iter().enumerate() {
-        n += dump(&sock, *q, seq as u32 + 1)?;
+    for (seq, q) in (1u32..).zip(QUERIES.iter()) {
+        n += dump(&sock, *q, seq)?;
     }
     Ok(n)
 }
@@ -111,9 +113,11 @@ fn socket_in(netns: &Path) -> Result<OwnedFd, SocketsError> {
 /// The request: nlmsghdr followed by inet_diag_req_v2 with an all-zero socket id.
 fn request(q: Query, seq: u32) -> Vec<u8> {
     const REQ_LEN: usize = 56;
-    let len = (NLMSG_HDRLEN + REQ_LEN) as u32;
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    let mut m = Vec::with_capacity(len as usize);
+    const LEN: usize = NLMSG_HDRLEN + REQ_LEN;
+    // Both are protocol constants that fit their netlink header fields.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let (len, flags) = (LEN as u32, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16);
+    let mut m = Vec::with_capacity(LEN);
     m.extend_from_slice(&len.to_ne_bytes());
     m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
     m.extend_from_slice(&flags.to_ne_bytes());
@@ -121,7 +125,7 @@ fn request(q: Query, seq: u32) -> Vec<u8> {
     m.extend_from_slice(&0u32.to_ne_bytes());
     m.extend_from_slice(&[q.family, q.protocol, 0, 0]);
     m.extend_from_slice(&q.states.to_ne_bytes());
-    m.resize(len as usize, 0);
+    m.resize(LEN, 0);
     m
 }
 
@@ -172,7 +176,7 @@ fn parse(mut b: &[u8], seq: u32) -> Result<Batch, SocketsError> {
                 NLMSG_DONE => return Ok(Batch::Done(count)),
                 NLMSG_ERROR => {
                     let errno = if len >= NLMSG_HDRLEN + 4 {
-                        -(word(NLMSG_HDRLEN) as i32)
+                        -i32::from_ne_bytes(word(NLMSG_HDRLEN).to_ne_bytes())
                     } else {
                         0
                     };

@@ -243,7 +243,8 @@ fn start(name: &'static str) -> Result<Conn, ZygoteError> {
     }
     let mut child = cmd.spawn().map_err(spawn_err)?;
     drop(theirs);
-    let pid = Pid::from_raw(child.id() as i32);
+    let pid =
+        Pid::from_raw(i32::try_from(child.id()).map_err(|e| spawn_err(std::io::Error::other(e)))?);
     if let Some(stderr) = child.stderr.take() {
         forward_log(name, stderr);
     }

@@ -1,6 +1,6 @@
 //! What a zygote worker does: one libcontainer, CRIU or sandbox operation per process.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
@@ -109,9 +109,12 @@ pub fn set_nice(nice: i32) {
     if nice == 0 {
         return;
     }
-    // SAFETY: gettid and setpriority have no memory-safety preconditions; on Linux
-    // PRIO_PROCESS with a thread id applies to that thread only.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    let Ok(tid) = libc::id_t::try_from(nix::unistd::gettid().as_raw()) else {
+        return;
+    };
+    // SAFETY: setpriority has no memory-safety preconditions; on Linux PRIO_PROCESS with a
+    // thread id applies to that thread only.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
     if r != 0 {
         log::warn!("setting nice {nice}: {}", std::io::Error::last_os_error());
     }
@@ -185,12 +188,9 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             // CRIU gives the restored process the worker's own stdio in place of the old
             // pipes; this worker is about to exit, so it can hand its fds 0-2 over.
             let mut fds = fds.into_iter();
-            for (n, wanted) in [stdio.stdin, stdio.stdout, stdio.stderr]
-                .into_iter()
-                .enumerate()
-            {
+            for (n, wanted) in (0..).zip([stdio.stdin, stdio.stdout, stdio.stderr]) {
                 if let Some(fd) = wanted.then(|| fds.next()).flatten() {
-                    nix::unistd::dup2(fd.as_raw_fd(), n as RawFd)?;
+                    nix::unistd::dup2(fd.as_raw_fd(), n)?;
                 }
             }
             let opts = trenv_runtime::restore::RestoreOptions {
@@ -240,7 +240,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             signal,
             all,
         } => {
-            let sig = libcontainer::signal::Signal::try_from(signal as i32)?;
+            let sig = libcontainer::signal::Signal::try_from(i32::try_from(signal)?)?;
             load(&root, &id)?.kill(sig, all)?;
             Ok(None)
         }
