@@ -24,7 +24,7 @@ demo: setup images
 	bash examples/demo.sh
 
 unit:
-	cargo test --release -p trenv -p containerd-shim-trenv-v2
+	cargo test --release --workspace --exclude trenv-integration
 
 integration: build images
 	TRENV_BIN=$(TRENV_BIN) cargo test --release -p trenv-integration -- --test-threads=2

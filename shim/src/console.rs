@@ -42,7 +42,7 @@ impl ConsoleSocket {
         })?;
         stream.set_nonblocking(false)?;
         let mut buf = [0u8; 4096];
-        let (_, fds) = trenv_runtime::fdpass::recv_with_fds(stream.as_raw_fd(), &mut buf)
+        let (_, fds) = trenv_oci::fdpass::recv_with_fds(stream.as_raw_fd(), &mut buf)
             .map_err(std::io::Error::from)?;
         if let Some(fd) = fds.into_iter().next() {
             return Ok(File::from(fd));

@@ -171,7 +171,7 @@ impl containerd_shim::Shim for Shim {
         if dir.join("state.json").exists() {
             match libcontainer::container::Container::load(dir) {
                 Ok(mut c) => {
-                    if let Err(e) = trenv_runtime::lifecycle::delete(&mut c, true) {
+                    if let Err(e) = trenv_oci::lifecycle::delete(&mut c, true) {
                         log::warn!("deleting container {}: {e}", self.id);
                     }
                 }
@@ -243,7 +243,7 @@ impl containerd_shim::Shim for Shim {
 
 fn main() {
     match std::env::args().nth(1).as_deref() {
-        Some(trenv_runtime::sandbox::holder::HOLDER_ARG) => trenv_runtime::sandbox::holder::run(),
+        Some(trenv_sandbox::holder::HOLDER_ARG) => trenv_sandbox::holder::run(),
         Some(zygote::ZYGOTE_ARG) => zygote::serve(),
         _ => {}
     }

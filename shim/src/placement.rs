@@ -9,9 +9,9 @@
 
 use serde_json::Value;
 
-use trenv_runtime::sandbox::cgroup_view;
-use trenv_runtime::sandbox::holder::SANDBOX_NAMESPACES;
-use trenv_runtime::sandbox::Sandbox;
+use trenv_sandbox::cgroup_view;
+use trenv_sandbox::holder::SANDBOX_NAMESPACES;
+use trenv_sandbox::Sandbox;
 
 /// Capabilities that let a container change network-namespace state the purge does not
 /// reset (addresses, routes, firewall rules); such a sandbox is destroyed after use.

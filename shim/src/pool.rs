@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use trenv_runtime::sandbox::cni::Network;
-use trenv_runtime::sandbox::{self, holder::Holder, Sandbox, State, Store};
+use trenv_sandbox::cni::Network;
+use trenv_sandbox::{self as sandbox, holder::Holder, Sandbox, State, Store};
 
 use crate::config::PoolConfig;
 use crate::service::SharedZygote;
@@ -479,22 +479,12 @@ impl Pool {
         // A PID namespace dies with its init, but processes may still be exiting.
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let mut left = sandbox::cgroup::procs(&sb.cgroup);
-            left.extend(sandbox::purge::processes_in_netns(
-                sb.holder.netns,
-                sb.holder.pid,
-            ));
+            let left = sandbox::purge::kill_all(&sb.cgroup, sb.holder.netns, sb.holder.pid);
             if left.is_empty() {
                 break;
             }
             if Instant::now() > deadline {
                 return Err(format!("processes {left:?} do not die"));
-            }
-            for pid in left {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
             }
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -32,7 +32,7 @@ pub fn delete_stopped(state_dir: &Path) -> bool {
     if has_poststop {
         return false;
     }
-    let Ok(mounts) = trenv_runtime::sandbox::cgroup::mounts() else {
+    let Ok(mounts) = trenv_sandbox::cgroup::mounts() else {
         return false;
     };
     let relative = config

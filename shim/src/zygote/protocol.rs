@@ -55,7 +55,7 @@ pub enum Request {
     },
     /// Purges a released sandbox's IPC and UTS namespaces.
     PurgeSandbox {
-        holder: trenv_runtime::sandbox::holder::Holder,
+        holder: trenv_sandbox::holder::Holder,
     },
     /// Creates a sandbox (holder, cgroup, CNI); answers with its record. CNI plugins run
     /// here rather than in the shim, whose reaper would collect them before they are waited.
@@ -63,11 +63,11 @@ pub enum Request {
         id: String,
         exe: PathBuf,
         cgroup_parent: String,
-        network: trenv_runtime::sandbox::cni::Network,
+        network: trenv_sandbox::cni::Network,
     },
     DestroySandbox {
-        sandbox: Box<trenv_runtime::sandbox::Sandbox>,
-        network: trenv_runtime::sandbox::cni::Network,
+        sandbox: Box<trenv_sandbox::Sandbox>,
+        network: trenv_sandbox::cni::Network,
     },
     /// Restores a checkpoint as the task's init; the stdio descriptors replace the
     /// checkpointed process's stdio pipes.

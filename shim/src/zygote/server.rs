@@ -128,7 +128,7 @@ pub fn run() -> ! {
             continue;
         }
         let mut buf = vec![0u8; protocol::MAX_MSG];
-        let (n, mut fds) = match trenv_runtime::fdpass::recv_with_fds(sock.as_raw_fd(), &mut buf) {
+        let (n, mut fds) = match trenv_oci::fdpass::recv_with_fds(sock.as_raw_fd(), &mut buf) {
             Ok(m) => m,
             Err(nix::Error::EINTR) => continue,
             Err(_) => std::process::exit(0),

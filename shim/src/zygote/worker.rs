@@ -77,7 +77,7 @@ fn classify(e: &anyhow::Error) -> FailureKind {
 }
 
 fn run(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Answer> {
-    use trenv_runtime::sandbox::Sandbox;
+    use trenv_sandbox::Sandbox;
     match req {
         Request::Background { nice, request } => {
             // This worker is a fresh process: the priority goes with it.
@@ -166,9 +166,9 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 .with_no_pivot(no_pivot)
                 .with_detach(true)
                 .build()?;
-            if let Err(e) = trenv_runtime::lifecycle::apply_oom_killer_setting(&c) {
+            if let Err(e) = trenv_oci::lifecycle::apply_oom_killer_setting(&c) {
                 let mut c = c;
-                let _ = trenv_runtime::lifecycle::delete(&mut c, true);
+                let _ = trenv_oci::lifecycle::delete(&mut c, true);
                 return Err(e.into());
             }
             Ok(c.pid().map(|p| p.as_raw()))
@@ -193,7 +193,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                     nix::unistd::dup2(fd.as_raw_fd(), n)?;
                 }
             }
-            let opts = trenv_runtime::restore::RestoreOptions {
+            let opts = trenv_criu::restore::RestoreOptions {
                 id,
                 state_root: root,
                 bundle,
@@ -208,7 +208,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 manage_cgroups_mode: criu_opts.manage_cgroups_mode,
                 ..Default::default()
             };
-            let r = trenv_runtime::restore::restore(&trenv_runtime::criu::Criu::new(&criu), &opts)?;
+            let r = trenv_criu::restore::restore(&trenv_criu::Criu::new(&criu), &opts)?;
             Ok(Some(r.pid))
         }
         Request::Start { root, id } => {
@@ -254,7 +254,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
         }
         Request::Checkpoint { root, id, opts } => {
             let mut c = load(&root, &id)?;
-            let o = trenv_runtime::checkpoint::CheckpointOptions {
+            let o = trenv_criu::checkpoint::CheckpointOptions {
                 image_path: opts.image_path,
                 work_path: opts.work_path,
                 leave_running: !opts.exit,
@@ -266,15 +266,11 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 manage_cgroups_mode: opts.cgroups_mode,
                 ..Default::default()
             };
-            trenv_runtime::checkpoint::checkpoint(
-                &mut c,
-                &trenv_runtime::criu::Criu::new(&opts.criu),
-                &o,
-            )?;
+            trenv_criu::checkpoint::checkpoint(&mut c, &trenv_criu::Criu::new(&opts.criu), &o)?;
             Ok(None)
         }
         Request::PurgeSandbox { holder } => {
-            trenv_runtime::sandbox::purge::namespaces(&holder)?;
+            trenv_sandbox::purge::namespaces(&holder)?;
             Ok(None)
         }
         Request::CreateSandbox { .. }
@@ -284,7 +280,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
         }
         Request::Delete { root, id, force } => {
             if root.join(&id).join("state.json").exists() {
-                trenv_runtime::lifecycle::delete(&mut load(&root, &id)?, force)?;
+                trenv_oci::lifecycle::delete(&mut load(&root, &id)?, force)?;
             }
             Ok(None)
         }

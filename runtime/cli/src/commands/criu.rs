@@ -2,9 +2,9 @@
 
 use anyhow::{Context, Result};
 use nix::unistd::Pid;
-use trenv_runtime::checkpoint::{self, CheckpointOptions};
-use trenv_runtime::criu::Criu;
-use trenv_runtime::restore::{self, RestoreOptions};
+use trenv_criu::checkpoint::{self, CheckpointOptions};
+use trenv_criu::restore::{self, RestoreOptions};
+use trenv_criu::Criu;
 
 use super::{load, process};
 use crate::cli::{Checkpoint, Global, Restore};
@@ -66,7 +66,7 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
     }
     let code = process::wait_foreground(Pid::from_raw(r.pid))?;
     r.container.refresh_status()?;
-    trenv_runtime::lifecycle::delete(&mut r.container, true)
+    trenv_oci::lifecycle::delete(&mut r.container, true)
         .with_context(|| format!("deleting container {}", a.id))?;
     Ok(code)
 }

@@ -91,7 +91,7 @@ pub struct PoolArgs {
     #[arg(short, long, default_value = "default", env = "CONTAINERD_NAMESPACE")]
     pub namespace: String,
     /// Root of the pools' state (the shim's pool.state_dir)
-    #[arg(long, default_value = trenv_runtime::sandbox::DEFAULT_POOL_ROOT)]
+    #[arg(long, default_value = trenv_sandbox::DEFAULT_POOL_ROOT)]
     pub pool_root: PathBuf,
 }
 

@@ -221,7 +221,7 @@ impl Session {
 
     fn recv(&self) -> Result<(rpc::Criu_resp, Option<OwnedFd>), CriuError> {
         let mut buf = vec![0u8; MAX_MSG];
-        let (len, mut fds) = crate::fdpass::recv_with_fds(self.sock.as_raw_fd(), &mut buf)?;
+        let (len, mut fds) = trenv_oci::fdpass::recv_with_fds(self.sock.as_raw_fd(), &mut buf)?;
         if len == 0 {
             return Err(CriuError::Closed);
         }

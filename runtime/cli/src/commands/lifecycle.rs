@@ -55,7 +55,7 @@ fn build(g: &Global, a: &Create, detach: bool) -> Result<Container> {
         bail!("container {} already exists", a.id);
     }
     // Fail early with a readable message rather than libcontainer's deep one.
-    trenv_runtime::bundle::Bundle::load(&a.bundle)?;
+    trenv_oci::bundle::Bundle::load(&a.bundle)?;
     let container = ContainerBuilder::new(a.id.clone(), SyscallType::default())
         .with_executor(DefaultExecutor {})
         .with_root_path(&g.root)?
@@ -68,9 +68,9 @@ fn build(g: &Global, a: &Create, detach: bool) -> Result<Container> {
         .with_detach(detach)
         .with_no_pivot(a.no_pivot)
         .build()?;
-    if let Err(e) = trenv_runtime::lifecycle::apply_oom_killer_setting(&container) {
+    if let Err(e) = trenv_oci::lifecycle::apply_oom_killer_setting(&container) {
         let mut c = container;
-        let _ = trenv_runtime::lifecycle::delete(&mut c, true);
+        let _ = trenv_oci::lifecycle::delete(&mut c, true);
         return Err(e.into());
     }
     Ok(container)
@@ -95,7 +95,7 @@ pub fn run(g: &Global, a: &Run) -> Result<u8> {
     let mut c = build(g, &a.create, a.detach)
         .with_context(|| format!("creating container {}", a.create.id))?;
     if let Err(e) = c.start() {
-        let _ = trenv_runtime::lifecycle::delete(&mut c, true);
+        let _ = trenv_oci::lifecycle::delete(&mut c, true);
         return Err(e).with_context(|| format!("starting container {}", a.create.id));
     }
     if a.detach {
@@ -105,7 +105,7 @@ pub fn run(g: &Global, a: &Run) -> Result<u8> {
     let code = process::wait_foreground(pid)?;
     if !a.keep {
         c.refresh_status()?;
-        trenv_runtime::lifecycle::delete(&mut c, true)
+        trenv_oci::lifecycle::delete(&mut c, true)
             .with_context(|| format!("deleting container {}", a.create.id))?;
     }
     Ok(code)
@@ -136,7 +136,7 @@ pub fn delete(g: &Global, a: &Delete) -> Result<()> {
         bail!("container {} does not exist", a.id);
     }
     let mut c = load(g, &a.id)?;
-    trenv_runtime::lifecycle::delete(&mut c, a.force)
+    trenv_oci::lifecycle::delete(&mut c, a.force)
         .with_context(|| format!("deleting container {}", a.id))?;
     Ok(())
 }

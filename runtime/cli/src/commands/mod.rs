@@ -39,7 +39,7 @@ pub fn dispatch(g: &Global, cmd: Command) -> Result<u8> {
 }
 
 fn container_dir(g: &Global, id: &str) -> Result<PathBuf> {
-    trenv_runtime::restore::validate_id(id)?;
+    trenv_criu::restore::validate_id(id)?;
     Ok(g.root.join(id))
 }
 
@@ -89,7 +89,7 @@ fn write_json(v: &impl serde::Serialize) -> Result<()> {
 }
 
 fn rootfs_of(bundle: &Path) -> PathBuf {
-    trenv_runtime::bundle::Bundle::load(bundle)
+    trenv_oci::bundle::Bundle::load(bundle)
         .map(|b| b.rootfs)
         .unwrap_or_else(|_| bundle.join("rootfs"))
 }

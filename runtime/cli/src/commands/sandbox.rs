@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use trenv_runtime::sandbox::{cni::Network, unix_now, Sandbox, Store};
+use trenv_sandbox::{cni::Network, unix_now, Sandbox, Store};
 
 use crate::cli::{PoolArgs, SandboxCommand};
 
@@ -139,10 +139,10 @@ fn drain_offline(st: &Store) -> Result<()> {
         st.remove(&sb.id);
         // The pool's parent cgroups (`<parent>/<namespace>`), once empty.
         if let Some((parent, _)) = sb.cgroup.rsplit_once('/') {
-            trenv_runtime::sandbox::cgroup::remove_parents(parent, 2);
+            trenv_sandbox::cgroup::remove_parents(parent, 2);
         }
     }
-    trenv_runtime::sandbox::cgroup_view::remove_all(&st.views());
+    trenv_sandbox::cgroup_view::remove_all(&st.views());
     println!(
         "no shim running; destroyed {} sandboxes",
         sandboxes.len() - failed

@@ -54,7 +54,7 @@ pub fn events(g: &Global, a: &Events) -> Result<()> {
         let ev = json!({
             "type": "stats",
             "id": a.id,
-            "data": trenv_runtime::stats::to_runc(&stats),
+            "data": crate::stats::to_runc(&stats),
         });
         println!("{ev}");
         if a.stats {

@@ -12,8 +12,8 @@ use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::oci_spec::runtime::LinuxNamespaceType;
 use protobuf::MessageField;
 
-use crate::bundle::{cgroup_v1_mounts, Bundle, BundleError};
-use crate::criu::{self, rpc, Criu, CriuError};
+use crate::driver::{self as criu, rpc, Criu, CriuError};
+use trenv_oci::bundle::{cgroup_v1_mounts, Bundle, BundleError};
 
 /// Name of the file, inside the image directory, recording where the container's stdio pointed.
 pub const DESCRIPTORS_JSON: &str = "descriptors.json";
@@ -45,7 +45,7 @@ pub enum CheckpointError {
     #[error(transparent)]
     Container(#[from] libcontainer::error::LibcontainerError),
     #[error(transparent)]
-    Delete(#[from] crate::lifecycle::LifecycleError),
+    Delete(#[from] trenv_oci::lifecycle::LifecycleError),
 }
 
 /// runc's `checkpoint` flags.
@@ -271,7 +271,7 @@ pub fn checkpoint(
     tracing::debug!(id = container.id(), "checkpointed");
     if !opts.leave_running && !opts.pre_dump {
         container.set_status(ContainerStatus::Stopped).save()?;
-        crate::lifecycle::delete(container, true)?;
+        trenv_oci::lifecycle::delete(container, true)?;
     }
     Ok(())
 }

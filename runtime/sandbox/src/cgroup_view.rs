@@ -35,7 +35,7 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// v1 hierarchies mounted under `/sys/fs/cgroup/` (mount point, name in the view). Empty on
 /// a v2-only host.
 pub fn hierarchies() -> Vec<(PathBuf, String)> {
-    crate::bundle::cgroup_v1_mounts()
+    trenv_oci::bundle::cgroup_v1_mounts()
         .into_iter()
         .filter_map(|mp| {
             let name = Path::new(&mp).file_name()?.to_str()?.to_string();

@@ -101,8 +101,8 @@ fn disable_oom_killer(cgroup: &Path) -> Result<(), LifecycleError> {
         cgroup: cgroup.display().to_string(),
         source,
     };
-    let mounts = crate::sandbox::cgroup::mounts().map_err(err)?;
-    for m in mounts {
+    for m in crate::bundle::cgroup_v1_mounts() {
+        let m = std::path::PathBuf::from(m);
         let control = m.join(rel).join("memory.oom_control");
         if control.exists() {
             return std::fs::write(&control, "1").map_err(err);

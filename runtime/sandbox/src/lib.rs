@@ -161,20 +161,7 @@ impl Sandbox {
     /// idempotent; returns the first error after trying every step.
     pub fn destroy(&self, network: &Network) -> Result<(), SandboxError> {
         let alive = self.holder.alive();
-        for pid in cgroup::procs(&self.cgroup) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        if alive {
-            for pid in purge::processes_in_netns(self.holder.netns, self.holder.pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
+        purge::kill_all(&self.cgroup, self.holder.netns, self.holder.pid);
         // DEL while the namespace still exists removes the veth cleanly; without it the
         // plugins still release the address.
         let netns = if alive {

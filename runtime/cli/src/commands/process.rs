@@ -127,7 +127,7 @@ fn parse_user(s: &str) -> Result<(u32, Option<u32>)> {
 /// file, so write one derived from the container's own process.
 fn tty_process_file(g: &Global, a: &Exec, env: &HashMap<String, String>) -> Result<PathBuf> {
     let c = load(g, &a.id)?;
-    let b = trenv_runtime::bundle::Bundle::load(c.bundle())?;
+    let b = trenv_oci::bundle::Bundle::load(c.bundle())?;
     let mut p = b.spec.process().clone().unwrap_or_default();
     p.set_args(Some(a.command.clone()));
     p.set_terminal(Some(true));

@@ -25,9 +25,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use nix::unistd::Pid;
 
-use crate::bundle::{cgroup_v1_mounts, Bundle, BundleError};
 use crate::checkpoint::DESCRIPTORS_JSON;
-use crate::criu::{self, rpc, Criu, CriuError};
+use crate::driver::{self as criu, rpc, Criu, CriuError};
+use trenv_oci::bundle::{cgroup_v1_mounts, Bundle, BundleError};
 
 const RESTORE_LOG: &str = "restore.log";
 const CRIU_ROOT: &str = "criu-root";

@@ -2,11 +2,13 @@
 
 mod cli;
 mod commands;
+mod logging;
+mod stats;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use trenv_runtime::logging::{self, LogFormat};
+use logging::LogFormat;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

@@ -159,6 +159,68 @@ pub fn processes_in_netns(netns: u64, except: i32) -> Vec<i32> {
         .collect()
 }
 
+/// Whether `pid` is in the cgroup `rel` (path below a hierarchy root) in some hierarchy.
+fn in_cgroup(pid: i32, rel: &str) -> bool {
+    let want = format!("/{}", rel.trim_start_matches('/'));
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|t| {
+        t.lines()
+            .any(|l| l.splitn(3, ':').nth(2) == Some(want.as_str()))
+    })
+}
+
+fn in_netns(pid: i32, netns: u64) -> bool {
+    super::holder::ns_inode(pid, "net").ok() == Some(netns)
+}
+
+/// SIGKILLs every process of a sandbox: those in its cgroup and those in its network
+/// namespace but the holder (a process that left the cgroup is found too). Each is
+/// signalled through a pidfd opened *before* checking that the pid still belongs to the
+/// sandbox, so a pid recycled by an unrelated process after it was listed is never hit.
+/// Returns the pids signalled; the caller waits for them to go.
+pub fn kill_all(cgroup: &str, netns: u64, holder: i32) -> Vec<i32> {
+    let mut candidates = super::cgroup::procs(cgroup);
+    candidates.extend(processes_in_netns(netns, holder));
+    candidates.sort_unstable();
+    candidates.dedup();
+    candidates
+        .into_iter()
+        .filter(|&pid| pid != holder)
+        .filter(|&pid| {
+            let Ok(fd) = pidfd_open(pid) else {
+                // Gone already.
+                return false;
+            };
+            if !(in_cgroup(pid, cgroup) || in_netns(pid, netns)) {
+                return false;
+            }
+            // SAFETY: pidfd_send_signal takes a pidfd we own, a signal number, a null info
+            // pointer (meaning "as kill(2) would") and flags 0.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            r == 0
+        })
+        .collect()
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// Number of listening TCP sockets and bound UDP sockets in the holder's network namespace.
 pub fn open_sockets(holder_pid: i32) -> usize {
     let netns = PathBuf::from(format!("/proc/{holder_pid}/ns/net"));
@@ -198,5 +260,44 @@ mod tests {
         assert!(processes_in_netns(ino, -1).contains(&me));
         assert!(!processes_in_netns(ino, me).contains(&me));
         assert!(processes_in_netns(1, -1).is_empty());
+    }
+
+    /// Processes in the cgroup are killed, the holder and processes outside are not.
+    #[test]
+    fn kill_all_signals_only_the_sandbox() {
+        use std::process::Command;
+        let rel = format!("trenv-unit-kill-{}", nix::unistd::getpid());
+        super::super::cgroup::create(&rel).expect("cgroup");
+        let mut inside = Command::new("sleep").arg("100").spawn().expect("sleep");
+        let mut outside = Command::new("sleep").arg("100").spawn().expect("sleep");
+        let mut holder = Command::new("sleep").arg("100").spawn().expect("sleep");
+        let pid = |c: &std::process::Child| i32::try_from(c.id()).expect("pid");
+        for c in [&inside, &holder] {
+            let procs = std::path::Path::new("/sys/fs/cgroup/memory")
+                .join(&rel)
+                .join("cgroup.procs");
+            std::fs::write(&procs, pid(c).to_string()).expect("join cgroup");
+        }
+        // A netns inode no process has: only the cgroup counts.
+        let killed = kill_all(&rel, 1, pid(&holder));
+        assert_eq!(killed, vec![pid(&inside)]);
+        let status = inside.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        assert!(
+            outside.try_wait().expect("try_wait").is_none(),
+            "outside killed"
+        );
+        assert!(
+            holder.try_wait().expect("try_wait").is_none(),
+            "holder killed"
+        );
+        for mut c in [outside, holder] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        super::super::cgroup::remove(&rel).expect("remove cgroup");
     }
 }

@@ -1,0 +1,8 @@
+//! CRIU for trenv: the RPC driver over `criu swrk`, and checkpoint/restore of containers
+//! with runc's semantics and image layout.
+
+pub mod checkpoint;
+pub mod driver;
+pub mod restore;
+
+pub use driver::{rpc, Criu, CriuError};
