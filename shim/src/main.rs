@@ -99,15 +99,20 @@ fn make_pool(namespace: &str, zygote: service::SharedZygote) -> Option<Arc<pool:
     if !cfg.enabled {
         return None;
     }
-    match pool::Pool::new(
-        namespace,
-        cfg.clone(),
-        pool::Ops {
+    let ops = pool::Pool::network_of(&cfg).and_then(|network| {
+        let exe = std::env::current_exe().map_err(|e| format!("shim executable: {e}"))?;
+        Ok(pool::ZygoteOps {
             zygote,
             nice: cfg.background_nice,
             deadline: Duration::from_secs(timeouts.sandbox_secs.max(1)),
-        },
-    ) {
+            exe,
+            network,
+            cgroup_parent: pool::Pool::cgroup_parent_of(namespace, &cfg),
+            store: pool::Pool::store_of(namespace, &cfg),
+            cgroup_view: cfg.cgroup_view,
+        })
+    });
+    match ops.and_then(|ops| pool::Pool::new(namespace, cfg.clone(), Box::new(ops))) {
         Ok(p) => Some(p),
         Err(e) => {
             log::error!("sandbox pool disabled: {e}");

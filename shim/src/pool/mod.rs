@@ -16,11 +16,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use trenv_sandbox::cni::Network;
-use trenv_sandbox::{self as sandbox, holder::Holder, Sandbox, State, Store};
+use trenv_sandbox::{self as sandbox, Sandbox, State, Store};
 
 use crate::config::PoolConfig;
-use crate::service::SharedZygote;
-use crate::zygote::Request;
+
+mod ops;
+pub use ops::{SandboxOps, Urgency, ZygoteOps};
 
 /// How a container obtained its sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,69 +107,6 @@ impl Inner {
 
 const MIB: u64 = 1 << 20;
 
-/// Runs the pool's operations in the pool's own zygote: purging enters namespaces, and
-/// the CNI plugins must be waited for by their parent, not by the shim's reaper.
-pub struct Ops {
-    pub zygote: SharedZygote,
-    /// Nice value of background requests (`pool.background_nice`).
-    pub nice: i32,
-    /// Deadline of each request (`timeouts.sandbox_secs`).
-    pub deadline: Duration,
-}
-
-/// Whether a container start waits for a request, or it is the pool's background work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Urgency {
-    Waited,
-    Background,
-}
-
-impl Ops {
-    fn call(&self, req: Request, urgency: Urgency) -> Result<Option<serde_json::Value>, String> {
-        let req = match urgency {
-            Urgency::Background if self.nice != 0 => Request::Background {
-                nice: self.nice,
-                request: Box::new(req),
-            },
-            _ => req,
-        };
-        self.zygote
-            .call(&req, &[], self.deadline)
-            .map(|a| a.data)
-            .map_err(|e| e.to_string())
-    }
-
-    fn create(
-        &self,
-        id: &str,
-        exe: &Path,
-        parent: &str,
-        net: &Network,
-        urgency: Urgency,
-    ) -> Result<Sandbox, String> {
-        let req = Request::CreateSandbox {
-            id: id.to_string(),
-            exe: exe.to_path_buf(),
-            cgroup_parent: parent.to_string(),
-            network: net.clone(),
-        };
-        let data = self.call(req, urgency)?;
-        serde_json::from_value(data.unwrap_or_default()).map_err(|e| e.to_string())
-    }
-
-    fn destroy(&self, sb: &Sandbox, net: &Network) -> Result<(), String> {
-        let req = Request::DestroySandbox {
-            sandbox: Box::new(sb.clone()),
-            network: net.clone(),
-        };
-        self.call(req, Urgency::Background).map(|_| ())
-    }
-
-    fn purge(&self, holder: &Holder) -> Result<(), String> {
-        let req = Request::PurgeSandbox { holder: *holder };
-        self.call(req, Urgency::Background).map(|_| ())
-    }
-}
 /// Called whenever the pool became empty with nothing in use.
 pub type OnEmpty = Box<dyn Fn() + Send + Sync>;
 
@@ -176,13 +114,11 @@ pub struct Pool {
     cfg: PoolConfig,
     namespace: String,
     store: Store,
-    network: Network,
-    exe: PathBuf,
     inner: Mutex<Inner>,
     wake: Condvar,
     /// Signalled once sandboxes of an earlier shim are adopted.
     adopted: Condvar,
-    ops: Ops,
+    ops: Box<dyn SandboxOps>,
     on_empty: Mutex<Option<OnEmpty>>,
     stop: AtomicBool,
     /// The ownership lock file, locked while this shim owns the pool.
@@ -210,29 +146,24 @@ fn random_id() -> String {
 impl Pool {
     /// A pool for `namespace`; `None` (with the reason logged) when it cannot work, e.g.
     /// a broken CNI config: containers then run without sandboxes rather than fail.
-    pub fn new(namespace: &str, cfg: PoolConfig, ops: Ops) -> Result<Arc<Self>, String> {
+    pub fn new(
+        namespace: &str,
+        cfg: PoolConfig,
+        ops: Box<dyn SandboxOps>,
+    ) -> Result<Arc<Self>, String> {
         if !(0..=19).contains(&cfg.background_nice) {
             return Err(format!(
                 "pool.background_nice is {}; it must be 0-19",
                 cfg.background_nice
             ));
         }
-        let bin = cfg.cni_bin_dir.clone();
-        let network = match &cfg.cni_config {
-            Some(p) => Network::load(p, &bin).map_err(|e| e.to_string())?,
-            None => Network::builtin(&cfg.subnet, &bin),
-        }
-        .with_timeout(Duration::from_secs(cfg.cni_timeout_secs.max(1)));
-        let exe = std::env::current_exe().map_err(|e| format!("shim executable: {e}"))?;
-        let store = Store::new(&cfg.state_dir, namespace);
+        let store = Self::store_of(namespace, &cfg);
         std::fs::create_dir_all(&store.dir)
             .map_err(|e| format!("creating {}: {e}", store.dir.display()))?;
         Ok(Arc::new(Self {
             cfg,
             namespace: namespace.to_string(),
             store,
-            network,
-            exe,
             inner: Mutex::new(Inner::default()),
             wake: Condvar::new(),
             adopted: Condvar::new(),
@@ -242,6 +173,26 @@ impl Pool {
             owner: Mutex::new(None),
             lease: Mutex::new((false, Instant::now())),
         }))
+    }
+
+    /// The records of the pool of `namespace`.
+    pub fn store_of(namespace: &str, cfg: &PoolConfig) -> Store {
+        Store::new(&cfg.state_dir, namespace)
+    }
+
+    /// The network of the pool's sandboxes: the configured conflist or the built-in bridge.
+    pub fn network_of(cfg: &PoolConfig) -> Result<Network, String> {
+        let bin = cfg.cni_bin_dir.clone();
+        let network = match &cfg.cni_config {
+            Some(p) => Network::load(p, &bin).map_err(|e| e.to_string())?,
+            None => Network::builtin(&cfg.subnet, &bin),
+        };
+        Ok(network.with_timeout(Duration::from_secs(cfg.cni_timeout_secs.max(1))))
+    }
+
+    /// `<cgroup_parent>/<namespace>`, the parent of the pool's sandbox cgroups.
+    pub fn cgroup_parent_of(namespace: &str, cfg: &PoolConfig) -> String {
+        format!("{}/{namespace}", cfg.cgroup_parent.trim_end_matches('/'))
     }
 
     pub fn dir(&self) -> &Path {
@@ -273,7 +224,7 @@ impl Pool {
 
     /// Once the pool is ours: the files a retiring shim may have removed with its state.
     fn publish_state(self: &Arc<Self>) {
-        let saved = serde_json::to_vec_pretty(&self.network)
+        let saved = serde_json::to_vec_pretty(self.ops.network())
             .map_err(std::io::Error::other)
             .and_then(|b| {
                 std::fs::create_dir_all(&self.store.dir)?;
@@ -316,11 +267,7 @@ impl Pool {
     }
 
     fn cgroup_parent(&self) -> String {
-        format!(
-            "{}/{}",
-            self.cfg.cgroup_parent.trim_end_matches('/'),
-            self.namespace
-        )
+        Self::cgroup_parent_of(&self.namespace, &self.cfg)
     }
 
     /// A sandbox for a container.
@@ -349,7 +296,7 @@ impl Pool {
                 None => (g.idle.pop_front(), Acquisition::Repurpose),
             };
             match picked {
-                Some(sb) if sb.holder.alive() => break (sb, how),
+                Some(sb) if self.ops.alive(&sb) => break (sb, how),
                 Some(dead) => {
                     g.counters.holders_lost += 1;
                     log::warn!(
@@ -449,16 +396,10 @@ impl Pool {
 
     fn create_now(&self, urgency: Urgency) -> Result<Sandbox, String> {
         let id = random_id();
-        let parent = self.cgroup_parent();
-        let mut sb = self
+        let sb = self
             .ops
-            .create(&id, &self.exe, &parent, &self.network, urgency)
+            .create(&id, urgency)
             .map_err(|e| format!("creating sandbox: {e}"))?;
-        if self.cfg.cgroup_view {
-            if let Err(e) = sb.build_cgroup_view(&self.store.cgroup_view_dir(&id)) {
-                log::warn!("sandbox {id}: {e}; its instances mount their own cgroups");
-            }
-        }
         if let Err(e) = self.store.save(&sb) {
             log::warn!("{e}");
         }
@@ -467,30 +408,11 @@ impl Pool {
     }
 
     fn destroy(&self, sb: &Sandbox) {
-        if let Err(e) = self.ops.destroy(sb, &self.network) {
+        if let Err(e) = self.ops.destroy(sb) {
             log::warn!("destroying sandbox {}: {e}", sb.id);
         }
         self.store.remove(&sb.id);
         self.lock().counters.destroyed += 1;
-    }
-
-    /// Purges a released sandbox and checks it; an error means it must be destroyed.
-    fn purge(&self, sb: &mut Sandbox) -> Result<(), String> {
-        // A PID namespace dies with its init, but processes may still be exiting.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let left = sandbox::purge::kill_all(&sb.cgroup, sb.holder.netns, sb.holder.pid);
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!("processes {left:?} do not die"));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        sb.renew_cgroup().map_err(|e| e.to_string())?;
-        self.ops.purge(&sb.holder)?;
-        sb.check_empty()
     }
 
     fn worker(self: Arc<Self>) {
@@ -545,7 +467,7 @@ impl Pool {
             self.destroy(&sb);
             return;
         }
-        match self.purge(&mut sb) {
+        match self.ops.purge(&mut sb) {
             Ok(()) => {
                 sb.state = State::Idle;
                 sb.served += 1;
@@ -608,15 +530,8 @@ impl Pool {
                 .collect()
         };
         for mut sb in records.into_iter().filter(|s| !known.contains(&s.id)) {
-            if sb.state == State::Idle && sb.check_empty().is_ok() {
+            if sb.state == State::Idle && self.ops.adoptable(&mut sb) {
                 log::info!("adopting idle sandbox {}", sb.id);
-                if let Some(v) = sb.cgroup_view.clone() {
-                    if !sandbox::cgroup_view::is_built(&v) {
-                        if let Err(e) = sb.build_cgroup_view(&v) {
-                            log::warn!("sandbox {}: {e}", sb.id);
-                        }
-                    }
-                }
                 self.lock().idle.push_back(sb);
             } else {
                 log::info!(
@@ -635,7 +550,7 @@ impl Pool {
         let dead: Vec<Sandbox> = {
             let mut g = self.lock();
             let (alive, dead): (VecDeque<_>, VecDeque<_>) =
-                g.idle.drain(..).partition(|s| s.holder.alive());
+                g.idle.drain(..).partition(|s| self.ops.alive(s));
             g.idle = alive;
             g.counters.holders_lost += dead.len() as u64;
             g.busy += dead.len();
@@ -885,5 +800,270 @@ impl Pool {
         {
             let _ = std::fs::remove_file(&tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pool's policy against a fake: no process, cgroup or network is touched.
+
+    use std::collections::HashSet;
+
+    use super::*;
+    use trenv_sandbox::cni::Attachment;
+    use trenv_sandbox::holder::Holder;
+
+    /// Sandboxes that exist only as records; what happened to them is kept for asserts.
+    #[derive(Default)]
+    struct Fake {
+        network: Option<Network>,
+        log: Mutex<Vec<String>>,
+        dead: Mutex<HashSet<String>>,
+        failing_purge: Mutex<HashSet<String>>,
+        next_pid: Mutex<i32>,
+    }
+
+    impl Fake {
+        fn new() -> Self {
+            Self {
+                network: Some(Network::builtin("10.99.0.0/16", Path::new("/nonexistent"))),
+                ..Default::default()
+            }
+        }
+        fn note(&self, what: String) {
+            self.log.lock().expect("log").push(what);
+        }
+        fn events(&self, kind: &str) -> Vec<String> {
+            let log = self.log.lock().expect("log");
+            log.iter()
+                .filter_map(|l| l.strip_prefix(&format!("{kind} ")).map(str::to_string))
+                .collect()
+        }
+    }
+
+    impl SandboxOps for Arc<Fake> {
+        fn create(&self, id: &str, _urgency: Urgency) -> Result<Sandbox, String> {
+            self.note(format!("create {id}"));
+            let mut pid = self.next_pid.lock().map_err(|e| e.to_string())?;
+            *pid += 1;
+            Ok(Sandbox {
+                id: id.to_string(),
+                state: State::Idle,
+                holder: Holder {
+                    pid: *pid,
+                    start_time: 1,
+                    netns: 1,
+                },
+                cgroup: format!("/fake/{id}"),
+                network: "fake".into(),
+                attachment: Attachment {
+                    ip: "10.99.0.2".into(),
+                    cidr: "10.99.0.2/16".into(),
+                    result: serde_json::Value::Null,
+                },
+                created: 0,
+                last_used: 0,
+                function: None,
+                container: None,
+                served: 0,
+                cgroup_view: None,
+            })
+        }
+        fn destroy(&self, sb: &Sandbox) -> Result<(), String> {
+            self.note(format!("destroy {}", sb.id));
+            Ok(())
+        }
+        fn purge(&self, sb: &mut Sandbox) -> Result<(), String> {
+            self.note(format!("purge {}", sb.id));
+            if self
+                .failing_purge
+                .lock()
+                .map_err(|e| e.to_string())?
+                .contains(&sb.id)
+            {
+                return Err("left a process".into());
+            }
+            Ok(())
+        }
+        fn alive(&self, sb: &Sandbox) -> bool {
+            !self.dead.lock().expect("dead").contains(&sb.id)
+        }
+        fn adoptable(&self, _sb: &mut Sandbox) -> bool {
+            true
+        }
+        fn network(&self) -> &Network {
+            self.network.as_ref().expect("network")
+        }
+    }
+
+    fn pool(cfg: PoolConfig) -> (Arc<Pool>, Arc<Fake>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = PoolConfig {
+            state_dir: dir.path().to_path_buf(),
+            ..cfg
+        };
+        let fake = Arc::new(Fake::new());
+        let p = Pool::new("ns", cfg, Box::new(fake.clone())).expect("pool");
+        p.lock().adopted = true;
+        (p, fake, dir)
+    }
+
+    fn claim<'a>(container: &'a str, function: &'a str, memory: u64) -> Claim<'a> {
+        Claim {
+            container,
+            function,
+            memory,
+            tainted: false,
+        }
+    }
+
+    /// Runs what the worker would do with released sandboxes.
+    fn settle(p: &Pool) {
+        loop {
+            // The guard must be gone before finish_release locks again.
+            let next = p.lock().releasing.pop_front();
+            let Some(u) = next else { break };
+            p.finish_release(u);
+        }
+    }
+
+    #[test]
+    fn miss_then_hit_for_the_same_function_then_repurpose_for_another() {
+        let (p, _fake, _d) = pool(PoolConfig::default());
+        let (a, how) = p.acquire(&claim("c1", "f", 0)).expect("acquire");
+        assert_eq!(how, Acquisition::Miss);
+        p.release("c1");
+        settle(&p);
+        let (b, how) = p.acquire(&claim("c2", "f", 0)).expect("acquire");
+        assert_eq!((how, &b.id), (Acquisition::Hit, &a.id));
+        p.release("c2");
+        settle(&p);
+        let (c, how) = p.acquire(&claim("c3", "g", 0)).expect("acquire");
+        assert_eq!((how, &c.id), (Acquisition::Repurpose, &a.id));
+        assert_eq!(c.function.as_deref(), Some("g"));
+        assert_eq!(c.container.as_deref(), Some("c3"));
+    }
+
+    #[test]
+    fn hits_take_the_most_recently_used_and_repurposing_the_least() {
+        let (p, _fake, _d) = pool(PoolConfig::default());
+        let ids: Vec<String> = ["c1", "c2", "c3"]
+            .iter()
+            .map(|c| p.acquire(&claim(c, "f", 0)).expect("acquire").0.id)
+            .collect();
+        // Released in order: c1's sandbox is the least recently used.
+        for c in ["c1", "c2", "c3"] {
+            p.release(c);
+        }
+        settle(&p);
+        let (hit, _) = p.acquire(&claim("d1", "f", 0)).expect("acquire");
+        assert_eq!(hit.id, ids[2]);
+        let (other, how) = p.acquire(&claim("d2", "g", 0)).expect("acquire");
+        assert_eq!((how, &other.id), (Acquisition::Repurpose, &ids[0]));
+    }
+
+    #[test]
+    fn a_full_pool_refuses_and_max_idle_destroys_extra_releases() {
+        let (p, fake, _d) = pool(PoolConfig {
+            max_sandboxes: 2,
+            max_idle: 1,
+            ..Default::default()
+        });
+        p.acquire(&claim("c1", "f", 0)).expect("acquire");
+        p.acquire(&claim("c2", "f", 0)).expect("acquire");
+        let full = p.acquire(&claim("c3", "f", 0));
+        assert!(full.is_err_and(|e| e.contains("pool full")));
+        p.release("c1");
+        p.release("c2");
+        settle(&p);
+        assert_eq!(p.lock().idle.len(), 1);
+        assert_eq!(fake.events("destroy").len(), 1);
+        assert_eq!(fake.events("purge").len(), 1, "the extra one is not purged");
+    }
+
+    #[test]
+    fn tainted_and_failed_purges_are_destroyed_not_reused() {
+        let (p, fake, _d) = pool(PoolConfig::default());
+        let (a, _) = p
+            .acquire(&Claim {
+                tainted: true,
+                ..claim("c1", "f", 0)
+            })
+            .expect("acquire");
+        let (b, _) = p.acquire(&claim("c2", "f", 0)).expect("acquire");
+        fake.failing_purge
+            .lock()
+            .expect("lock")
+            .insert(b.id.clone());
+        p.release("c1");
+        p.release("c2");
+        settle(&p);
+        assert!(p.lock().idle.is_empty());
+        assert_eq!(fake.events("destroy"), vec![a.id, b.id]);
+        assert_eq!(p.lock().counters.purge_failures, 1);
+    }
+
+    #[test]
+    fn a_dead_holder_is_skipped_and_replaced() {
+        let (p, fake, _d) = pool(PoolConfig::default());
+        let (a, _) = p.acquire(&claim("c1", "f", 0)).expect("acquire");
+        p.release("c1");
+        settle(&p);
+        fake.dead.lock().expect("lock").insert(a.id.clone());
+        let (b, how) = p.acquire(&claim("c2", "f", 0)).expect("acquire");
+        assert_ne!(b.id, a.id);
+        assert_eq!(how, Acquisition::Miss);
+        assert_eq!(p.lock().counters.holders_lost, 1);
+        settle(&p);
+        assert!(fake.events("destroy").contains(&a.id));
+    }
+
+    #[test]
+    fn the_memory_bound_evicts_least_recently_used_idle_sandboxes() {
+        let (p, fake, _d) = pool(PoolConfig {
+            memory_limit_mib: 100,
+            idle_cost_mib: 10,
+            min_idle: 0,
+            ..Default::default()
+        });
+        let old = p.acquire(&claim("c1", "f", 0)).expect("acquire").0;
+        let new = p.acquire(&claim("c2", "f", 0)).expect("acquire").0;
+        p.release("c1");
+        p.release("c2");
+        settle(&p);
+        assert!(
+            !p.evict_one(),
+            "20 MiB of idle sandboxes are within 100 MiB"
+        );
+        // A container declaring 95 MiB takes one sandbox: 95 + 10 for the other > 100.
+        let taken = p.acquire(&claim("big", "f", 95 << 20)).expect("acquire").0;
+        assert_eq!(taken.id, new.id, "a hit takes the most recent");
+        assert!(p.evict_one());
+        assert_eq!(fake.events("destroy"), vec![old.id]);
+        assert!(!p.evict_one(), "nothing idle is left to evict");
+        assert!(!p.refill_one(), "no refill over the bound");
+    }
+
+    #[test]
+    fn min_idle_is_refilled_and_a_drain_empties_the_pool() {
+        let (p, fake, _d) = pool(PoolConfig {
+            min_idle: 2,
+            ..Default::default()
+        });
+        assert!(p.refill_one());
+        assert!(p.refill_one());
+        assert!(!p.refill_one(), "min_idle reached");
+        p.acquire(&claim("c1", "f", 0)).expect("acquire");
+        assert_eq!(p.drain(), 1);
+        assert!(!p.refill_one(), "a drained pool is not refilled");
+        // Containers still get sandboxes of their own; released ones are destroyed.
+        let (_, how) = p.acquire(&claim("c2", "f", 0)).expect("acquire");
+        assert_eq!(how, Acquisition::Miss);
+        p.release("c1");
+        p.release("c2");
+        settle(&p);
+        assert_eq!(p.lock().total(), 0);
+        assert!(p.may_exit());
+        assert_eq!(fake.events("create").len(), fake.events("destroy").len());
     }
 }
