@@ -10,6 +10,7 @@ mod pool;
 mod rootfs;
 mod service;
 mod stdio;
+mod task;
 mod teardown;
 mod zygote;
 

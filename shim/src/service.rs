@@ -1,9 +1,8 @@
 //! The containerd task service.
 
-use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use containerd_shim::api::{self, Status};
@@ -25,73 +24,14 @@ use crate::config::ShimConfig;
 use crate::console::ConsoleSocket;
 use crate::placement::{self, Plan};
 use crate::pool::{Claim, Pool};
+use crate::task::{Proc, Status as ProcStatus, Task, TaskError, Tasks};
 use crate::zygote::{FailureKind, Kind, Request, SandboxUts, Stdio, Zygote, ZygoteError};
-
-/// One process of a task: the init (exec id "") or an exec.
-#[derive(Debug, Clone, Default)]
-struct Proc {
-    pid: i32,
-    started: bool,
-    exit: Option<(u32, Timestamp)>,
-    stdin: String,
-    stdout: String,
-    stderr: String,
-    terminal: bool,
-    /// An exec's process.json, until it is started.
-    spec: Option<PathBuf>,
-    /// The pty master of a terminal process.
-    master: Option<Arc<std::fs::File>>,
-}
-
-#[derive(Debug, Default)]
-struct Task {
-    bundle: PathBuf,
-    /// libcontainer state root of the task's namespace.
-    root: PathBuf,
-    config: ShimConfig,
-    criu: CriuAnnotations,
-    rootfs_mounted: bool,
-    procs: HashMap<String, Proc>,
-    paused: bool,
-    /// Image directory of a task created from a checkpoint; Start restores it.
-    checkpoint: Option<PathBuf>,
-    /// Runs in a pooled sandbox, which goes back to the pool on Delete.
-    pooled: bool,
-}
-
-#[derive(Default)]
-struct State {
-    tasks: HashMap<String, Task>,
-    /// Exits reaped before the pid was known (a process that ended during create/start).
-    early_exits: HashMap<i32, (u32, Timestamp)>,
-    /// How deleted processes ended, for a Wait that was blocked on one when it was
-    /// deleted (a task deleted before it ever ran has no exit of its own).
-    deleted: HashMap<(String, String), (u32, Timestamp)>,
-}
-
-impl State {
-    /// Records how a deleted process ended, keeping the most recent ones.
-    fn bury(&mut self, id: &str, exec_id: &str, exit: (u32, Timestamp)) {
-        if self.deleted.len() >= MAX_EARLY_EXITS {
-            let oldest = self
-                .deleted
-                .iter()
-                .min_by_key(|(_, (_, t))| (t.seconds, t.nanos))
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                self.deleted.remove(&k);
-            }
-        }
-        self.deleted
-            .insert((id.to_string(), exec_id.to_string()), exit);
-    }
-}
 
 /// The zygote, shared by the shim (which ends it at exit) and the task service.
 pub type SharedZygote = Arc<Zygote>;
 
 pub struct Service {
-    state: Arc<(Mutex<State>, Condvar)>,
+    tasks: Arc<Tasks>,
     zygote: SharedZygote,
     publisher: Arc<RemotePublisher>,
     namespace: String,
@@ -102,16 +42,20 @@ pub struct Service {
     timeouts: crate::config::Timeouts,
 }
 
-const MAX_EARLY_EXITS: usize = 256;
-/// Exit status reported for a process deleted before it exited (it was killed), as runc's
-/// shim does.
-const DELETED_STATUS: u32 = 128 + libc::SIGKILL as u32;
 /// How long a retiring shim still accepts requests on connections made before its socket
 /// was removed (containerd connects right after `shim start` returned the address).
 const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn task_err(e: TaskError) -> ttrpc::Error {
+    let code = match e {
+        TaskError::TaskNotFound(_) | TaskError::ProcNotFound { .. } => Code::NOT_FOUND,
+        TaskError::TaskExists(_) | TaskError::ExecExists(_) => Code::ALREADY_EXISTS,
+    };
+    err(code, e.to_string())
 }
 
 /// The ttrpc status of a failed zygote request.
@@ -168,7 +112,7 @@ impl Service {
         containerd: &str,
     ) -> Self {
         let s = Self {
-            state: Arc::new((Mutex::new(State::default()), Condvar::new())),
+            tasks: Arc::new(Tasks::default()),
             zygote,
             publisher: Arc::new(publisher),
             namespace: namespace.to_string(),
@@ -202,7 +146,7 @@ impl Service {
             return;
         }
         let path = PathBuf::from(containerd.strip_prefix("unix://").unwrap_or(containerd));
-        let state = self.state.clone();
+        let tasks = self.tasks.clone();
         let every = (grace / 4).clamp(
             std::time::Duration::from_millis(250),
             std::time::Duration::from_secs(5),
@@ -213,7 +157,7 @@ impl Service {
                 let mut orphaned_since: Option<std::time::Instant> = None;
                 loop {
                     std::thread::sleep(every);
-                    let idle = state.0.lock().map(|st| st.tasks.is_empty()).unwrap_or(false);
+                    let idle = tasks.is_empty();
                     if !idle || std::os::unix::net::UnixStream::connect(&path).is_ok() {
                         orphaned_since = None;
                         continue;
@@ -239,19 +183,15 @@ impl Service {
     /// tasks start a new shim instead of reaching one that is going away; a task that
     /// arrived through a connection made just before keeps this shim alive until it ends.
     fn retirement(&self) -> impl Fn() + Send + Sync + 'static {
-        let state = self.state.clone();
+        let tasks = self.tasks.clone();
         let exit = self.exit.clone();
         let pool = self.pool.clone();
         let socket = self.socket.clone();
         move || {
-            let (state, exit, pool, socket) =
-                (state.clone(), exit.clone(), pool.clone(), socket.clone());
+            let (tasks, exit, pool, socket) =
+                (tasks.clone(), exit.clone(), pool.clone(), socket.clone());
             std::thread::spawn(move || {
-                let idle = || {
-                    let (lock, _) = &*state;
-                    lock.lock().map(|st| st.tasks.is_empty()).unwrap_or(true)
-                        && pool.as_ref().is_none_or(|p| p.may_exit())
-                };
+                let idle = || tasks.is_empty() && pool.as_ref().is_none_or(|p| p.may_exit());
                 if !idle() {
                     return;
                 }
@@ -412,7 +352,7 @@ impl Service {
                 return;
             }
         };
-        let state = self.state.clone();
+        let tasks = self.tasks.clone();
         let publisher = self.publisher.clone();
         let ns = self.namespace.clone();
         std::thread::spawn(move || {
@@ -423,51 +363,23 @@ impl Service {
                 // Exit statuses are 0-255 (128 + signal for a killed process).
                 let code = u32::try_from(ev.exit_code).unwrap_or(255);
                 let at = now();
-                let (lock, cv) = &*state;
-                let Ok(mut st) = lock.lock() else { return };
-                let mut found = None;
-                for (tid, task) in st.tasks.iter_mut() {
-                    for (eid, p) in task.procs.iter_mut() {
-                        if p.pid == pid && p.exit.is_none() {
-                            p.exit = Some((code, at.clone()));
-                            found = Some((tid.clone(), eid.clone()));
-                        }
-                    }
+                // Unknown pids (an exit before create returned, holders, loggers) are kept
+                // by the task model for a later claim.
+                let Some((tid, eid)) = tasks.exited(pid, (code, at.clone())) else {
+                    continue;
+                };
+                let ev = TaskExit {
+                    container_id: tid.clone(),
+                    id: if eid.is_empty() { tid } else { eid },
+                    pid: api_pid(pid),
+                    exit_status: code,
+                    exited_at: Some(at).into(),
+                    ..Default::default()
+                };
+                let topic = ev.topic();
+                if let Err(e) = publisher.publish(Context::default(), &topic, &ns, Box::new(ev)) {
+                    log::warn!("publishing exit: {e}");
                 }
-                match found {
-                    Some((tid, eid)) => {
-                        let ev = TaskExit {
-                            container_id: tid.clone(),
-                            id: if eid.is_empty() { tid } else { eid },
-                            pid: api_pid(pid),
-                            exit_status: code,
-                            exited_at: Some(at).into(),
-                            ..Default::default()
-                        };
-                        let topic = ev.topic();
-                        if let Err(e) =
-                            publisher.publish(Context::default(), &topic, &ns, Box::new(ev))
-                        {
-                            log::warn!("publishing exit: {e}");
-                        }
-                    }
-                    None => {
-                        // Also sandbox holders and loggers end up here; a long-lived shim
-                        // keeps only the most recent ones.
-                        if st.early_exits.len() >= MAX_EARLY_EXITS {
-                            let oldest = st
-                                .early_exits
-                                .iter()
-                                .min_by_key(|(_, (_, t))| (t.seconds, t.nanos))
-                                .map(|(p, _)| *p);
-                            if let Some(p) = oldest {
-                                st.early_exits.remove(&p);
-                            }
-                        }
-                        st.early_exits.insert(pid, (code, at));
-                    }
-                }
-                cv.notify_all();
             }
         });
     }
@@ -478,36 +390,7 @@ impl Service {
         exec_id: &str,
         f: impl FnOnce(&mut Task, &mut Proc) -> T,
     ) -> TtrpcResult<T> {
-        let (lock, _) = &*self.state;
-        let mut st = lock
-            .lock()
-            .map_err(|_| err(Code::INTERNAL, "state lock poisoned"))?;
-        let task = st
-            .tasks
-            .get_mut(id)
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("task {id} not found")))?;
-        let mut p = task.procs.get(exec_id).cloned().ok_or_else(|| {
-            err(
-                Code::NOT_FOUND,
-                format!("process {exec_id:?} of {id} not found"),
-            )
-        })?;
-        let out = f(task, &mut p);
-        task.procs.insert(exec_id.to_string(), p);
-        Ok(out)
-    }
-
-    /// Claims an exit reaped before the pid was recorded.
-    fn claim_early_exit(&self, id: &str, exec_id: &str, pid: i32) {
-        let (lock, cv) = &*self.state;
-        if let Ok(mut st) = lock.lock() {
-            if let Some(exit) = st.early_exits.remove(&pid) {
-                if let Some(p) = st.tasks.get_mut(id).and_then(|t| t.procs.get_mut(exec_id)) {
-                    p.exit = Some(exit);
-                }
-                cv.notify_all();
-            }
-        }
+        self.tasks.with_proc(id, exec_id, f).map_err(task_err)
     }
 
     fn mount_rootfs(
@@ -615,15 +498,8 @@ impl containerd_shim::Task for Service {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let bundle = PathBuf::from(&req.bundle);
-        {
-            let (lock, _) = &*self.state;
-            let st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
-            if st.tasks.contains_key(&req.id) {
-                return Err(err(
-                    Code::ALREADY_EXISTS,
-                    format!("task {} already exists", req.id),
-                ));
-            }
+        if self.tasks.contains(&req.id) {
+            return Err(task_err(TaskError::TaskExists(req.id.clone())));
         }
         let config = ShimConfig::for_task(req.options.as_ref())
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
@@ -725,8 +601,6 @@ impl containerd_shim::Task for Service {
         }
         let pid = p.pid;
         {
-            let (lock, _) = &*self.state;
-            let mut st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
             let mut task = Task {
                 bundle: bundle.clone(),
                 root,
@@ -738,10 +612,10 @@ impl containerd_shim::Task for Service {
                 ..Default::default()
             };
             task.procs.insert(String::new(), p);
-            st.tasks.insert(req.id.clone(), task);
+            // Claims the init's exit if the reaper saw it already.
+            self.tasks.insert(&req.id, task).map_err(task_err)?;
         }
         if pid != 0 {
-            self.claim_early_exit(&req.id, "", pid);
             self.watch_oom(&req.id);
         }
         let ev = TaskCreate {
@@ -838,12 +712,8 @@ impl containerd_shim::Task for Service {
                 master,
             )
         };
-        self.with_proc(&req.id, &req.exec_id, |_, p| {
-            p.pid = pid;
-            p.started = true;
-            p.master = master;
-        })?;
-        self.claim_early_exit(&req.id, &req.exec_id, pid);
+        self.with_proc(&req.id, &req.exec_id, |_, p| p.master = master)?;
+        self.tasks.started(&req.id, &req.exec_id, pid);
         if req.exec_id.is_empty() {
             let ev = TaskStart {
                 container_id: req.id.clone(),
@@ -872,19 +742,8 @@ impl containerd_shim::Task for Service {
             .as_ref()
             .ok_or_else(|| err(Code::INVALID_ARGUMENT, "exec without a process spec"))?;
         let bundle = self.with_proc(&req.id, "", |t, _| t.bundle.clone())?;
-        {
-            let (lock, _) = &*self.state;
-            let st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
-            if st
-                .tasks
-                .get(&req.id)
-                .is_some_and(|t| t.procs.contains_key(&req.exec_id))
-            {
-                return Err(err(
-                    Code::ALREADY_EXISTS,
-                    format!("exec {} already exists", req.exec_id),
-                ));
-            }
+        if self.with_proc(&req.id, &req.exec_id, |_, _| ()).is_ok() {
+            return Err(task_err(TaskError::ExecExists(req.exec_id.clone())));
         }
         let path = bundle.join(format!("exec-{}.json", req.exec_id));
         std::fs::write(&path, &spec.value)
@@ -894,15 +753,12 @@ impl containerd_shim::Task for Service {
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
-            spec: Some(path),
+            spec: Some(path.clone()),
             ..Default::default()
         };
-        {
-            let (lock, _) = &*self.state;
-            let mut st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
-            if let Some(t) = st.tasks.get_mut(&req.id) {
-                t.procs.insert(req.exec_id.clone(), p);
-            }
+        if let Err(e) = self.tasks.insert_exec(&req.id, &req.exec_id, p) {
+            let _ = std::fs::remove_file(&path);
+            return Err(task_err(e));
         }
         let ev = TaskExecAdded {
             container_id: req.id.clone(),
@@ -921,11 +777,11 @@ impl containerd_shim::Task for Service {
         let (p, bundle, paused) = self.with_proc(&req.id, &req.exec_id, |t, p| {
             (p.clone(), t.bundle.clone(), t.paused)
         })?;
-        let status = match (&p.exit, p.started, paused) {
-            (Some(_), _, _) => Status::STOPPED,
-            (None, _, true) => Status::PAUSED,
-            (None, true, _) => Status::RUNNING,
-            (None, false, _) => Status::CREATED,
+        let status = match p.status(paused) {
+            ProcStatus::Stopped => Status::STOPPED,
+            ProcStatus::Paused => Status::PAUSED,
+            ProcStatus::Running => Status::RUNNING,
+            ProcStatus::Created => Status::CREATED,
         };
         let mut r = api::StateResponse {
             id: if req.exec_id.is_empty() {
@@ -951,39 +807,12 @@ impl containerd_shim::Task for Service {
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        let (lock, cv) = &*self.state;
-        let mut st = lock.lock().map_err(|_| err(Code::INTERNAL, "lock"))?;
-        let mut waited = false;
-        loop {
-            let p = st
-                .tasks
-                .get(&req.id)
-                .and_then(|t| t.procs.get(&req.exec_id));
-            let exit = match p {
-                Some(p) => p.exit.clone(),
-                // Deleted while this Wait was blocked on it.
-                None if waited => st
-                    .deleted
-                    .get(&(req.id.clone(), req.exec_id.clone()))
-                    .cloned(),
-                None => None,
-            };
-            if let Some((code, at)) = exit {
-                return Ok(api::WaitResponse {
-                    exit_status: code,
-                    exited_at: Some(at).into(),
-                    ..Default::default()
-                });
-            }
-            if p.is_none() {
-                return Err(err(
-                    Code::NOT_FOUND,
-                    format!("process {:?} of {} not found", req.exec_id, req.id),
-                ));
-            }
-            waited = true;
-            st = cv.wait(st).map_err(|_| err(Code::INTERNAL, "lock"))?;
-        }
+        let (code, at) = self.tasks.wait(&req.id, &req.exec_id).map_err(task_err)?;
+        Ok(api::WaitResponse {
+            exit_status: code,
+            exited_at: Some(at).into(),
+            ..Default::default()
+        })
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
@@ -1120,15 +949,7 @@ impl containerd_shim::Task for Service {
                     format!("exec {} is running", req.exec_id),
                 ));
             }
-            let (lock, cv) = &*self.state;
-            if let Ok(mut st) = lock.lock() {
-                if let Some(t) = st.tasks.get_mut(&req.id) {
-                    t.procs.remove(&req.exec_id);
-                }
-                let exit = p.exit.clone().unwrap_or_else(|| (DELETED_STATUS, now()));
-                st.bury(&req.id, &req.exec_id, exit);
-                cv.notify_all();
-            }
+            self.tasks.remove_exec(&req.id, &req.exec_id, now());
             if let Some(spec) = p.spec {
                 let _ = std::fs::remove_file(spec);
             }
@@ -1145,18 +966,8 @@ impl containerd_shim::Task for Service {
                     &[],
                 )?;
             }
-            let (lock, cv) = &*self.state;
-            let task = lock.lock().ok().and_then(|mut st| {
-                let task = st.tasks.remove(&req.id)?;
-                // Waits on any of its processes return now.
-                for (exec_id, q) in &task.procs {
-                    let exit = q.exit.clone().unwrap_or_else(|| (DELETED_STATUS, now()));
-                    st.bury(&req.id, exec_id, exit);
-                }
-                Some(task)
-            });
-            cv.notify_all();
-            if let Some(t) = task {
+            // Waits on any of its processes return now.
+            if let Some(t) = self.tasks.remove(&req.id, now()) {
                 if t.rootfs_mounted {
                     Self::unmount_rootfs(&t.bundle);
                 }
@@ -1286,8 +1097,7 @@ impl containerd_shim::Task for Service {
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        let (lock, _) = &*self.state;
-        let empty = lock.lock().map(|st| st.tasks.is_empty()).unwrap_or(true);
+        let empty = self.tasks.is_empty();
         // The shim of a pool outlives its tasks: it keeps the sandboxes warm.
         if empty && self.pool.as_ref().is_none_or(|p| p.may_exit()) {
             (self.retirement())();
