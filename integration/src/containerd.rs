@@ -473,6 +473,19 @@ impl Drop for Events {
     }
 }
 
+/// A directory and every directory below it.
+fn walk_dirs(d: &Path) -> Vec<PathBuf> {
+    let mut out = vec![d.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(d) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                out.extend(walk_dirs(&e.path()));
+            }
+        }
+    }
+    out
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         // A test that failed while containerd was stopped still gets its containers removed.
@@ -492,6 +505,16 @@ impl Drop for Containerd {
         }
         self.stop_daemon();
         self.remove_pool_cgroups();
+        // The drained pool's sandbox cgroups went with it: what is left is a leak of this test.
+        let left = leaks::cgroup_dirs(&self.pool_cgroup());
+        if !left.is_empty() && !std::thread::panicking() {
+            let below: Vec<String> = left
+                .iter()
+                .flat_map(|d| walk_dirs(d))
+                .map(|d| d.display().to_string())
+                .collect();
+            panic!("sandbox cgroups left after drain: {below:?}");
+        }
         // Shims outlive containerd by design; ours must not outlive the test.
         for pid in leaks::processes_with(&self.socket().to_string_lossy()) {
             let _ = nix::sys::signal::kill(

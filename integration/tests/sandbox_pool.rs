@@ -300,7 +300,20 @@ fn a_socket_the_purge_cannot_remove_destroys_the_sandbox() {
         sandbox(&c, &sb).is_none().then_some(())
     });
     assert!(destroyed.is_some(), "kept: {:?}", sandbox(&c, &sb));
-    assert!(metric(&c, failures) > before, "purge failure not counted");
+    // metrics.prom is rewritten by the pool worker after the teardown.
+    let counted = wait_for(Duration::from_secs(5), || {
+        (metric(&c, failures) > before).then_some(())
+    });
+    assert!(
+        counted.is_some(),
+        "purge failure not counted: {}\n{}",
+        std::fs::read_to_string(c.pool_dir().join("metrics.prom")).unwrap_or_default(),
+        c.log()
+            .lines()
+            .filter(|l| l.contains("sandbox") || l.contains("purge"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     drop(planted);
     let b = unique_id("sock-b");
     run(&c, &[], BUSYBOX, &b, &["sleep", "999"]);

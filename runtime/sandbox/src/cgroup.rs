@@ -1,7 +1,7 @@
 //! A sandbox's cgroup: the same relative path in every mounted hierarchy (v1 controllers,
 //! named v1 hierarchies and v2), as the container runtime would create it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,11 +102,29 @@ pub fn create(rel: &str) -> Result<(), CgroupError> {
     Ok(())
 }
 
-/// Pids in the cgroup, from any hierarchy that has it.
+/// A cgroup directory and every cgroup below it, deepest first.
+fn subtree(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(d) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(subtree(&e.path()));
+            }
+        }
+    }
+    if d.is_dir() {
+        out.push(d.to_path_buf());
+    }
+    out
+}
+
+/// Pids in the cgroup or any cgroup below it (what an instance may have created there),
+/// from any hierarchy that has it.
 pub fn procs(rel: &str) -> Vec<i32> {
     let mut pids: Vec<i32> = dirs(rel)
         .unwrap_or_default()
         .iter()
+        .flat_map(|d| subtree(d))
         .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
         .flat_map(|t| {
             t.lines()
@@ -122,7 +140,8 @@ pub fn procs(rel: &str) -> Vec<i32> {
 /// Removes the cgroup from every hierarchy (missing is fine).
 pub fn remove(rel: &str) -> Result<(), CgroupError> {
     let mut first = None;
-    for d in dirs(rel)? {
+    // Cgroups an instance created below the sandbox's go with it, deepest first.
+    for d in dirs(rel)?.iter().flat_map(|d| subtree(d)) {
         match std::fs::remove_dir(&d) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 first.get_or_insert(CgroupError::Remove { path: d, source: e });
@@ -167,6 +186,28 @@ pub fn remove_parents(rel: &str, levels: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cgroups an instance made below a sandbox's are counted and removed with it.
+    #[test]
+    fn removal_takes_the_cgroups_below() {
+        let rel = format!("trenv-unit-subtree-{}", nix::unistd::getpid());
+        create(&format!("{rel}/inner/deeper")).expect("create");
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .expect("sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let procs_file = Path::new("/sys/fs/cgroup/memory")
+            .join(&rel)
+            .join("inner/deeper/cgroup.procs");
+        std::fs::write(&procs_file, pid.to_string()).expect("join");
+        assert_eq!(procs(&rel), vec![pid]);
+        assert!(remove(&rel).is_err(), "a populated cgroup was removed");
+        let _ = child.kill();
+        let _ = child.wait();
+        remove_when_empty(&rel, Duration::from_secs(2)).expect("remove");
+        assert!(dirs(&rel).expect("dirs").iter().all(|d| !d.exists()));
+    }
 
     fn cgroup2_options() -> Option<(PathBuf, String)> {
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

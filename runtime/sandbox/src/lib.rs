@@ -175,7 +175,20 @@ impl Sandbox {
         if let Some(v) = &self.cgroup_view {
             cgroup_view::remove(v);
         }
-        let cg = cgroup::remove_when_empty(&self.cgroup, std::time::Duration::from_secs(2));
+        // Whatever is still in any hierarchy's copy of the cgroup (or below it) is killed
+        // again on every try: a process that was exiting, or one that another hierarchy's
+        // move left behind, must not keep the cgroup for ever.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let cg = loop {
+            match cgroup::remove(&self.cgroup) {
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!("sandbox {}: {e}; retrying", self.id);
+                    purge::kill_all(&self.cgroup, self.holder.netns, self.holder.pid);
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => break r,
+            }
+        };
         cni?;
         cg?;
         Ok(())

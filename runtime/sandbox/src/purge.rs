@@ -159,12 +159,17 @@ pub fn processes_in_netns(netns: u64, except: i32) -> Vec<i32> {
         .collect()
 }
 
-/// Whether `pid` is in the cgroup `rel` (path below a hierarchy root) in some hierarchy.
+/// Whether `pid` is in the cgroup `rel` (path below a hierarchy root), or below it, in
+/// some hierarchy.
 fn in_cgroup(pid: i32, rel: &str) -> bool {
     let want = format!("/{}", rel.trim_start_matches('/'));
+    let below = format!("{want}/");
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|t| {
-        t.lines()
-            .any(|l| l.splitn(3, ':').nth(2) == Some(want.as_str()))
+        t.lines().any(|l| {
+            l.splitn(3, ':')
+                .nth(2)
+                .is_some_and(|p| p == want || p.starts_with(&below))
+        })
     })
 }
 

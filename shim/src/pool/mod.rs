@@ -284,8 +284,12 @@ impl Pool {
         let (mut sb, how) = loop {
             let mut g = self.lock();
             if g.draining {
+                // Counted while it is created, like any other miss.
+                g.busy += 1;
                 drop(g);
-                break (self.create_now(Urgency::Waited)?, Acquisition::Miss);
+                let r = self.create_now(Urgency::Waited);
+                self.lock().busy -= 1;
+                break (r?, Acquisition::Miss);
             }
             let same = g
                 .idle
@@ -606,20 +610,23 @@ impl Pool {
         }
         let r = self.create_now(Urgency::Background);
         let mut g = self.lock();
-        g.busy -= 1;
         match r {
-            // A drain that began during the creation wants no idle sandbox.
+            // A drain that began during the creation wants no idle sandbox. It stays
+            // counted (busy) until it is gone, or the shim could retire before it is.
             Ok(sb) if g.draining => {
                 drop(g);
                 self.destroy(&sb);
+                self.lock().busy -= 1;
                 self.check_empty();
                 false
             }
             Ok(sb) => {
+                g.busy -= 1;
                 g.idle.push_back(sb);
                 true
             }
             Err(e) => {
+                g.busy -= 1;
                 drop(g);
                 log::warn!("refilling the pool: {e}");
                 // Do not spin on a persistent failure (e.g. a broken CNI plugin).
