@@ -276,6 +276,17 @@ fn purge_leaves_nothing_for_the_next_function() {
 fn a_socket_the_purge_cannot_remove_destroys_the_sandbox() {
     require_root();
     let c = pool_containerd("min_idle = 0\nmax_idle = 1");
+    // With min_idle = 0 an empty pool lets its shim retire, which removes metrics.prom
+    // with the pool's state; a task outside the pool keeps the shim (and the file) for
+    // the checks below.
+    let keeper = unique_id("sock-keep");
+    run(
+        &c,
+        &["--annotation", "io.trenv.pool=off"],
+        BUSYBOX,
+        &keeper,
+        &["sleep", "999"],
+    );
     let a = unique_id("sock-a");
     run(&c, &[], BUSYBOX, &a, &["sleep", "999"]);
     let sb = published(&c, &a)["sandbox"]
@@ -320,6 +331,8 @@ fn a_socket_the_purge_cannot_remove_destroys_the_sandbox() {
     assert_ne!(published(&c, &b)["sandbox"], sb.as_str(), "reused");
     c.kill_and_remove(&b);
     c.assert_gone(&b);
+    c.kill_and_remove(&keeper);
+    c.assert_gone(&keeper);
 }
 
 /// The read-only cgroup mount CRI, nerdctl and `runc spec` put in specs.
