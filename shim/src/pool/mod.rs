@@ -257,6 +257,12 @@ impl Pool {
         let _ = std::fs::remove_file(self.control_path());
         let owner = self.owner.lock().map(|o| o.is_some()).unwrap_or(false);
         if owner && self.lock().total() == 0 && self.store.list().0.is_empty() {
+            // The pool owns `<cgroup_parent>/<namespace>`: with no sandbox left, whatever
+            // empty cgroup is still below it is a leftover (rmdir never removes a populated
+            // one) and goes too.
+            if let Err(e) = sandbox::cgroup::remove(&self.cgroup_parent()) {
+                log::warn!("pool cgroups: {e}");
+            }
             sandbox::cgroup::remove_parents(&self.cgroup_parent(), 2);
             // Never recurse into a mounted view (it binds live cgroup directories).
             sandbox::cgroup_view::remove_all(&self.store.views());
