@@ -56,6 +56,41 @@ fn assert_all_gone(pids: &[i32]) {
     assert!(gone.is_some(), "still running: {pids:?}");
 }
 
+/// Makes the shim use a CRIU that hangs (a shell script, not exec'd, so the script's unique
+/// path stays in its command line); `top_level` is added to the top of the shim config.
+/// Returns the marker that finds the hung CRIU among processes.
+fn hanging_criu(c: &Containerd, name: &str, top_level: &str) -> String {
+    let hang = c.dir().join(name);
+    write_script(&hang, "sleep 1000");
+    let pool = std::fs::read_to_string(c.shim_config()).expect("shim config");
+    std::fs::write(
+        c.shim_config(),
+        format!("criu_path = \"{}\"\n{top_level}{pool}", hang.display()),
+    )
+    .expect("shim config");
+    hang.to_string_lossy().into_owned()
+}
+
+/// `ctr task checkpoint` of `id` into this containerd's directory.
+fn checkpoint(c: &Containerd, id: &str) -> std::process::Output {
+    let images = c.dir().join("ck");
+    c.ctr(&[
+        "task",
+        "checkpoint",
+        "--image-path",
+        &images.to_string_lossy(),
+        id,
+    ])
+}
+
+/// Whether no process whose command line holds `marker` is left within 5 s.
+fn gone_soon(marker: &str) -> bool {
+    wait_for(Duration::from_secs(5), || {
+        processes_with(marker).is_empty().then_some(())
+    })
+    .is_some()
+}
+
 fn kill9(pid: i32) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -151,19 +186,7 @@ fn killed_zygotes_are_replaced_and_drain_still_cleans_up() {
 fn a_hanging_criu_ends_in_a_deadline_and_blocks_no_other_task() {
     require_root();
     let c = Containerd::start();
-    let hang = c.dir().join("hanging-criu");
-    // Not exec'd: the shell keeps the script's unique path in its command line.
-    write_script(&hang, "sleep 1000");
-    let marker = hang.to_string_lossy().into_owned();
-    let pool = std::fs::read_to_string(c.shim_config()).expect("shim config");
-    std::fs::write(
-        c.shim_config(),
-        format!(
-            "criu_path = \"{}\"\n[timeouts]\ncriu_secs = 4\n{pool}",
-            hang.display()
-        ),
-    )
-    .expect("shim config");
+    let marker = hanging_criu(&c, "hanging-criu", "[timeouts]\ncriu_secs = 4\n");
     c.import_busybox();
     let id = unique_id("fault-criu");
     c.run_detached(&id, &["sh", "-c", trenv_integration::containerd::COUNTER]);
@@ -171,18 +194,9 @@ fn a_hanging_criu_ends_in_a_deadline_and_blocks_no_other_task() {
     let normal: Vec<Duration> = (0..3)
         .map(|_| run_once(&c, &unique_id("fault-criu-base")))
         .collect();
-    let images = c.dir().join("ck");
     let t = Instant::now();
-    let checkpoint = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            c.ctr(&[
-                "task",
-                "checkpoint",
-                "--image-path",
-                &images.to_string_lossy(),
-                &id,
-            ])
-        });
+    let outcome = std::thread::scope(|s| {
+        let h = s.spawn(|| checkpoint(&c, &id));
         // While CRIU hangs, other tasks start.
         let hung = wait_for(Duration::from_secs(3), || {
             (!processes_with(&marker).is_empty()).then_some(())
@@ -195,7 +209,7 @@ fn a_hanging_criu_ends_in_a_deadline_and_blocks_no_other_task() {
         let out = h.join().expect("checkpoint thread");
         (out, during, during_done)
     });
-    let (out, during, during_done) = checkpoint;
+    let (out, during, during_done) = outcome;
     let took = t.elapsed();
     assert!(
         !out.status.success(),
@@ -216,11 +230,8 @@ fn a_hanging_criu_ends_in_a_deadline_and_blocks_no_other_task() {
     );
     eprintln!("starts: normal {normal:?}, during a hung checkpoint {during:?}");
     // The hung CRIU went with its worker; the container runs on.
-    let left = wait_for(Duration::from_secs(5), || {
-        processes_with(&marker).is_empty().then_some(())
-    });
     assert!(
-        left.is_some(),
+        gone_soon(&marker),
         "hung CRIU left: {:?}",
         processes_with(&marker)
     );
@@ -242,29 +253,12 @@ fn a_hanging_criu_ends_in_a_deadline_and_blocks_no_other_task() {
 fn a_worker_killed_mid_checkpoint_is_reported() {
     require_root();
     let c = Containerd::start();
-    let hang = c.dir().join("slow-criu");
-    write_script(&hang, "sleep 1000");
-    let marker = hang.to_string_lossy().into_owned();
-    let pool = std::fs::read_to_string(c.shim_config()).expect("shim config");
-    std::fs::write(
-        c.shim_config(),
-        format!("criu_path = \"{}\"\n{pool}", hang.display()),
-    )
-    .expect("shim config");
+    let marker = hanging_criu(&c, "slow-criu", "");
     c.import_busybox();
     let id = unique_id("fault-worker");
     c.run_detached(&id, &["sleep", "1000"]);
-    let images = c.dir().join("ck");
     let out = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            c.ctr(&[
-                "task",
-                "checkpoint",
-                "--image-path",
-                &images.to_string_lossy(),
-                &id,
-            ])
-        });
+        let h = s.spawn(|| checkpoint(&c, &id));
         let criu = wait_for(Duration::from_secs(10), || {
             processes_with(&marker).first().copied()
         })
@@ -285,10 +279,7 @@ fn a_worker_killed_mid_checkpoint_is_reported() {
         stderr.contains("ended without answering") && stderr.contains("SIGKILL"),
         "unexpected error: {stderr}"
     );
-    let left = wait_for(Duration::from_secs(5), || {
-        processes_with(&marker).is_empty().then_some(())
-    });
-    assert!(left.is_some(), "CRIU outlived its worker");
+    assert!(gone_soon(&marker), "CRIU outlived its worker");
     c.assert_exec_works(&id, "sleep");
     c.kill_and_remove(&id);
     c.assert_gone(&id);
@@ -340,11 +331,8 @@ fn a_hanging_cni_plugin_is_killed_and_undone() {
         t.elapsed()
     );
     c.drain_pool().expect("drain");
-    let left = wait_for(Duration::from_secs(5), || {
-        processes_with(&marker).is_empty().then_some(())
-    });
     assert!(
-        left.is_some(),
+        gone_soon(&marker),
         "hung plugin left: {:?}",
         processes_with(&marker)
     );
