@@ -306,6 +306,15 @@ mod tests {
         t
     }
 
+    /// A Wait on process `exec` of task "t", blocked in a thread of its own.
+    fn wait_in_thread(
+        tasks: &Arc<Tasks>,
+        exec: &'static str,
+    ) -> std::thread::JoinHandle<Result<Exit, TaskError>> {
+        let tasks = tasks.clone();
+        std::thread::spawn(move || tasks.wait("t", exec))
+    }
+
     #[test]
     fn statuses_follow_the_life_cycle() {
         let mut p = Proc::default();
@@ -348,10 +357,7 @@ mod tests {
     fn wait_returns_when_the_process_exits() {
         let tasks = Arc::new(Tasks::default());
         tasks.insert("t", task_with_init(7)).expect("insert");
-        let waiter = {
-            let tasks = tasks.clone();
-            std::thread::spawn(move || tasks.wait("t", ""))
-        };
+        let waiter = wait_in_thread(&tasks, "");
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(
             tasks.exited(7, (0, at(9))),
@@ -364,10 +370,7 @@ mod tests {
     fn wait_returns_when_the_task_is_deleted_without_exiting() {
         let tasks = Arc::new(Tasks::default());
         tasks.insert("t", task_with_init(7)).expect("insert");
-        let waiter = {
-            let tasks = tasks.clone();
-            std::thread::spawn(move || tasks.wait("t", ""))
-        };
+        let waiter = wait_in_thread(&tasks, "");
         std::thread::sleep(Duration::from_millis(50));
         assert!(tasks.remove("t", at(11)).is_some());
         assert_eq!(waiter.join().expect("join"), Ok((DELETED_STATUS, at(11))));
@@ -385,10 +388,7 @@ mod tests {
         tasks
             .insert_exec("t", "e", Proc::default())
             .expect("insert exec");
-        let waiter = {
-            let tasks = tasks.clone();
-            std::thread::spawn(move || tasks.wait("t", "e"))
-        };
+        let waiter = wait_in_thread(&tasks, "e");
         std::thread::sleep(Duration::from_millis(50));
         assert!(tasks.remove_exec("t", "e", at(4)).is_some());
         assert_eq!(waiter.join().expect("join"), Ok((DELETED_STATUS, at(4))));
