@@ -4,7 +4,7 @@
 # /var/cache/trenv keyed by version), builds the Rust workspace and installs the binaries.
 set -euo pipefail
 
-CRIU_VERSION="${CRIU_VERSION:-4.1.1}"
+CRIU_VERSION="${CRIU_VERSION:-4.2.1}"
 CACHE="${TRENV_CACHE:-/var/cache/trenv}"
 PREFIX="${PREFIX:-/usr/local}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -46,35 +46,43 @@ else
 fi
 
 step "CRIU $CRIU_VERSION"
+# The build is cached under $CACHE/criu-<version>: the binary, and the image message
+# definitions (images/*.proto) that the trenv-criu crate's build script compiles.
+CRIU_DIR="$CACHE/criu-$CRIU_VERSION"
+CRIU_BIN="$CRIU_DIR/criu"
 criu_ok() {
   command -v criu >/dev/null 2>&1 && [ "$(criu --version 2>/dev/null | awk '/^Version:/{print $2}')" = "$CRIU_VERSION" ]
 }
-if criu_ok; then
+if [ ! -x "$CRIU_BIN" ] || ! ls "$CRIU_DIR"/images/*.proto >/dev/null 2>&1; then
+  # 4.2.x is in sid only; its source builds with bookworm's build deps.
+  SRC_LIST=/etc/apt/sources.list.d/trenv-sid-src.list
+  if [ ! -f "$SRC_LIST" ]; then
+    echo "deb-src http://deb.debian.org/debian sid main" > "$SRC_LIST"
+    apt-get update -q
+  fi
+  BUILD="$CACHE/criu-build"
+  rm -rf "$BUILD"; mkdir -p "$BUILD"
+  echo "downloading criu $CRIU_VERSION source from Debian"
+  ( cd "$BUILD" && apt-get source --download-only "criu=$CRIU_VERSION-1" ) || true
+  TARBALL="$(ls "$BUILD"/criu_"$CRIU_VERSION".orig.tar.* 2>/dev/null | head -n1 || true)"
+  [ -n "$TARBALL" ] || die "could not download criu_$CRIU_VERSION.orig tarball from Debian sid sources"
+  tar -C "$BUILD" -xf "$TARBALL"
+  SRC="$(find "$BUILD" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)"
+  echo "building CRIU in $SRC (about 1-2 minutes on 2 cores; log: $BUILD/build.log)"
+  make -C "$SRC" -j"$(nproc)" criu >"$BUILD/build.log" 2>&1 || { tail -n 30 "$BUILD/build.log"; die "CRIU build failed (log: $BUILD/build.log)"; }
+  rm -rf "$CRIU_DIR.tmp"; mkdir -p "$CRIU_DIR.tmp/images"
+  install -m 0755 "$SRC/criu/criu" "$CRIU_DIR.tmp/criu"
+  cp "$SRC"/images/*.proto "$CRIU_DIR.tmp/images/"
+  rm -rf "$CRIU_DIR"; mv "$CRIU_DIR.tmp" "$CRIU_DIR"
+  rm -rf "$BUILD"
+else
+  echo "using cached build $CRIU_BIN"
+fi
+if criu_ok && cmp -s "$(command -v criu)" "$CRIU_BIN"; then
   echo "criu $CRIU_VERSION already installed at $(command -v criu)"
 else
-  CRIU_BIN="$CACHE/criu-$CRIU_VERSION/criu"
-  if [ ! -x "$CRIU_BIN" ]; then
-    SRC_LIST=/etc/apt/sources.list.d/trenv-trixie-src.list
-    if [ ! -f "$SRC_LIST" ]; then
-      echo "deb-src http://deb.debian.org/debian trixie main" > "$SRC_LIST"
-      apt-get update -q
-    fi
-    BUILD="$CACHE/criu-build"
-    rm -rf "$BUILD"; mkdir -p "$BUILD"
-    ( cd "$BUILD" && apt-get source --download-only "criu/trixie" ) || true
-    TARBALL="$(ls "$BUILD"/criu_"$CRIU_VERSION".orig.tar.* 2>/dev/null | head -n1 || true)"
-    [ -n "$TARBALL" ] || die "could not download criu_$CRIU_VERSION.orig tarball from Debian trixie sources"
-    tar -C "$BUILD" -xf "$TARBALL"
-    SRC="$(find "$BUILD" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)"
-    echo "building CRIU in $SRC (about 2 minutes on 2 cores)"
-    make -C "$SRC" -j"$(nproc)" criu >"$BUILD/build.log" 2>&1 || { tail -n 30 "$BUILD/build.log"; die "CRIU build failed (log: $BUILD/build.log)"; }
-    mkdir -p "$(dirname "$CRIU_BIN")"
-    install -m 0755 "$SRC/criu/criu" "$CRIU_BIN"
-    rm -rf "$BUILD"
-  else
-    echo "using cached build $CRIU_BIN"
-  fi
   install -m 0755 "$CRIU_BIN" "$PREFIX/sbin/criu"
+  echo "installed criu $CRIU_VERSION at $PREFIX/sbin/criu"
 fi
 if ! criu check >/tmp/trenv-criu-check.log 2>&1; then
   cat /tmp/trenv-criu-check.log >&2

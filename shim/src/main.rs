@@ -1,8 +1,11 @@
 //! `containerd-shim-trenv-v2`: the containerd task shim for trenv (`io.containerd.trenv.v2`).
 
 mod annotations;
+mod backend;
+mod checkpoint_options;
 mod config;
 mod console;
+mod lifetime;
 mod metrics;
 mod oom;
 mod placement;
@@ -123,7 +126,7 @@ fn make_pool(namespace: &str, zygote: service::SharedZygote) -> Option<Arc<pool:
 }
 
 impl containerd_shim::Shim for Shim {
-    type T = service::Service;
+    type T = service::Service<zygote::Zygote, RemotePublisher>;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         let serving = args.action.is_empty();

@@ -8,6 +8,8 @@
 
 use std::path::Path;
 
+use containerd_shim::protos::api::Mount;
+
 use nix::mount::MsFlags;
 
 /// Options longer than this go to containerd-shim, which can shorten them (one page,
@@ -51,6 +53,29 @@ pub fn mount(fs_type: &str, source: &str, options: &[String], target: &Path) -> 
         }
         None => containerd_shim::mount::mount_rootfs(Some(fs_type), Some(source), options, target)
             .map_err(|e| e.to_string()),
+    }
+}
+
+/// Mounts containerd's rootfs mounts on `<bundle>/rootfs`, in order; false when there were
+/// none (the bundle brings its own rootfs).
+pub fn mount_bundle(bundle: &Path, mounts: &[Mount]) -> Result<bool, String> {
+    if mounts.is_empty() {
+        return Ok(false);
+    }
+    let target = bundle.join("rootfs");
+    std::fs::create_dir_all(&target).map_err(|e| format!("creating {target:?}: {e}"))?;
+    for m in mounts {
+        mount(&m.type_, &m.source, &m.options, &target)
+            .map_err(|e| format!("mounting rootfs: {e}"))?;
+    }
+    Ok(true)
+}
+
+/// Detaches the rootfs of `bundle`; failures are logged (the bundle goes away anyway).
+pub fn unmount_bundle(bundle: &Path) {
+    let target = bundle.join("rootfs");
+    if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
+        log::warn!("unmounting {target:?}: {e}");
     }
 }
 

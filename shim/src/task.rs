@@ -28,6 +28,10 @@ pub struct Proc {
     pub spec: Option<PathBuf>,
     /// The pty master of a terminal process.
     pub master: Option<Arc<std::fs::File>>,
+    /// A Start of this process is under way: its TaskExit waits for its TaskStart.
+    pub starting: bool,
+    /// An exit recorded while starting, not published yet.
+    pub exit_held: bool,
 }
 
 /// What containerd sees of a process.
@@ -76,6 +80,8 @@ pub enum TaskError {
     TaskExists(String),
     #[error("exec {0} already exists")]
     ExecExists(String),
+    #[error("process {exec:?} of {id} already started")]
+    AlreadyStarted { id: String, exec: String },
 }
 
 /// Exit status reported for a process deleted before it exited (it was killed), as runc's
@@ -106,6 +112,18 @@ fn keep_bounded<K: Clone + Eq + std::hash::Hash>(map: &mut HashMap<K, Exit>, key
         }
     }
     map.insert(key, exit);
+}
+
+fn proc_mut<'a>(st: &'a mut State, id: &str, exec_id: &str) -> Result<&'a mut Proc, TaskError> {
+    st.tasks
+        .get_mut(id)
+        .ok_or_else(|| TaskError::TaskNotFound(id.to_string()))?
+        .procs
+        .get_mut(exec_id)
+        .ok_or_else(|| TaskError::ProcNotFound {
+            id: id.to_string(),
+            exec: exec_id.to_string(),
+        })
 }
 
 /// All tasks of the shim. Shared by the service's threads and the exit watcher.
@@ -188,39 +206,77 @@ impl Tasks {
         Ok(out)
     }
 
-    /// Records that `pid` started as the process `exec_id` of `id`, and claims its exit if
-    /// it ended before this was known.
-    pub fn started(&self, id: &str, exec_id: &str, pid: i32) {
+    /// Marks a Start of the process as under way: exits seen until [`Tasks::started`] or
+    /// [`Tasks::start_failed`] are held, so that TaskExit follows TaskStart.
+    pub fn starting(&self, id: &str, exec_id: &str) -> Result<(), TaskError> {
         let mut st = self.lock();
-        let early = st.early_exits.remove(&pid);
-        if let Some(p) = st.tasks.get_mut(id).and_then(|t| t.procs.get_mut(exec_id)) {
-            p.pid = pid;
-            p.started = true;
-            if p.exit.is_none() {
-                p.exit = early;
-            }
+        let p = proc_mut(&mut st, id, exec_id)?;
+        if p.started || p.starting {
+            return Err(TaskError::AlreadyStarted {
+                id: id.to_string(),
+                exec: exec_id.to_string(),
+            });
         }
-        self.changed.notify_all();
+        p.starting = true;
+        Ok(())
     }
 
-    /// Records the exit of `pid`; returns the (task, exec) it belonged to, or None when
-    /// the pid is not known (yet): the exit is then kept for a later claim.
+    /// Records that `pid` started as the process `exec_id` of `id` and claims its exit if it
+    /// ended before this was known. Returns an exit that is still to be published (one that
+    /// happened while the process was starting).
+    pub fn started(&self, id: &str, exec_id: &str, pid: i32) -> Option<Exit> {
+        let mut st = self.lock();
+        let early = st.early_exits.remove(&pid);
+        let p = proc_mut(&mut st, id, exec_id).ok()?;
+        p.pid = pid;
+        p.started = true;
+        p.starting = false;
+        if p.exit.is_none() && early.is_some() {
+            p.exit = early;
+            p.exit_held = true;
+        }
+        let held = std::mem::take(&mut p.exit_held)
+            .then(|| p.exit.clone())
+            .flatten();
+        self.changed.notify_all();
+        held
+    }
+
+    /// A Start failed: exits are published at once again. Returns an exit held meanwhile.
+    pub fn start_failed(&self, id: &str, exec_id: &str) -> Option<Exit> {
+        let mut st = self.lock();
+        let p = proc_mut(&mut st, id, exec_id).ok()?;
+        p.starting = false;
+        std::mem::take(&mut p.exit_held)
+            .then(|| p.exit.clone())
+            .flatten()
+    }
+
+    /// Records the exit of `pid`; returns the (task, exec) whose TaskExit is to be published
+    /// now. None when the pid is not known (yet): the exit is then kept for a later claim;
+    /// or when the process is starting: its exit is held until it has started.
     pub fn exited(&self, pid: i32, exit: Exit) -> Option<(String, String)> {
         let mut st = self.lock();
-        let mut found = None;
+        let mut known = false;
+        let mut publish = None;
         for (tid, task) in st.tasks.iter_mut() {
             for (eid, p) in task.procs.iter_mut() {
                 if p.pid == pid && p.exit.is_none() {
                     p.exit = Some(exit.clone());
-                    found = Some((tid.clone(), eid.clone()));
+                    known = true;
+                    if p.starting {
+                        p.exit_held = true;
+                    } else {
+                        publish = Some((tid.clone(), eid.clone()));
+                    }
                 }
             }
         }
-        if found.is_none() {
+        if !known {
             keep_bounded(&mut st.early_exits, pid, exit);
         }
         self.changed.notify_all();
-        found
+        publish
     }
 
     /// Waits until the process has exited (or was deleted) and returns how it ended.

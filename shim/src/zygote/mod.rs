@@ -30,6 +30,8 @@ use nix::sys::socket::SockType;
 use nix::sys::socket::{sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag};
 use nix::unistd::Pid;
 
+#[cfg(test)]
+pub use protocol::Failure;
 pub use protocol::{Answer, CheckpointRequest, FailureKind, Request, SandboxUts, Stdio};
 pub use server::run as serve;
 pub use worker::set_nice;

@@ -15,13 +15,14 @@ use containerd_shim::protos::events::task::{
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::ttrpc::{self, Code};
-use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
+use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use libcgroups::common::CgroupManager;
 
 use crate::annotations::{Annotations, CriuAnnotations};
+use crate::backend::{Backend, Events};
 use crate::config::ShimConfig;
 use crate::console::ConsoleSocket;
+use crate::lifetime::Lifetime;
 use crate::placement::{self, Plan};
 use crate::pool::{Claim, Pool};
 use crate::task::{Proc, Status as ProcStatus, Task, TaskError, Tasks};
@@ -30,21 +31,18 @@ use crate::zygote::{FailureKind, Kind, Request, SandboxUts, Stdio, Zygote, Zygot
 /// The zygote, shared by the shim (which ends it at exit) and the task service.
 pub type SharedZygote = Arc<Zygote>;
 
-pub struct Service {
+/// The containerd task service: a thin ttrpc adaptor (the `containerd_shim::Task` impl at
+/// the end) over the task/process model, running container operations through a
+/// [`Backend`] and reporting through [`Events`].
+pub struct Service<B: Backend = Zygote, E: Events = containerd_shim::publisher::RemotePublisher> {
     tasks: Arc<Tasks>,
-    zygote: SharedZygote,
-    publisher: Arc<RemotePublisher>,
+    backend: Arc<B>,
+    events: Arc<E>,
     namespace: String,
-    exit: Arc<ExitSignal>,
     pool: Option<Arc<Pool>>,
-    /// This shim's ttrpc socket address.
-    socket: String,
+    lifetime: Lifetime,
     timeouts: crate::config::Timeouts,
 }
-
-/// How long a retiring shim still accepts requests on connections made before its socket
-/// was removed (containerd connects right after `shim start` returned the address).
-const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -54,6 +52,7 @@ fn task_err(e: TaskError) -> ttrpc::Error {
     let code = match e {
         TaskError::TaskNotFound(_) | TaskError::ProcNotFound { .. } => Code::NOT_FOUND,
         TaskError::TaskExists(_) | TaskError::ExecExists(_) => Code::ALREADY_EXISTS,
+        TaskError::AlreadyStarted { .. } => Code::FAILED_PRECONDITION,
     };
     err(code, e.to_string())
 }
@@ -101,123 +100,107 @@ fn join_cgroup(path: &str) -> Result<(), String> {
         .map_err(|e| format!("joining shim cgroup {path}: {e}"))
 }
 
-impl Service {
+/// Reports process exits to the task model and as TaskExit events.
+pub struct ExitSink<E: Events> {
+    tasks: Arc<Tasks>,
+    events: Arc<E>,
+    namespace: String,
+}
+
+impl<E: Events> Clone for ExitSink<E> {
+    fn clone(&self) -> Self {
+        Self {
+            tasks: self.tasks.clone(),
+            events: self.events.clone(),
+            namespace: self.namespace.clone(),
+        }
+    }
+}
+
+impl<E: Events> ExitSink<E> {
+    /// The process `pid` exited with `code` (0-255, 128 + signal when killed).
+    pub fn exited(&self, pid: i32, code: u32) {
+        // Unknown pids (an exit before create returned, holders, loggers) are kept by the
+        // task model for a later claim; exits during a Start are published after it.
+        let at = now();
+        if let Some((tid, eid)) = self.tasks.exited(pid, (code, at.clone())) {
+            self.publish_exit(&tid, &eid, pid, (code, at));
+        }
+    }
+
+    pub fn publish_exit(&self, id: &str, exec_id: &str, pid: i32, (code, at): crate::task::Exit) {
+        let ev = TaskExit {
+            container_id: id.to_string(),
+            id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
+            pid: api_pid(pid),
+            exit_status: code,
+            exited_at: Some(at).into(),
+            ..Default::default()
+        };
+        self.events
+            .publish(&ev.topic(), &self.namespace, Box::new(ev));
+    }
+}
+
+impl<B: Backend, E: Events> Service<B, E> {
+    /// The service of a serving shim: exits come from the shim's reaper, and a pool shim
+    /// watches containerd.
     pub fn new(
         namespace: &str,
-        zygote: SharedZygote,
-        publisher: RemotePublisher,
+        backend: Arc<B>,
+        events: E,
         exit: Arc<ExitSignal>,
         pool: Option<Arc<Pool>>,
         socket: &str,
         containerd: &str,
     ) -> Self {
-        let s = Self {
-            tasks: Arc::new(Tasks::default()),
-            zygote,
-            publisher: Arc::new(publisher),
-            namespace: namespace.to_string(),
+        let timeouts = ShimConfig::from_default_file()
+            .map(|c| c.timeouts)
+            .unwrap_or_default();
+        let s = Self::with_parts(
+            namespace,
+            backend,
+            Arc::new(events),
             exit,
             pool,
-            socket: socket.to_string(),
-            timeouts: ShimConfig::from_default_file()
-                .map(|c| c.timeouts)
-                .unwrap_or_default(),
-        };
-        if let Some(pool) = &s.pool {
-            // A drained pool ends the shim once no task is left.
-            let retire = s.retirement();
-            pool.set_on_empty(Box::new(retire));
-        }
+            socket,
+            timeouts,
+        );
         s.watch_exits();
-        s.watch_containerd(containerd);
+        s.lifetime.watch_containerd(containerd);
         s
     }
 
-    /// A pool shim outlives containerd by design (it keeps sandboxes warm across a
-    /// containerd restart), but not for ever: once containerd has been unreachable for
-    /// `pool.orphan_grace_secs` while no task was left, the pool is drained, which ends
-    /// the shim.
-    fn watch_containerd(&self, containerd: &str) {
-        let Some(pool) = self.pool.clone() else {
-            return;
-        };
-        let grace = pool.orphan_grace();
-        if grace.is_zero() || containerd.is_empty() {
-            return;
-        }
-        let path = PathBuf::from(containerd.strip_prefix("unix://").unwrap_or(containerd));
-        let tasks = self.tasks.clone();
-        let every = (grace / 4).clamp(
-            std::time::Duration::from_millis(250),
-            std::time::Duration::from_secs(5),
-        );
-        let spawned = std::thread::Builder::new()
-            .name("containerd-watch".into())
-            .spawn(move || {
-                let mut orphaned_since: Option<std::time::Instant> = None;
-                loop {
-                    std::thread::sleep(every);
-                    let idle = tasks.is_empty();
-                    if !idle || std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                        orphaned_since = None;
-                        continue;
-                    }
-                    let since = *orphaned_since.get_or_insert_with(std::time::Instant::now);
-                    if since.elapsed() >= grace {
-                        log::warn!(
-                            "containerd ({}) unreachable for {}s and no task left: draining the pool",
-                            path.display(),
-                            grace.as_secs()
-                        );
-                        pool.drain();
-                        return;
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            log::warn!("not watching containerd: {e}");
+    /// A service over the given parts, without the reaper subscription: exits are reported
+    /// through [`Service::exit_sink`].
+    pub fn with_parts(
+        namespace: &str,
+        backend: Arc<B>,
+        events: Arc<E>,
+        exit: Arc<ExitSignal>,
+        pool: Option<Arc<Pool>>,
+        socket: &str,
+        timeouts: crate::config::Timeouts,
+    ) -> Self {
+        let tasks = Arc::new(Tasks::default());
+        let lifetime = Lifetime::new(tasks.clone(), exit, pool.clone(), socket);
+        Self {
+            tasks,
+            backend,
+            events,
+            namespace: namespace.to_string(),
+            pool,
+            lifetime,
+            timeouts,
         }
     }
 
-    /// Ends the shim once it has nothing to do. Its socket is removed first, so that new
-    /// tasks start a new shim instead of reaching one that is going away; a task that
-    /// arrived through a connection made just before keeps this shim alive until it ends.
-    fn retirement(&self) -> impl Fn() + Send + Sync + 'static {
-        let tasks = self.tasks.clone();
-        let exit = self.exit.clone();
-        let pool = self.pool.clone();
-        let socket = self.socket.clone();
-        move || {
-            let (tasks, exit, pool, socket) =
-                (tasks.clone(), exit.clone(), pool.clone(), socket.clone());
-            std::thread::spawn(move || {
-                let idle = || tasks.is_empty() && pool.as_ref().is_none_or(|p| p.may_exit());
-                if !idle() {
-                    return;
-                }
-                // A task handed to this shim by `shim start` is on its way: stay, and
-                // check again when the hold has run out.
-                while let Some(p) = &pool {
-                    if p.begin_retire() {
-                        break;
-                    }
-                    std::thread::sleep(RETIRE_GRACE);
-                    if !idle() {
-                        return;
-                    }
-                }
-                // The socket path is free for the next shim from now on; the `address`
-                // file in our working directory goes too, or containerd-shim (and `wait`)
-                // would remove the next shim's socket when this one exits.
-                let _ = std::fs::remove_file("address");
-                if let Some(path) = socket.strip_prefix("unix://") {
-                    let _ = std::fs::remove_file(path);
-                }
-                std::thread::sleep(RETIRE_GRACE);
-                if idle() {
-                    exit.signal();
-                }
-            });
+    /// Where process exits are reported.
+    pub fn exit_sink(&self) -> ExitSink<E> {
+        ExitSink {
+            tasks: self.tasks.clone(),
+            events: self.events.clone(),
+            namespace: self.namespace.clone(),
         }
     }
 
@@ -290,20 +273,14 @@ impl Service {
     }
 
     fn publish(&self, topic: String, event: Box<dyn MessageDyn>) {
-        if let Err(e) = self
-            .publisher
-            .publish(Context::default(), &topic, &self.namespace, event)
-        {
-            log::warn!("publishing {topic}: {e}");
-        }
+        self.events.publish(&topic, &self.namespace, event);
     }
 
-    /// Runs a request in a zygote worker, within the configured deadline for its kind.
-    fn zygote(&self, req: &Request, fds: &[OwnedFd]) -> TtrpcResult<Option<i32>> {
+    /// Runs a request in the backend (a zygote worker), within the configured deadline for its kind.
+    fn call(&self, req: &Request, fds: &[OwnedFd]) -> TtrpcResult<Option<i32>> {
         let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        self.zygote
+        self.backend
             .call(req, &raw, self.timeouts.for_request(req))
-            .map(|a| a.pid)
             .map_err(zygote_err)
     }
 
@@ -319,7 +296,7 @@ impl Service {
         if p.terminal {
             let console = ConsoleSocket::new()
                 .map_err(|e| err(Code::INTERNAL, format!("console socket: {e}")))?;
-            let pid = self.zygote(&request(Some(console.path.clone()), Stdio::default()), &[])?;
+            let pid = self.call(&request(Some(console.path.clone()), Stdio::default()), &[])?;
             let master = Arc::new(
                 console
                     .receive()
@@ -339,7 +316,7 @@ impl Service {
         };
         let (stdio, fds) = crate::stdio::open(&streams)
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("opening stdio: {e}")))?;
-        let pid = self.zygote(&request(None, stdio), &fds)?;
+        let pid = self.call(&request(None, stdio), &fds)?;
         Ok((pid, None))
     }
 
@@ -352,34 +329,14 @@ impl Service {
                 return;
             }
         };
-        let tasks = self.tasks.clone();
-        let publisher = self.publisher.clone();
-        let ns = self.namespace.clone();
+        let sink = self.exit_sink();
         std::thread::spawn(move || {
             for ev in sub.rx.iter() {
                 let Subject::Pid(pid) = ev.subject else {
                     continue;
                 };
                 // Exit statuses are 0-255 (128 + signal for a killed process).
-                let code = u32::try_from(ev.exit_code).unwrap_or(255);
-                let at = now();
-                // Unknown pids (an exit before create returned, holders, loggers) are kept
-                // by the task model for a later claim.
-                let Some((tid, eid)) = tasks.exited(pid, (code, at.clone())) else {
-                    continue;
-                };
-                let ev = TaskExit {
-                    container_id: tid.clone(),
-                    id: if eid.is_empty() { tid } else { eid },
-                    pid: api_pid(pid),
-                    exit_status: code,
-                    exited_at: Some(at).into(),
-                    ..Default::default()
-                };
-                let topic = ev.topic();
-                if let Err(e) = publisher.publish(Context::default(), &topic, &ns, Box::new(ev)) {
-                    log::warn!("publishing exit: {e}");
-                }
+                sink.exited(pid, u32::try_from(ev.exit_code).unwrap_or(255));
             }
         });
     }
@@ -391,23 +348,6 @@ impl Service {
         f: impl FnOnce(&mut Task, &mut Proc) -> T,
     ) -> TtrpcResult<T> {
         self.tasks.with_proc(id, exec_id, f).map_err(task_err)
-    }
-
-    fn mount_rootfs(
-        bundle: &Path,
-        mounts: &[containerd_shim::protos::api::Mount],
-    ) -> TtrpcResult<bool> {
-        if mounts.is_empty() {
-            return Ok(false);
-        }
-        let target = bundle.join("rootfs");
-        std::fs::create_dir_all(&target)
-            .map_err(|e| err(Code::INTERNAL, format!("creating {target:?}: {e}")))?;
-        for m in mounts {
-            crate::rootfs::mount(&m.type_, &m.source, &m.options, &target)
-                .map_err(|e| err(Code::INTERNAL, format!("mounting rootfs: {e}")))?;
-        }
-        Ok(true)
     }
 
     /// Publishes TaskOOM whenever the task's memory cgroup kills a process.
@@ -426,7 +366,7 @@ impl Service {
                 return;
             }
         };
-        let publisher = self.publisher.clone();
+        let events = self.events.clone();
         let ns = self.namespace.clone();
         let container_id = id.to_string();
         let res = crate::oom::watch(&path, move || {
@@ -434,9 +374,7 @@ impl Service {
                 container_id: container_id.clone(),
                 ..Default::default()
             };
-            if let Err(e) = publisher.publish(Context::default(), &ev.topic(), &ns, Box::new(ev)) {
-                log::warn!("publishing OOM event: {e}");
-            }
+            events.publish(&ev.topic(), &ns, Box::new(ev));
         });
         if let Err(e) = res {
             log::warn!("no OOM events for {id}: {e}");
@@ -466,21 +404,11 @@ impl Service {
         })
         .map_err(|e| err(Code::INTERNAL, e.to_string()))
     }
-
-    fn unmount_rootfs(bundle: &Path) {
-        let target = bundle.join("rootfs");
-        if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
-            log::warn!("unmounting {target:?}: {e}");
-        }
-    }
 }
 
-impl containerd_shim::Task for Service {
-    fn connect(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ConnectRequest,
-    ) -> TtrpcResult<api::ConnectResponse> {
+/// The task API, one method per ttrpc call.
+impl<B: Backend, E: Events> Service<B, E> {
+    pub fn connect(&self, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
         let pid = self
             .with_proc(&req.id, "", |_, p| api_pid(p.pid))
             .unwrap_or(0);
@@ -492,11 +420,7 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn create(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::CreateTaskRequest,
-    ) -> TtrpcResult<api::CreateTaskResponse> {
+    pub fn create(&self, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
         let bundle = PathBuf::from(&req.bundle);
         if self.tasks.contains(&req.id) {
             return Err(task_err(TaskError::TaskExists(req.id.clone())));
@@ -517,7 +441,10 @@ impl containerd_shim::Task for Service {
         // Mounting the rootfs (an overlay mount, the larger part) and taking a sandbox
         // are independent: done side by side, a pool hit waits for the longer of the two.
         let (mounted, placed) = std::thread::scope(|s| {
-            let mount = s.spawn(|| Self::mount_rootfs(&bundle, &req.rootfs));
+            let mount = s.spawn(|| {
+                crate::rootfs::mount_bundle(&bundle, &req.rootfs)
+                    .map_err(|e| err(Code::INTERNAL, e))
+            });
             let placed = self.place(&req.id, &bundle, &config, &annotations);
             let mounted = mount
                 .join()
@@ -534,7 +461,7 @@ impl containerd_shim::Task for Service {
             }
             (Ok(m), Err(e)) => {
                 if m {
-                    Self::unmount_rootfs(&bundle);
+                    crate::rootfs::unmount_bundle(&bundle);
                 }
                 return Err(e);
             }
@@ -581,13 +508,13 @@ impl containerd_shim::Task for Service {
                     let exists = matches!(&other, Err(ttrpc::Error::RpcStatus(st))
                         if st.code() == Code::ALREADY_EXISTS);
                     if !exists {
-                        if let Err(e) = self.zygote(&undo, &[]) {
+                        if let Err(e) = self.call(&undo, &[]) {
                             log::warn!("{}: cleaning up after a failed create: {e}", req.id);
                         }
                     }
                     crate::console::release_stdin(&p.stdin);
                     if mounted {
-                        Self::unmount_rootfs(&bundle);
+                        crate::rootfs::unmount_bundle(&bundle);
                     }
                     if pooled {
                         self.release_sandbox(&req.id);
@@ -641,27 +568,66 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn start(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StartRequest,
-    ) -> TtrpcResult<api::StartResponse> {
+    pub fn start(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let (root, config) = self.task_root(&req.id)?;
         let p = self.with_proc(&req.id, &req.exec_id, |_, p| p.clone())?;
-        if p.started {
-            return Err(err(
-                Code::FAILED_PRECONDITION,
-                format!("process {:?} of {} already started", req.exec_id, req.id),
-            ));
+        // Exits seen from here on are published after TaskStart.
+        self.tasks
+            .starting(&req.id, &req.exec_id)
+            .map_err(task_err)?;
+        let (pid, master) = match self.launch_started(&req, root, &config, &p) {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(exit) = self.tasks.start_failed(&req.id, &req.exec_id) {
+                    self.exit_sink()
+                        .publish_exit(&req.id, &req.exec_id, p.pid, exit);
+                }
+                return Err(e);
+            }
+        };
+        self.with_proc(&req.id, &req.exec_id, |_, p| p.master = master)?;
+        if req.exec_id.is_empty() {
+            let ev = TaskStart {
+                container_id: req.id.clone(),
+                pid: api_pid(pid),
+                ..Default::default()
+            };
+            self.publish(ev.topic(), Box::new(ev));
+        } else {
+            let ev = TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid: api_pid(pid),
+                ..Default::default()
+            };
+            self.publish(ev.topic(), Box::new(ev));
         }
-        let (pid, master) = if req.exec_id.is_empty() {
+        if let Some(exit) = self.tasks.started(&req.id, &req.exec_id, pid) {
+            self.exit_sink()
+                .publish_exit(&req.id, &req.exec_id, pid, exit);
+        }
+        Ok(api::StartResponse {
+            pid: api_pid(pid),
+            ..Default::default()
+        })
+    }
+
+    /// Runs the init (start or restore) or an exec; its pid and terminal master.
+    fn launch_started(
+        &self,
+        req: &api::StartRequest,
+        root: PathBuf,
+        config: &ShimConfig,
+        p: &Proc,
+    ) -> TtrpcResult<(i32, Option<Arc<std::fs::File>>)> {
+        let launched = if req.exec_id.is_empty() {
             let (bundle, checkpoint) =
                 self.with_proc(&req.id, "", |t, _| (t.bundle.clone(), t.checkpoint.clone()))?;
             match checkpoint {
                 Some(image_path) => {
                     let criu_opts = self.task_criu(&req.id)?;
                     let (pid, master) =
-                        self.launch(&req.id, &p, &config, |console_socket, stdio| {
+                        self.launch(&req.id, p, config, |console_socket, stdio| {
                             Request::Restore {
                                 root: root.clone(),
                                 id: req.id.clone(),
@@ -681,7 +647,7 @@ impl containerd_shim::Task for Service {
                     (pid, master)
                 }
                 None => {
-                    self.zygote(
+                    self.call(
                         &Request::Start {
                             root,
                             id: req.id.clone(),
@@ -696,14 +662,12 @@ impl containerd_shim::Task for Service {
                 .spec
                 .clone()
                 .ok_or_else(|| err(Code::INTERNAL, "exec has no process spec"))?;
-            let res = self.launch(&req.id, &p, &config, |console_socket, stdio| {
-                Request::Exec {
-                    root,
-                    id: req.id.clone(),
-                    process: spec.clone(),
-                    console_socket,
-                    stdio,
-                }
+            let res = self.launch(&req.id, p, config, |console_socket, stdio| Request::Exec {
+                root,
+                id: req.id.clone(),
+                process: spec.clone(),
+                console_socket,
+                stdio,
             });
             let _ = std::fs::remove_file(&spec);
             let (pid, master) = res?;
@@ -712,31 +676,10 @@ impl containerd_shim::Task for Service {
                 master,
             )
         };
-        self.with_proc(&req.id, &req.exec_id, |_, p| p.master = master)?;
-        self.tasks.started(&req.id, &req.exec_id, pid);
-        if req.exec_id.is_empty() {
-            let ev = TaskStart {
-                container_id: req.id.clone(),
-                pid: api_pid(pid),
-                ..Default::default()
-            };
-            self.publish(ev.topic(), Box::new(ev));
-        } else {
-            let ev = TaskExecStarted {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                pid: api_pid(pid),
-                ..Default::default()
-            };
-            self.publish(ev.topic(), Box::new(ev));
-        }
-        Ok(api::StartResponse {
-            pid: api_pid(pid),
-            ..Default::default()
-        })
+        Ok(launched)
     }
 
-    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+    pub fn exec(&self, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         let spec = req
             .spec
             .as_ref()
@@ -769,11 +712,7 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn state(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StateRequest,
-    ) -> TtrpcResult<api::StateResponse> {
+    pub fn state(&self, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
         let (p, bundle, paused) = self.with_proc(&req.id, &req.exec_id, |t, p| {
             (p.clone(), t.bundle.clone(), t.paused)
         })?;
@@ -806,7 +745,7 @@ impl containerd_shim::Task for Service {
         Ok(r)
     }
 
-    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+    pub fn wait(&self, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
         let (code, at) = self.tasks.wait(&req.id, &req.exec_id).map_err(task_err)?;
         Ok(api::WaitResponse {
             exit_status: code,
@@ -815,14 +754,14 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+    pub fn kill(&self, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let p = self.with_proc(&req.id, &req.exec_id, |_, p| p.clone())?;
         if p.exit.is_some() && !req.all {
             return Err(err(Code::NOT_FOUND, "process already finished"));
         }
         if req.exec_id.is_empty() {
             let (root, _) = self.task_root(&req.id)?;
-            self.zygote(
+            self.call(
                 &Request::Kill {
                     root,
                     id: req.id.clone(),
@@ -845,7 +784,7 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+    pub fn pids(&self, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let pids = self
             .cgroup(&req.id)?
             .get_all_pids()
@@ -862,11 +801,7 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn stats(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StatsRequest,
-    ) -> TtrpcResult<api::StatsResponse> {
+    pub fn stats(&self, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
         let stats = self
             .cgroup(&req.id)?
             .stats()
@@ -879,7 +814,7 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+    pub fn update(&self, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         let value = req
             .resources
             .as_ref()
@@ -899,9 +834,9 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+    pub fn pause(&self, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let (root, _) = self.task_root(&req.id)?;
-        self.zygote(
+        self.call(
             &Request::Pause {
                 root,
                 id: req.id.clone(),
@@ -917,9 +852,9 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+    pub fn resume(&self, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         let (root, _) = self.task_root(&req.id)?;
-        self.zygote(
+        self.call(
             &Request::Resume {
                 root,
                 id: req.id.clone(),
@@ -935,11 +870,7 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn delete(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::DeleteRequest,
-    ) -> TtrpcResult<api::DeleteResponse> {
+    pub fn delete(&self, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
         let p = self.with_proc(&req.id, &req.exec_id, |_, p| p.clone())?;
         crate::console::release_stdin(&p.stdin);
         if !req.exec_id.is_empty() {
@@ -957,7 +888,7 @@ impl containerd_shim::Task for Service {
             let (root, _) = self.task_root(&req.id)?;
             let exited = p.exit.is_some();
             if !(exited && crate::teardown::delete_stopped(&root.join(&req.id))) {
-                self.zygote(
+                self.call(
                     &Request::Delete {
                         root,
                         id: req.id.clone(),
@@ -969,7 +900,7 @@ impl containerd_shim::Task for Service {
             // Waits on any of its processes return now.
             if let Some(t) = self.tasks.remove(&req.id, now()) {
                 if t.rootfs_mounted {
-                    Self::unmount_rootfs(&t.bundle);
+                    crate::rootfs::unmount_bundle(&t.bundle);
                 }
                 if t.pooled {
                     self.release_sandbox(&req.id);
@@ -994,59 +925,12 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn checkpoint(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::CheckpointTaskRequest,
-    ) -> TtrpcResult<api::Empty> {
-        use containerd_shim::protos::protobuf::Message;
+    pub fn checkpoint(&self, req: api::CheckpointTaskRequest) -> TtrpcResult<api::Empty> {
         let (root, config) = self.task_root(&req.id)?;
         let wanted = self.task_criu(&req.id)?;
-        let mut opts = crate::zygote::CheckpointRequest {
-            image_path: PathBuf::from(&req.path),
-            work_path: config.criu_work_path.clone(),
-            criu: config.criu_path.clone(),
-            ..Default::default()
-        };
-        if let Some(any) = req.options.as_ref() {
-            if any.type_url.ends_with("CheckpointOptions") {
-                let o = containerd_shim::protos::shim::oci::CheckpointOptions::parse_from_bytes(
-                    &any.value,
-                )
-                .map_err(|e| err(Code::INVALID_ARGUMENT, format!("checkpoint options: {e}")))?;
-                if !o.image_path.is_empty() {
-                    opts.image_path = PathBuf::from(&o.image_path);
-                }
-                if !o.work_path.is_empty() {
-                    opts.work_path = Some(PathBuf::from(&o.work_path));
-                }
-                opts.exit = o.exit;
-                opts.open_tcp = o.open_tcp;
-                opts.external_unix_sockets = o.external_unix_sockets;
-                opts.terminal = o.terminal;
-                opts.file_locks = o.file_locks;
-                opts.empty_namespaces = o.empty_namespaces.clone();
-                opts.cgroups_mode = (!o.cgroups_mode.is_empty()).then(|| o.cgroups_mode.clone());
-            }
-        }
-        opts.open_tcp |= wanted.tcp_established;
-        opts.external_unix_sockets |= wanted.ext_unix_sk;
-        opts.file_locks |= wanted.file_locks;
-        if opts.cgroups_mode.is_none() {
-            opts.cgroups_mode = wanted.manage_cgroups_mode;
-        }
-        if opts.image_path.as_os_str().is_empty() {
-            if let Some(dir) = &config.criu_image_path {
-                opts.image_path = dir.join(&req.id);
-            }
-        }
-        if opts.image_path.as_os_str().is_empty() {
-            return Err(err(
-                Code::INVALID_ARGUMENT,
-                "checkpoint without an image path",
-            ));
-        }
-        let done = self.zygote(
+        let opts = crate::checkpoint_options::decode(&req, &config, &wanted)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let done = self.call(
             &Request::Checkpoint {
                 root,
                 id: req.id.clone(),
@@ -1076,11 +960,7 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn resize_pty(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ResizePtyRequest,
-    ) -> TtrpcResult<api::Empty> {
+    pub fn resize_pty(&self, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
         let master = self
             .with_proc(&req.id, &req.exec_id, |_, p| p.master.clone())?
             .ok_or_else(|| err(Code::FAILED_PRECONDITION, "process has no terminal"))?;
@@ -1091,17 +971,123 @@ impl containerd_shim::Task for Service {
 
     /// The process reads containerd's stdin FIFO itself (or through the terminal copier), so
     /// it sees EOF as soon as containerd closes its end; nothing of the shim holds it open.
-    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+    pub fn close_io(&self, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         self.with_proc(&req.id, &req.exec_id, |_, _| ())?;
         Ok(api::Empty::new())
     }
 
-    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+    pub fn shutdown(&self, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         let empty = self.tasks.is_empty();
         // The shim of a pool outlives its tasks: it keeps the sandboxes warm.
         if empty && self.pool.as_ref().is_none_or(|p| p.may_exit()) {
-            (self.retirement())();
+            self.lifetime.retire();
         }
         Ok(api::Empty::new())
     }
 }
+
+/// ttrpc's view of the service: every call goes to the method of the same name.
+impl<B: Backend, E: Events> containerd_shim::Task for Service<B, E> {
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Service::connect(self, req)
+    }
+
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        Service::create(self, req)
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        Service::start(self, req)
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        Service::exec(self, req)
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        Service::state(self, req)
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        Service::wait(self, req)
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        Service::kill(self, req)
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        Service::pids(self, req)
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        Service::stats(self, req)
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        Service::update(self, req)
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        Service::pause(self, req)
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        Service::resume(self, req)
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        Service::delete(self, req)
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Service::checkpoint(self, req)
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Service::resize_pty(self, req)
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        Service::close_io(self, req)
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        Service::shutdown(self, req)
+    }
+}
+
+#[cfg(test)]
+mod tests;
