@@ -386,3 +386,145 @@ fn an_orphaned_pool_shim_drains_and_exits() {
     assert!(!c.pool_dir().exists(), "pool state left");
     c.resume();
 }
+
+/// A zygote worker killed while it creates a container (held in a createRuntime hook):
+/// `ctr run` fails at once with the worker's fate, the half-made container is deleted
+/// (hook, state, cgroup) and the next container starts.
+#[test]
+fn a_worker_killed_mid_create_is_reported_and_undone() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let hook = c.dir().join("slow-create-hook.sh");
+    write_script(&hook, "sleep 1000");
+    // `ctr run --config` takes the whole spec, rootfs included: a busybox directory.
+    let rootfs = c.dir().join("slow-create-rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).expect("rootfs");
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
+    let spec_text = c.ctr_ok(&["oci", "spec"]);
+    let mut spec: serde_json::Value = serde_json::from_str(&spec_text).expect("spec");
+    spec["root"]["path"] = serde_json::json!(rootfs.to_string_lossy());
+    spec["hooks"]["createRuntime"] = serde_json::json!([{ "path": hook.to_string_lossy() }]);
+    spec["process"]["args"] = serde_json::json!(["/bin/busybox", "sleep", "1000"]);
+    let config = c.dir().join("slow-create.json");
+    std::fs::write(&config, spec.to_string()).expect("spec file");
+    let id = unique_id("fault-create");
+    let mut ctr = c.ctr_cmd();
+    ctr.args(["run", "--rm", "--runtime", RUNTIME, "--config"])
+        .arg(&config)
+        .arg(&id);
+    let mut child = ctr
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    let marker = hook.to_string_lossy().into_owned();
+    let hung = wait_for(Duration::from_secs(20), || {
+        processes_with(&marker).first().copied()
+    })
+    .expect("the createRuntime hook never ran");
+    // The hook's parent is the worker (libcontainer runs hooks from the runtime process).
+    let worker = std::fs::read_to_string(format!("/proc/{hung}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+        })
+        .expect("hook's parent");
+    let cmd = std::fs::read(format!("/proc/{worker}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmd).contains("trenv-zygote"),
+        "the hook's parent {worker} is not a zygote worker"
+    );
+    let t = Instant::now();
+    kill9(worker);
+    let out = wait_for(Duration::from_secs(30), || child.try_wait().ok().flatten())
+        .map(|_| child.wait_with_output().expect("ctr output"))
+        .expect("ctr run did not return after its worker was killed");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ended without answering") && stderr.contains("SIGKILL"),
+        "unclear error: {stderr}"
+    );
+    println!("ctr run returned {:?} after the kill", t.elapsed());
+    assert!(gone_soon(&marker), "the hook survived its worker");
+    c.assert_gone(&id);
+    run_once(&c, &unique_id("fault-after-create"));
+}
+
+/// A `binary://` logger that dies: the container's writes fail with EPIPE (nothing in the
+/// shim holds the pipe open, so it never blocks on a full pipe; its init, pid 1 of its
+/// namespace, ignores SIGPIPE and carries on), its task ends normally, and the shim serves on.
+#[test]
+fn a_dying_logger_blocks_neither_its_container_nor_the_shim() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let logger = c.dir().join("dying-logger.sh");
+    // Signals readiness (closes fd 5), reads one line, then dies.
+    write_script(&logger, "exec 5>&-\nhead -n1 <&3 >/dev/null\nexit 1");
+    let id = unique_id("fault-logger");
+    let t = Instant::now();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        &format!("binary://{}", logger.display()),
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        // 1 MiB after the logger is gone: far more than a pipe holds.
+        "echo first; sleep 0.5; i=0; while [ $i -lt 256 ]; do head -c 4096 /dev/zero; i=$((i+1)); done; exit 7",
+    ]);
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(gone_soon(&logger.to_string_lossy()));
+    c.assert_gone(&id);
+    run_once(&c, &unique_id("fault-after-logger"));
+}
+
+/// The client reading a task's output goes away (ctr killed): the task's writes fail with
+/// EPIPE or block, but the task stays manageable — kill, wait and delete work and the
+/// shim serves on.
+#[test]
+fn a_vanished_stdout_reader_leaves_the_task_manageable() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("fault-epipe");
+    let mut ctr = c.ctr_cmd();
+    ctr.args(["run", "--runtime", RUNTIME, BUSYBOX, &id])
+        .args(["sh", "-c", "while true; do echo spam; done"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = ctr.spawn().expect("ctr run");
+    {
+        use std::io::Read;
+        let mut first = [0u8; 64];
+        let out = child.stdout.as_mut().expect("stdout");
+        out.read_exact(&mut first).expect("first output");
+        assert!(String::from_utf8_lossy(&first).contains("spam"));
+    }
+    kill9(i32::try_from(child.id()).expect("pid"));
+    let _ = child.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    // Whether the writer died of SIGPIPE or blocks on a full pipe, the task answers.
+    let t = Instant::now();
+    let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+    c.wait_task(&id, "STOPPED");
+    c.ctr_ok(&["task", "rm", &id]);
+    c.ctr_ok(&["container", "rm", &id]);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    c.assert_gone(&id);
+    run_once(&c, &unique_id("fault-after-epipe"));
+}
