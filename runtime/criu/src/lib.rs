@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod driver;
+pub mod image;
 pub mod restore;
 
 pub use driver::{rpc, Criu, CriuError};
