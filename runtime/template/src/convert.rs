@@ -1,0 +1,434 @@
+//! Turning a CRIU image set into a template: the pages of private anonymous VMAs move into a
+//! pool region (one page-aligned extent per VMA, holes where the VMA had no pages), each
+//! such VMA becomes a private mapping of its extent, and its pages leave the pagemap and the
+//! pages image. Stock CRIU then restores it by mapping the region (through `--inherit-fd`)
+//! instead of writing pages: the pages are shared by every instance until written.
+//!
+//! Left as CRIU dumped them: stacks and anything growing down, vdso/vvar/vsyscall, shared
+//! and SysV memory, AIO rings, memfd, hugetlb, locked (a locked private mapping is faulted
+//! in for writing, i.e. copied, at restore), MADV_HUGEPAGE areas, and VMAs without pages.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use trenv_criu::image::{
+    entry_pages, entry_present, FdTypes, FileEntry, FownEntry, Image, MmEntry, Pagemap,
+    PagemapEntry, PstreeEntry, RegFileEntry, VmaEntry,
+};
+use trenv_mempool::{align_up, MemoryPool, PoolError, RegionWriter};
+
+use crate::TemplateError;
+
+const PAGE: u64 = 4096;
+
+/// VMA status bits (criu/include/image.h).
+pub mod status {
+    pub const REGULAR: u32 = 1 << 0;
+    pub const STACK: u32 = 1 << 1;
+    pub const HEAP: u32 = 1 << 5;
+    pub const FILE_PRIVATE: u32 = 1 << 6;
+    pub const ANON_PRIVATE: u32 = 1 << 9;
+}
+
+// mmap flags as CRIU stores them (x86-64 values; CRIU images are per-architecture).
+const MAP_SHARED: u32 = 0x01;
+const MAP_PRIVATE: u32 = 0x02;
+const MAP_ANONYMOUS: u32 = 0x20;
+const MAP_GROWSDOWN: u32 = 0x100;
+const MAP_LOCKED: u32 = 0x2000;
+const MAP_HUGETLB: u32 = 0x4_0000;
+/// Bit of MADV_HUGEPAGE (14) in a VMA's `madv` bitmap.
+const MADV_HUGEPAGE_BIT: u64 = 1 << 14;
+const S_IFREG: u32 = 0o100_000;
+
+/// One process's region: what the template keeps of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegionRef {
+    /// The process (its pid in the image set).
+    pub pid: u32,
+    /// Region name in the pool.
+    pub name: String,
+    /// The region file: CRIU's images name it, restore inherits it under this path.
+    pub path: PathBuf,
+    pub size: u64,
+    /// Bytes of data (pages that were present).
+    pub data: u64,
+    pub vmas: usize,
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    pub regions: Vec<RegionRef>,
+    /// VMAs left as CRIU dumped them, by reason.
+    pub kept: BTreeMap<String, usize>,
+    /// Bytes of page data left in the pages images.
+    pub pages_left: u64,
+}
+
+/// Why a VMA stays as dumped, or None when it can be converted.
+fn keep_reason(v: &VmaEntry) -> Option<&'static str> {
+    let st = v.status();
+    let fl = v.flags();
+    if st & status::REGULAR == 0 || st & status::ANON_PRIVATE == 0 {
+        return Some("not private anonymous");
+    }
+    if st & !(status::REGULAR | status::ANON_PRIVATE | status::HEAP) != 0 {
+        return Some(if st & status::STACK != 0 {
+            "stack"
+        } else {
+            "special"
+        });
+    }
+    if fl & MAP_PRIVATE == 0 || fl & MAP_ANONYMOUS == 0 || fl & MAP_SHARED != 0 {
+        return Some("not private anonymous");
+    }
+    if fl & MAP_GROWSDOWN != 0 {
+        return Some("grows down");
+    }
+    if fl & MAP_HUGETLB != 0 {
+        return Some("hugetlb");
+    }
+    if fl & MAP_LOCKED != 0 {
+        return Some("locked");
+    }
+    if v.madv() & MADV_HUGEPAGE_BIT != 0 {
+        return Some("MADV_HUGEPAGE");
+    }
+    if v.start() % PAGE != 0 || v.end() % PAGE != 0 || v.end() <= v.start() {
+        return Some("unaligned");
+    }
+    None
+}
+
+/// A run of pages of the pagemap: where it is in memory and in the pages image.
+#[derive(Debug, Clone)]
+struct Run {
+    entry: PagemapEntry,
+    start: u64,
+    end: u64,
+    /// Offset of its data in the pages image (present runs only).
+    data: Option<u64>,
+}
+
+fn runs(pm: &Pagemap) -> Result<Vec<Run>, TemplateError> {
+    let mut off = 0;
+    let mut out = Vec::new();
+    for e in &pm.entries {
+        if e.flags
+            .is_some_and(|f| f & trenv_criu::image::pe_flags::PARENT != 0)
+            || e.in_parent()
+        {
+            return Err(TemplateError::Unsupported(
+                "pages in a parent image (incremental dumps cannot become templates)".into(),
+            ));
+        }
+        let len = entry_pages(e) * PAGE;
+        let start = e.vaddr();
+        let data = entry_present(e).then_some(off);
+        if data.is_some() {
+            off += len;
+        }
+        out.push(Run {
+            entry: e.clone(),
+            start,
+            end: start + len,
+            data,
+        });
+    }
+    Ok(out)
+}
+
+/// Converts the image set in `dir` in place, putting region `<prefix>-<pid>` of `pool` under
+/// each process. On failure the regions made so far are removed; `dir` is then unusable
+/// (the caller converts a copy).
+pub fn convert(dir: &Path, pool: &dyn MemoryPool, prefix: &str) -> Result<Report, TemplateError> {
+    let tree = Image::<PstreeEntry>::read(&dir.join("pstree.img"))?;
+    let mut files = Image::<FileEntry>::read(&dir.join("files.img"))?;
+    let mut next_id = files.entries.iter().map(FileEntry::id).max().unwrap_or(0) + 1;
+    let mut report = Report::default();
+    let mut made = Vec::new();
+    let res = (|| {
+        for p in &tree.entries {
+            let pid = p.pid();
+            let region = convert_process(
+                dir,
+                pid,
+                pool,
+                &format!("{prefix}-{pid}"),
+                next_id,
+                &mut files,
+                &mut report,
+            )?;
+            if let Some(r) = region {
+                made.push(r.name.clone());
+                report.regions.push(r);
+                next_id += 1;
+            }
+        }
+        files.write(&dir.join("files.img"))?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        for r in made {
+            let _ = pool.remove_region(&r);
+        }
+        return Err(e);
+    }
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn convert_process(
+    dir: &Path,
+    pid: u32,
+    pool: &dyn MemoryPool,
+    region: &str,
+    file_id: u32,
+    files: &mut Image<FileEntry>,
+    report: &mut Report,
+) -> Result<Option<RegionRef>, TemplateError> {
+    let mut mm = Image::<MmEntry>::read(&dir.join(format!("mm-{pid}.img")))?;
+    let pm = Pagemap::read(&dir.join(format!("pagemap-{pid}.img")))?;
+    let pages_path = dir.join(format!("pages-{}.img", pm.head.pages_id()));
+    let pages =
+        File::open(&pages_path).map_err(|e| TemplateError::io("opening", &pages_path, e))?;
+    let runs = runs(&pm)?;
+    let entry = mm
+        .entries
+        .first()
+        .ok_or_else(|| TemplateError::Unsupported(format!("mm-{pid}.img has no entry")))?;
+
+    // Present pages per VMA, to pick the VMAs worth converting.
+    let present_in = |s: u64, e: u64| -> u64 {
+        runs.iter()
+            .filter(|r| r.data.is_some())
+            .map(|r| r.end.min(e).saturating_sub(r.start.max(s)))
+            .sum()
+    };
+    let mut chosen: Vec<usize> = Vec::new();
+    for (i, v) in entry.vmas.iter().enumerate() {
+        match keep_reason(v) {
+            Some(why) => *report.kept.entry(why.into()).or_default() += 1,
+            None if present_in(v.start(), v.end()) == 0 => {
+                *report.kept.entry("no pages".into()).or_default() += 1;
+            }
+            None => chosen.push(i),
+        }
+    }
+    let total: u64 = runs
+        .iter()
+        .filter(|r| r.data.is_some())
+        .map(|r| r.end - r.start)
+        .sum();
+    let moved: u64 = chosen
+        .iter()
+        .map(|&i| present_in(entry.vmas[i].start(), entry.vmas[i].end()))
+        .sum();
+    // CRIU needs a pagemap with at least one entry (a head alone crashes its restore): keep
+    // the smallest candidate if nothing else would be left.
+    if moved == total {
+        if let Some((pos, _)) = chosen
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, &i)| present_in(entry.vmas[i].start(), entry.vmas[i].end()))
+        {
+            chosen.remove(pos);
+            *report.kept.entry("last pages".into()).or_default() += 1;
+        }
+    }
+    if chosen.is_empty() {
+        report.pages_left += total;
+        return Ok(None);
+    }
+
+    // Extents, in VMA order.
+    let align = pool.info().alignment;
+    let mut extents = Vec::new();
+    let mut size = 0;
+    for &i in &chosen {
+        let v = &entry.vmas[i];
+        extents.push((i, v.start(), v.end(), size));
+        size = align_up(size + (v.end() - v.start()), align);
+    }
+    let data: u64 = chosen
+        .iter()
+        .map(|&i| present_in(entry.vmas[i].start(), entry.vmas[i].end()))
+        .sum();
+    let mut buf = vec![0u8; 1 << 20];
+    let region_ref = pool.create_region(region, size, data, &mut |w: &mut dyn RegionWriter| {
+        for r in runs.iter() {
+            let Some(data_off) = r.data else { continue };
+            for &(_, s, e, ext) in &extents {
+                let (from, to) = (r.start.max(s), r.end.min(e));
+                let mut at = from;
+                while at < to {
+                    let n = (to - at).min(u64::try_from(buf.len()).unwrap_or(PAGE));
+                    let chunk = &mut buf[..usize::try_from(n).unwrap_or(0)];
+                    pages
+                        .read_exact_at(chunk, data_off + (at - r.start))
+                        .map_err(|e| PoolError::Io {
+                            pool: String::new(),
+                            what: "reading pages image",
+                            path: pages_path.clone(),
+                            source: e,
+                        })?;
+                    w.write_at(ext + (at - s), chunk)?;
+                    at += n;
+                }
+            }
+        }
+        Ok(())
+    })?;
+
+    let rewritten = rewrite(
+        dir,
+        pid,
+        &runs,
+        &extents,
+        &pm,
+        &pages,
+        &pages_path,
+        file_id,
+        &region_ref,
+        &mut mm,
+        files,
+        report,
+    );
+    if let Err(e) = rewritten {
+        let _ = pool.remove_region(&region_ref.name);
+        return Err(e);
+    }
+    Ok(Some(RegionRef {
+        pid,
+        name: region_ref.name,
+        path: region_ref.path,
+        size: region_ref.size,
+        data,
+        vmas: extents.len(),
+    }))
+}
+
+/// Rewrites the process's pagemap, pages image and mm, and adds the region to `files`.
+#[allow(clippy::too_many_arguments)]
+fn rewrite(
+    dir: &Path,
+    pid: u32,
+    runs: &[Run],
+    extents: &[(usize, u64, u64, u64)],
+    pm: &Pagemap,
+    pages: &File,
+    pages_path: &Path,
+    file_id: u32,
+    region_ref: &trenv_mempool::Region,
+    mm: &mut Image<MmEntry>,
+    files: &mut Image<FileEntry>,
+    report: &mut Report,
+) -> Result<(), TemplateError> {
+    let mm_path = dir.join(format!("mm-{pid}.img"));
+    let pm_path = dir.join(format!("pagemap-{pid}.img"));
+    // The pagemap and pages image keep what lies outside the extents.
+    let inside = |a: u64| extents.iter().any(|&(_, s, e, _)| a >= s && a < e);
+    let mut new_entries = Vec::new();
+    let new_pages_path = dir.join(format!(".pages-{}.img.new", pm.head.pages_id()));
+    let new_pages = File::create(&new_pages_path)
+        .map_err(|e| TemplateError::io("creating", &new_pages_path, e))?;
+    let mut written = 0u64;
+    for r in runs {
+        // Cut the run at extent boundaries; keep the parts outside.
+        let mut cuts = vec![r.start, r.end];
+        for &(_, s, e, _) in extents {
+            for c in [s, e] {
+                if c > r.start && c < r.end {
+                    cuts.push(c);
+                }
+            }
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        for w in cuts.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if inside(a) {
+                continue;
+            }
+            let mut part = r.entry.clone();
+            part.set_vaddr(a);
+            let n = (b - a) / PAGE;
+            if r.entry.nr_pages.is_some() {
+                part.set_nr_pages(n);
+            }
+            part.set_compat_nr_pages(u32::try_from(n).unwrap_or(u32::MAX));
+            if let Some(off) = r.data {
+                let len = usize::try_from(b - a).unwrap_or(0);
+                let mut chunk = vec![0u8; len];
+                pages
+                    .read_exact_at(&mut chunk, off + (a - r.start))
+                    .map_err(|e| TemplateError::io("reading", pages_path, e))?;
+                new_pages
+                    .write_all_at(&chunk, written)
+                    .map_err(|e| TemplateError::io("writing", &new_pages_path, e))?;
+                written += b - a;
+            }
+            new_entries.push(part);
+        }
+    }
+    new_pages
+        .sync_all()
+        .map_err(|e| TemplateError::io("syncing", &new_pages_path, e))?;
+    report.pages_left += written;
+
+    let entry = mm
+        .entries
+        .first_mut()
+        .ok_or_else(|| TemplateError::Unsupported(format!("mm-{pid}.img has no entry")))?;
+    // VMAs become private mappings of their extents.
+    for &(i, _, _, ext) in extents {
+        let v = &mut entry.vmas[i];
+        v.set_status(status::REGULAR | status::FILE_PRIVATE);
+        v.set_flags(v.flags() & !MAP_ANONYMOUS);
+        v.set_shmid(u64::from(file_id));
+        v.set_pgoff(ext);
+        v.set_fdflags(0); // O_RDONLY: a private mapping needs no write access
+    }
+    // The region as a regular file the images refer to; its mount is that of the executable
+    // (any mount of the dumped namespace: restore gets the file through --inherit-fd).
+    let exe_mnt = files
+        .entries
+        .iter()
+        .find(|f| f.id() == entry.exe_file_id())
+        .and_then(|f| f.reg.mnt_id);
+    let mut reg = RegFileEntry::new();
+    reg.set_id(file_id);
+    reg.set_flags(0);
+    reg.set_pos(0);
+    let mut fown = FownEntry::new();
+    fown.set_uid(0);
+    fown.set_euid(0);
+    fown.set_signum(0);
+    fown.set_pid_type(0);
+    fown.set_pid(0);
+    reg.fown = Some(fown).into();
+    reg.set_name(region_ref.path.to_string_lossy().into_owned());
+    if let Some(m) = exe_mnt {
+        reg.set_mnt_id(m);
+    }
+    reg.set_size(region_ref.size);
+    reg.set_mode(S_IFREG | 0o444);
+    let mut fe = FileEntry::new();
+    fe.set_type(FdTypes::REG);
+    fe.set_id(file_id);
+    fe.reg = Some(reg).into();
+    files.entries.push(fe);
+
+    mm.write(&mm_path)?;
+    Pagemap {
+        header: pm.header,
+        head: pm.head.clone(),
+        entries: new_entries,
+    }
+    .write(&pm_path)?;
+    std::fs::rename(&new_pages_path, pages_path)
+        .map_err(|e| TemplateError::io("replacing", pages_path, e))
+}

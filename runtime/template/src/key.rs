@@ -1,0 +1,89 @@
+//! Template keys: the identity of an initialised function instance. Two containers with the
+//! same key would reach the same state after start-up, so one template serves both.
+
+use sha2::{Digest, Sha256};
+
+/// What goes into a key. Anything that changes the process state after start-up belongs
+/// here: the image (by digest when the caller knows it), the process (args, env, cwd,
+/// user), and the spec fields that shape it (rlimits, hostname, memory limit).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeySource {
+    pub image: String,
+    pub args: Vec<String>,
+    /// Sorted, so the order of the spec's env does not matter.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: String,
+    pub extra: Vec<String>,
+}
+
+impl KeySource {
+    /// From an OCI spec (a bundle's config.json) and the image identity.
+    pub fn from_spec(spec: &serde_json::Value, image: &str) -> Self {
+        let p = &spec["process"];
+        let strings = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut env = strings(&p["env"]);
+        env.sort();
+        let mut extra = vec![
+            format!("rlimits={}", p["rlimits"]),
+            format!("hostname={}", spec["hostname"]),
+            format!("memory={}", spec["linux"]["resources"]["memory"]["limit"]),
+        ];
+        extra.sort();
+        Self {
+            image: image.to_string(),
+            args: strings(&p["args"]),
+            env,
+            cwd: p["cwd"].as_str().unwrap_or("/").to_string(),
+            user: format!("{}:{}", p["user"]["uid"], p["user"]["gid"]),
+            extra,
+        }
+    }
+
+    /// The key: a hex SHA-256 over a versioned canonical encoding.
+    pub fn key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"trenv-template-key-v1\0");
+        h.update(serde_json::to_vec(self).unwrap_or_default());
+        hex::encode(h.finalize())
+    }
+}
+
+/// The key of an image set itself, when nothing else is known (`--from-checkpoint` without
+/// a bundle): a digest over its files' names and contents.
+pub fn of_images(digests: &[(String, String)]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"trenv-template-images-v1\0");
+    for (name, d) in digests {
+        h.update(name.as_bytes());
+        h.update(b"\0");
+        h.update(d.as_bytes());
+        h.update(b"\0");
+    }
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_order_does_not_matter_and_args_do() {
+        let a = serde_json::json!({"process": {"args": ["python3", "app.py"], "env": ["A=1", "B=2"], "cwd": "/"}});
+        let b = serde_json::json!({"process": {"args": ["python3", "app.py"], "env": ["B=2", "A=1"], "cwd": "/"}});
+        let c = serde_json::json!({"process": {"args": ["python3", "other.py"], "env": ["A=1", "B=2"], "cwd": "/"}});
+        let k = |s: &serde_json::Value, img: &str| KeySource::from_spec(s, img).key();
+        assert_eq!(k(&a, "img@sha256:1"), k(&b, "img@sha256:1"));
+        assert_ne!(k(&a, "img@sha256:1"), k(&c, "img@sha256:1"));
+        assert_ne!(k(&a, "img@sha256:1"), k(&a, "img@sha256:2"));
+        assert_eq!(k(&a, "x").len(), 64);
+    }
+}
