@@ -83,6 +83,114 @@ pub enum Command {
     /// Inspect and drain the sandbox pools of containerd-shim-trenv-v2
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Build, list and remove memory templates
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+/// Where templates are kept.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Template store directory
+    #[arg(
+        long,
+        env = "TRENV_TEMPLATE_STORE",
+        default_value = "/var/lib/trenv/templates"
+    )]
+    pub store: PathBuf,
+}
+
+/// The memory pool new templates put their memory in.
+#[derive(Args, Debug, Clone)]
+pub struct MemPoolArgs {
+    /// Pool kind: tmpfs (local DRAM), hugetlbfs (a hugetlbfs mount) or daxfs (a directory on
+    /// a DAX filesystem)
+    #[arg(long, env = "TRENV_MEMPOOL_KIND", default_value = "tmpfs")]
+    pub pool_kind: String,
+    /// Pool directory (a tmpfs pool mounts its own tmpfs there)
+    #[arg(
+        long,
+        env = "TRENV_MEMPOOL_DIR",
+        default_value = "/run/trenv/mempool/default"
+    )]
+    pub pool_dir: PathBuf,
+    /// Pool capacity in bytes (suffixes K, M, G)
+    #[arg(long, env = "TRENV_MEMPOOL_CAPACITY", default_value = "4G")]
+    pub pool_capacity: String,
+    /// Pool name (recorded in templates)
+    #[arg(long, default_value = "default")]
+    pub pool_name: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCommand {
+    /// Make a template from a checkpoint directory or a running container
+    Build(TemplateBuild),
+    /// List templates
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// table or json
+        #[arg(short, long, default_value = "table")]
+        format: String,
+    },
+    /// Print a template's manifest as JSON
+    Inspect {
+        #[command(flatten)]
+        store: StoreArgs,
+        name: String,
+    },
+    /// Check every digest of a template (and seal it again)
+    Verify {
+        #[command(flatten)]
+        store: StoreArgs,
+        name: String,
+    },
+    /// Remove a template name (the template goes with its last name; refused while in use)
+    Rm {
+        #[command(flatten)]
+        store: StoreArgs,
+        name: String,
+    },
+    /// Remove leftovers: unnamed templates, dead builds, orphan pool regions
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        pool: MemPoolArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct TemplateBuild {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub pool: MemPoolArgs,
+    /// A CRIU image directory (as written by `trenv checkpoint`)
+    #[arg(
+        long,
+        conflicts_with = "from_container",
+        required_unless_present = "from_container"
+    )]
+    pub from_checkpoint: Option<PathBuf>,
+    /// A running container, checkpointed (left running) for the template
+    #[arg(long)]
+    pub from_container: Option<String>,
+    /// Name of the template
+    #[arg(long)]
+    pub name: String,
+    /// Bundle whose spec keys the template (default for --from-container: its own bundle;
+    /// without one, the key is the image set's digest)
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// Image identity that goes into the key (e.g. an image digest)
+    #[arg(long, default_value = "")]
+    pub image: String,
+    /// Allow open TCP connections (--from-container)
+    #[arg(long)]
+    pub tcp_established: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -382,5 +490,15 @@ pub struct Restore {
     pub lsm_profile: Option<String>,
     #[arg(long)]
     pub lsm_mount_context: Option<String>,
+    /// Restore from this memory template instead of --image-path
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Template store directory (with --template)
+    #[arg(
+        long,
+        env = "TRENV_TEMPLATE_STORE",
+        default_value = "/var/lib/trenv/templates"
+    )]
+    pub template_store: PathBuf,
     pub id: String,
 }

@@ -86,6 +86,10 @@ pub struct RestoreOptions {
     pub auto_dedup: bool,
     pub lsm_profile: Option<String>,
     pub lsm_mount_context: Option<String>,
+    /// Descriptors CRIU inherits under a key (`--inherit-fd`), e.g. the pool regions of a
+    /// memory template, keyed by their path without the leading '/'. Open until restore
+    /// returns.
+    pub inherit: Vec<(String, RawFd)>,
 }
 
 /// A restored container: its init pid (a child of the calling process) and its state.
@@ -363,6 +367,13 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
             inherit.push(i);
             ns_files.push(f);
         }
+    }
+    for (key, fd) in &opts.inherit {
+        let mut i = rpc::Inherit_fd::new();
+        i.set_key(key.clone());
+        i.set_fd(*fd);
+        keep.push(*fd);
+        inherit.push(i);
     }
     // New pipes for the old ones: the caller's stdio replaces the checkpointed stdio.
     for (n, old) in (0..3i32).zip(read_descriptors(&opts.image_path).iter()) {

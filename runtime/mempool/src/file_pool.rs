@@ -197,6 +197,16 @@ impl FilePool {
         }
     }
 
+    /// The pool at `dir` if it is there already (for cleaning up: nothing is mounted or
+    /// created).
+    pub fn existing(kind: PoolKind, name: &str, dir: &Path, capacity: u64) -> Option<Self> {
+        match kind {
+            PoolKind::Tmpfs | PoolKind::Hugetlbfs => mount_at(dir).map(|_| ()),
+            PoolKind::Daxfs => dir.is_dir().then_some(()),
+        }?;
+        Self::open(kind, name, dir, capacity).ok()
+    }
+
     /// Removes every region (refused while any is mapped) and the tmpfs the pool mounted.
     pub fn destroy(self) -> Result<(), PoolError> {
         for r in self.regions()? {

@@ -97,7 +97,7 @@ fn keep_reason(v: &VmaEntry) -> Option<&'static str> {
     if v.madv() & MADV_HUGEPAGE_BIT != 0 {
         return Some("MADV_HUGEPAGE");
     }
-    if v.start() % PAGE != 0 || v.end() % PAGE != 0 || v.end() <= v.start() {
+    if !v.start().is_multiple_of(PAGE) || !v.end().is_multiple_of(PAGE) || v.end() <= v.start() {
         return Some("unaligned");
     }
     None

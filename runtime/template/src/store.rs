@@ -64,8 +64,9 @@ pub struct Listed {
 /// What a restore from a template needs.
 #[derive(Debug)]
 pub struct Prepared {
-    /// A private image directory (links to the template's files), so that what CRIU writes
-    /// during a restore never lands in the template.
+    /// The template's image directory. CRIU only reads it during a restore (its log and
+    /// statistics go to the work directory, which must be given); options that write to
+    /// images (`--auto-dedup`) must not be used with it.
     pub images: PathBuf,
     /// Region files to hand to CRIU with `--inherit-fd`, under the key CRIU looks for (the
     /// file's path without its leading '/').
@@ -436,18 +437,10 @@ impl Store {
         Ok(m)
     }
 
-    /// Checks the template and lays out what a restore from it needs in `work` (created).
-    pub fn prepare(&self, name: &str, criu: &str, work: &Path) -> Result<Prepared, TemplateError> {
+    /// Checks the template and opens what a restore from it needs.
+    pub fn prepare(&self, name: &str, criu: &str) -> Result<Prepared, TemplateError> {
         let manifest = self.check(name, criu)?;
-        let src = self.key_dir(&manifest.key).join(IMAGES);
-        let images = work.join("template-images");
-        std::fs::create_dir_all(&images).map_err(|e| TemplateError::io("creating", &images, e))?;
-        for file in manifest.images.keys() {
-            let to = images.join(file);
-            let _ = std::fs::remove_file(&to);
-            std::os::unix::fs::symlink(src.join(file), &to)
-                .map_err(|e| TemplateError::io("linking", &to, e))?;
-        }
+        let images = self.key_dir(&manifest.key).join(IMAGES);
         let mut inherit = Vec::new();
         for r in &manifest.regions {
             let f = File::open(&r.path).map_err(|e| match e.kind() {

@@ -1,5 +1,8 @@
 //! checkpoint, restore.
 
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
 use nix::unistd::Pid;
 use trenv_criu::checkpoint::{self, CheckpointOptions};
@@ -39,12 +42,66 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
         process::become_subreaper()?;
     }
     let f = &a.criu;
+    // From a template: its checked image set (read, never written: CRIU's log and statistics
+    // go to the work directory) and its pool regions, inherited by CRIU.
+    let mut template_work: Option<PathBuf> = None;
+    let prepared = match &a.template {
+        Some(name) => {
+            if f.auto_dedup {
+                anyhow::bail!("--auto-dedup would punch holes into the template's images");
+            }
+            let store = super::template::open_at(&a.template_store)?;
+            let criu = super::template::criu_version(g)?;
+            let work = match &f.work_path {
+                Some(w) => w.clone(),
+                None => {
+                    let w = g.root.join(".template-work").join(format!(
+                        "{}-{}",
+                        a.id,
+                        std::process::id()
+                    ));
+                    template_work = Some(w.clone());
+                    w
+                }
+            };
+            std::fs::create_dir_all(&work)
+                .with_context(|| format!("creating {}", work.display()))?;
+            match store.prepare(name, &criu) {
+                Ok(p) => Some((p, work)),
+                Err(e) => {
+                    if let Some(w) = &template_work {
+                        let _ = std::fs::remove_dir_all(w);
+                    }
+                    let reason = e.reason();
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "restoring container {} from template {name} (reason: {reason})",
+                        a.id
+                    )));
+                }
+            }
+        }
+        None => None,
+    };
+    let (image_path, work_path) = match &prepared {
+        Some((p, work)) => (p.images.clone(), Some(work.clone())),
+        None => (f.image_path.clone(), f.work_path.clone()),
+    };
+    let inherit = prepared
+        .as_ref()
+        .map(|(p, _)| {
+            p.inherit
+                .iter()
+                .map(|(k, file)| (k.clone(), file.as_raw_fd()))
+                .collect()
+        })
+        .unwrap_or_default();
     let opts = RestoreOptions {
         id: a.id.clone(),
         state_root: g.root.clone(),
         bundle: a.bundle.clone(),
-        image_path: f.image_path.clone(),
-        work_path: f.work_path.clone(),
+        image_path,
+        work_path,
+        inherit,
         pid_file: a.pid_file.clone(),
         console_socket: a.console_socket.clone(),
         systemd_cgroup: g.systemd_cgroup,
@@ -59,8 +116,21 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
         lsm_profile: a.lsm_profile.clone(),
         lsm_mount_context: a.lsm_mount_context.clone(),
     };
-    let mut r = restore::restore(&Criu::new(&g.criu), &opts)
-        .with_context(|| format!("restoring container {}", a.id))?;
+    let restored = restore::restore(&Criu::new(&g.criu), &opts);
+    drop(prepared);
+    if let Some(w) = &template_work {
+        // On failure only CRIU's log stays, where the error message points.
+        if restored.is_ok() {
+            let _ = std::fs::remove_dir_all(w);
+        }
+    }
+    let mut r = restored.with_context(|| match &a.template {
+        Some(t) => format!(
+            "restoring container {} from template {t} (reason: criu)",
+            a.id
+        ),
+        None => format!("restoring container {}", a.id),
+    })?;
     if a.detach {
         return Ok(0);
     }

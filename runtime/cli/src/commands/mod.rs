@@ -6,6 +6,7 @@ mod lifecycle;
 mod process;
 mod resources;
 mod sandbox;
+mod template;
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +36,7 @@ pub fn dispatch(g: &Global, cmd: Command) -> Result<u8> {
         Command::Checkpoint(a) => criu::checkpoint(g, &a).map(|_| 0),
         Command::Restore(a) => criu::restore(g, &a),
         Command::Sandbox(c) => sandbox::run(c).map(|_| 0),
+        Command::Template(c) => template::run(g, c).map(|_| 0),
     }
 }
 

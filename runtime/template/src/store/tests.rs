@@ -99,8 +99,10 @@ impl Fixture {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        wait_file(&PathBuf::from(format!("{}.ready", out.display())));
         let pid = i32::try_from(child.id()).unwrap();
+        // Killed however this test ends (a dump ends it anyway).
+        let _guard = KillOnDrop(pid);
+        wait_file(&PathBuf::from(format!("{}.ready", out.display())));
         let sum = checksum(pid, &out);
         let images = self.path(dir);
         std::fs::create_dir_all(&images).unwrap();
@@ -125,6 +127,17 @@ impl Drop for Fixture {
         if let Some(p) = self.pool.take() {
             let _ = p.destroy();
         }
+    }
+}
+
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -209,7 +222,8 @@ fn a_template_restores_the_same_memory_from_the_pool() {
     );
 
     let work = f.path("work");
-    let p = f.store.prepare("py", &criu, &work).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    let p = f.store.prepare("py", &criu).unwrap();
     let pid = restore(&p, &work);
     let after = checksum(pid, &f.path("dump.sum"));
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
@@ -232,7 +246,6 @@ fn damaged_or_stale_templates_are_refused_with_their_reason() {
     let (images, _) = f.dump("dump");
     let criu = criu_version();
     let (m, _) = f.store.build(&images, "t", None, f.pool(), &criu).unwrap();
-    let work = f.path("work");
     f.store.check("t", &criu).unwrap();
     assert_eq!(f.store.check("t", "3.17").unwrap_err().reason(), "stale");
     assert_eq!(
@@ -246,7 +259,7 @@ fn damaged_or_stale_templates_are_refused_with_their_reason() {
     let at = bytes.iter().position(|b| *b != 0).unwrap();
     bytes[at] ^= 0xff;
     std::fs::write(region, &bytes).unwrap();
-    let e = f.store.prepare("t", &criu, &work).unwrap_err();
+    let e = f.store.prepare("t", &criu).unwrap_err();
     assert_eq!(e.reason(), "corrupt", "{e}");
     bytes[at] ^= 0xff;
     std::fs::write(region, &bytes).unwrap();

@@ -1,0 +1,398 @@
+//! Memory templates through the `trenv` binary with real CRIU 4.2.1: a Python HTTP server
+//! (the project's offline Debian + Python image) is checkpointed after start-up, made a
+//! template in a tmpfs pool, and restored 16 times at once; every instance serves, keeps its
+//! own state, and they share the template's memory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use trenv_integration::bundle::{cgroup_path, default_config, python_image};
+use trenv_integration::leaks::{assert_container_gone, mounts_with, processes_with};
+use trenv_integration::runtime::Runtime;
+use trenv_integration::{require_root, unique_id, wait_for};
+
+const SERVER: &str = r#"
+import hashlib, http.server, os
+state = {"count": 0}
+big = bytearray(os.urandom(1 << 20)) * 32
+table = {i: str(i) * 10 for i in range(100000)}
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/count":
+            state["count"] += 1
+            body = str(state["count"])
+        elif self.path.startswith("/write/"):
+            tag = self.path[7:]
+            big[0:len(tag)] = tag.encode()
+            table["tag"] = tag
+            body = "ok"
+        elif self.path == "/read":
+            body = bytes(big[0:8]).hex() + "|" + str(table.get("tag", ""))
+        elif self.path == "/sum":
+            body = hashlib.sha256(big).hexdigest()
+        else:
+            body = "hello"
+        b = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"#;
+
+/// Everything a test needs: a state root, a store, a pool, the app directory. The pool's
+/// tmpfs is unmounted on drop.
+struct Setup {
+    rt: Runtime,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("trenv-it-tpl-")
+            .tempdir()
+            .expect("tmp");
+        std::fs::create_dir_all(dir.path().join("app")).expect("app");
+        std::fs::write(dir.path().join("app/server.py"), SERVER).expect("server");
+        Self {
+            rt: Runtime::trenv(),
+            dir,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn store(&self) -> String {
+        self.path("store").to_string_lossy().into_owned()
+    }
+
+    fn pool_dir(&self) -> String {
+        self.path("pool").to_string_lossy().into_owned()
+    }
+
+    /// A bundle (config.json only) running the server on the shared read-only Python rootfs.
+    fn bundle(&self, id: &str) -> PathBuf {
+        let b = self.path(&format!("bundles/{id}"));
+        std::fs::create_dir_all(&b).expect("bundle");
+        let mut cfg = default_config(id, &["python3", "/app/server.py"]);
+        cfg["root"] = json!({ "path": python_image().join("rootfs"), "readonly": true });
+        cfg["mounts"].as_array_mut().expect("mounts").push(json!({
+            "destination": "/app", "type": "bind", "source": self.path("app"),
+            "options": ["rbind", "ro"]
+        }));
+        cfg["mounts"].as_array_mut().expect("mounts").push(json!({
+            "destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]
+        }));
+        std::fs::write(b.join("config.json"), cfg.to_string()).expect("config");
+        b
+    }
+
+    fn template(&self, args: &[&str]) -> std::process::Output {
+        let mut c = self.rt.cmd();
+        c.args(["template"]).args(args);
+        c.env("TRENV_TEMPLATE_STORE", self.store())
+            .env("TRENV_MEMPOOL_DIR", self.pool_dir())
+            .env("TRENV_MEMPOOL_CAPACITY", "1G");
+        c.output().expect("trenv template")
+    }
+
+    fn template_ok(&self, args: &[&str]) -> String {
+        let out = self.template(args);
+        assert!(
+            out.status.success(),
+            "trenv template {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn restore(&self, template: &str, id: &str) -> std::process::Output {
+        let bundle = self.bundle(id);
+        let mut c = self.rt.cmd();
+        c.args([
+            "restore",
+            "--detach",
+            "--template",
+            template,
+            "--template-store",
+        ])
+        .arg(self.store())
+        .arg("--bundle")
+        .arg(&bundle)
+        .arg(id);
+        c.output().expect("trenv restore")
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let pool = self.path("pool");
+        let _ = Command::new("umount").arg("-l").arg(&pool).status();
+    }
+}
+
+fn pid_of(rt: &Runtime, id: &str) -> i64 {
+    rt.state(id)["pid"].as_i64().expect("pid")
+}
+
+/// A GET inside the network namespace of `pid` (its loopback brought up first).
+fn get(pid: i64, path: &str) -> Option<String> {
+    let p = pid.to_string();
+    let _ = Command::new("nsenter")
+        .args(["-t", &p, "-n", "ip", "link", "set", "lo", "up"])
+        .status();
+    let out = Command::new("nsenter")
+        .args(["-t", &p, "-n", "curl", "-s", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:8080{path}"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// kB of a field of /proc/PID/smaps_rollup.
+fn rollup(pid: i64, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The CRIU log a failed restore points at.
+fn criu_log(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr).replace("\\\"", "\"");
+    text.split("CRIU log \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|log| {
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        })
+        .unwrap_or_default()
+}
+
+fn kill_and_delete(rt: &Runtime, id: &str) {
+    let _ = rt.run(&["kill", id, "KILL"]);
+    let _ = wait_for(Duration::from_secs(10), || {
+        (rt.status(id) == "stopped").then_some(())
+    });
+    rt.ok(&["delete", "--force", id]);
+    assert_container_gone(rt, id);
+}
+
+/// Runs the server, checkpoints it once it answers, builds template `name` from it.
+fn make_template(s: &Setup, name: &str) -> String {
+    let id = unique_id("tpl-src");
+    let bundle = s.bundle(&id);
+    s.rt.detached(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &bundle.to_string_lossy(),
+        &id,
+    ]);
+    let pid = pid_of(&s.rt, &id);
+    let sum =
+        wait_for(Duration::from_secs(60), || get(pid, "/sum")).expect("server never answered");
+    let images = s.path(&format!("ckpt-{name}"));
+    s.rt.ok(&["checkpoint", "--image-path", &images.to_string_lossy(), &id]);
+    assert_container_gone(&s.rt, &id);
+    s.template_ok(&[
+        "build",
+        "--from-checkpoint",
+        &images.to_string_lossy(),
+        "--bundle",
+        &bundle.to_string_lossy(),
+        "--name",
+        name,
+    ]);
+    sum
+}
+
+#[test]
+fn sixteen_instances_restore_from_one_template_and_share_it() {
+    require_root();
+    let s = Setup::new();
+    let sum = make_template(&s, "py");
+    let ls: serde_json::Value =
+        serde_json::from_str(&s.template_ok(&["ls", "--format", "json"])).expect("ls json");
+    assert_eq!(ls[0]["names"], json!(["py"]), "{ls}");
+    assert!(
+        ls[0]["pool_bytes"].as_u64().expect("pool bytes") >= 32 << 20,
+        "{ls}"
+    );
+
+    let ids: Vec<String> = (0..16).map(|i| unique_id(&format!("tpl-{i}"))).collect();
+    let outs: Vec<std::process::Output> = std::thread::scope(|sc| {
+        let hs: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let s = &s;
+                sc.spawn(move || s.restore("py", id))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    for (id, out) in ids.iter().zip(&outs) {
+        assert!(
+            out.status.success(),
+            "restore {id}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            criu_log(&out.stderr)
+        );
+    }
+    let pids: Vec<i64> = ids.iter().map(|id| pid_of(&s.rt, id)).collect();
+    // Every instance serves the template's state and then its own.
+    for (i, &pid) in pids.iter().enumerate() {
+        assert_eq!(
+            get(pid, "/sum").as_deref(),
+            Some(sum.as_str()),
+            "instance {i}"
+        );
+        assert_eq!(get(pid, "/count").as_deref(), Some("1"));
+        assert_eq!(
+            get(pid, &format!("/write/inst{i:02}")).as_deref(),
+            Some("ok")
+        );
+    }
+    for (i, &pid) in pids.iter().enumerate() {
+        let tag = format!("inst{i:02}");
+        let hex: String = tag.bytes().map(|b| format!("{b:02x}")).collect();
+        let read = get(pid, "/read").unwrap_or_default();
+        assert!(
+            read.starts_with(&hex) && read.ends_with(&format!("|{tag}")),
+            "instance {i} sees another's writes: {read}"
+        );
+        assert_eq!(get(pid, "/count").as_deref(), Some("2"));
+    }
+    let rss: u64 = pids.iter().map(|&p| rollup(p, "Rss:")).sum();
+    let pss: u64 = pids.iter().map(|&p| rollup(p, "Pss:")).sum();
+    println!("16 instances: RSS {} MiB, PSS {} MiB", rss >> 10, pss >> 10);
+    // Each instance holds the 32 MiB array and the interpreter's heap: shared, they cost a
+    // fraction of their RSS.
+    assert!(
+        pss * 3 < rss,
+        "little sharing: PSS {pss} kB of RSS {rss} kB"
+    );
+
+    // In use: the template stays.
+    let out = s.template(&["rm", "py"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    for id in &ids {
+        kill_and_delete(&s.rt, id);
+    }
+    s.template_ok(&["rm", "py"]);
+    assert!(s.template_ok(&["ls"]).lines().count() == 1);
+    assert!(processes_with(&s.store()).is_empty());
+}
+
+#[test]
+fn a_damaged_template_is_refused_with_its_reason_and_leaves_nothing() {
+    require_root();
+    let s = Setup::new();
+    make_template(&s, "bad");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&s.template_ok(&["inspect", "bad"])).expect("inspect");
+    let region = PathBuf::from(manifest["regions"][0]["path"].as_str().expect("region"));
+    let mut bytes = std::fs::read(&region).expect("region");
+    let at = bytes.iter().position(|b| *b != 0).expect("data");
+    bytes[at] ^= 0x5a;
+    std::fs::write(&region, &bytes).expect("write");
+    let id = unique_id("tpl-bad");
+    let out = s.restore("bad", &id);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reason: corrupt") && err.contains("digest mismatch"),
+        "{err}"
+    );
+    assert!(s.rt.fail(&["state", &id]).contains("does not exist"));
+    assert!(!Path::new(&format!("/sys/fs/cgroup/memory{}", cgroup_path(&id))).exists());
+    assert!(mounts_with(&id).is_empty());
+    let out = s.restore("nope", &id);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reason: missing"));
+    std::fs::remove_file(&region).expect("rm region");
+    let out = s.restore("bad", &id);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reason: pool-missing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.template_ok(&["rm", "bad"]);
+}
+
+/// `--from-container` checkpoints a running container (it keeps running) and builds the
+/// template keyed by its bundle's spec; a second build of the same container state only
+/// adds a name.
+#[test]
+fn a_running_container_becomes_a_template_and_keeps_running() {
+    require_root();
+    let s = Setup::new();
+    let id = unique_id("tpl-live");
+    let b = trenv_integration::bundle::Bundle::new(
+        &id,
+        &["sh", "-c", "x=$(seq 1 50000); while true; do sleep 1; done"],
+    );
+    s.rt.detached(&[
+        "run",
+        "--detach",
+        "--bundle",
+        &b.path().to_string_lossy(),
+        &id,
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    s.template_ok(&["build", "--from-container", &id, "--name", "live"]);
+    assert_eq!(s.rt.status(&id), "running");
+    s.template_ok(&["build", "--from-container", &id, "--name", "live2"]);
+    let ls: serde_json::Value =
+        serde_json::from_str(&s.template_ok(&["ls", "--format", "json"])).expect("ls");
+    assert_eq!(ls.as_array().map(Vec::len), Some(1), "{ls}");
+    assert_eq!(ls[0]["names"], json!(["live", "live2"]));
+    let copy = b.clone_as(&unique_id("tpl-live-r"));
+    let rid = copy.id.clone();
+    let mut c = s.rt.cmd();
+    c.args([
+        "restore",
+        "--detach",
+        "--template",
+        "live",
+        "--template-store",
+    ])
+    .arg(s.store())
+    .arg("--bundle")
+    .arg(copy.path())
+    .arg(&rid);
+    let out = c.output().expect("restore");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        criu_log(&out.stderr)
+    );
+    assert_eq!(s.rt.status(&rid), "running");
+    let maps =
+        std::fs::read_to_string(format!("/proc/{}/maps", pid_of(&s.rt, &rid))).expect("maps");
+    assert!(
+        maps.contains(&s.pool_dir()),
+        "nothing mapped from the pool:\n{maps}"
+    );
+    kill_and_delete(&s.rt, &rid);
+    kill_and_delete(&s.rt, &id);
+    for n in ["live", "live2"] {
+        s.template_ok(&["rm", n]);
+    }
+    s.template_ok(&["gc"]);
+}
