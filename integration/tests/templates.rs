@@ -32,6 +32,20 @@ class H(http.server.BaseHTTPRequestHandler):
             body = bytes(big[0:8]).hex() + "|" + str(table.get("tag", ""))
         elif self.path == "/sum":
             body = hashlib.sha256(big).hexdigest()
+        elif self.path == "/churn":
+            # Allocate, free and reallocate heavily, give free heap pages back with
+            # malloc_trim (MADV_DONTNEED inside the template-backed heap), then compute a
+            # known answer from fresh allocations.
+            import ctypes, random
+            rnd = random.Random(7)
+            for _ in range(20):
+                junk = [bytearray(rnd.randrange(16, 4096)) for _ in range(2000)]
+                del junk
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            zeros = ctypes.create_string_buffer(1 << 16)
+            assert zeros.raw == bytes(1 << 16), "calloc'd memory not zero"
+            rows = [[rnd.random() for _ in range(50)] for _ in range(2000)]
+            body = hashlib.sha256(repr(sorted(map(sum, rows))).encode()).hexdigest()
         else:
             body = "hello"
         b = body.encode()
