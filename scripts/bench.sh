@@ -16,3 +16,5 @@ export TRENV_BIN=target/release/trenv
 target/release/trenv-bench "$@"
 # Networked starts through the containerd API: pool hit / miss vs runc.v2 with CNI.
 /usr/bin/python3 integration/bench/pool_bench.py
+# A Python function from a memory template vs cold start and plain CRIU restore.
+/usr/bin/python3 integration/bench/template_bench.py

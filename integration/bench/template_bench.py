@@ -1,0 +1,324 @@
+#!/usr/bin/python3
+"""`make bench`, part 3: a Python function restored from a memory template.
+
+One Python HTTP server (the project's offline Debian + Python image; 32 MiB of state plus the
+interpreter), timed from the start of the runtime command to its first correct HTTP answer:
+  cold      `trenv run -d`: a fresh interpreter initialises
+  criu      `trenv restore -d` of an ordinary checkpoint (CRIU writes every page)
+  template  `trenv restore -d --template` (CRIU maps the pool's pages copy-on-write)
+Runs interleave (cold, criu, template, cold, ...), each instance killed and deleted
+(untimed) before the next. All instances join one network namespace with its loopback up,
+which this script runs in (nsenter --net), so the answer is read straight from
+127.0.0.1:8080. Then 16 live instances per mode, each in a network namespace of its own:
+the sum of their PSS and of their cgroups' memory.
+
+Appends its section to docs/benchmarks.md and writes target/bench/template.json.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CACHE = os.environ.get("TRENV_CACHE", "/var/cache/trenv")
+TRENV = os.path.join(ROOT, "target/release/trenv")
+NETNS = "trenv-bench-tpl"
+SERVER = open(os.path.join(ROOT, "integration/bench/template_server.py")).read()
+
+
+def spec(rootfs, app, cgroup, netns):
+    ns = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+          {"type": "network", "path": netns} if netns else {"type": "network"}]
+    return {
+        "ociVersion": "1.0.2",
+        "process": {"terminal": False, "user": {"uid": 0, "gid": 0},
+                    "args": ["python3", "/app/server.py"],
+                    "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "cwd": "/",
+                    "noNewPrivileges": True},
+        "root": {"path": rootfs, "readonly": True},
+        "hostname": "fn",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
+            {"destination": "/app", "type": "bind", "source": app, "options": ["rbind", "ro"]},
+        ],
+        "linux": {"cgroupsPath": cgroup, "namespaces": ns,
+                  "resources": {"devices": [{"allow": False, "access": "rwm"}]}},
+    }
+
+
+class Bench:
+    def __init__(self, d, netns_path):
+        self.d = d
+        self.root = os.path.join(d, "state")
+        self.store = os.path.join(d, "store")
+        self.pool = os.path.join(d, "pool")
+        self.app = os.path.join(d, "app")
+        os.makedirs(self.app)
+        with open(os.path.join(self.app, "server.py"), "w") as f:
+            f.write(SERVER)
+        self.rootfs = os.path.join(CACHE, "images/python/rootfs")
+        self.netns = netns_path
+        self.n = 0
+
+    def trenv(self, *args, check=True, env=None):
+        e = dict(os.environ, TRENV_TEMPLATE_STORE=self.store, TRENV_MEMPOOL_DIR=self.pool,
+                 TRENV_MEMPOOL_CAPACITY="2G", **(env or {}))
+        r = subprocess.run([TRENV, "--root", self.root, *args], capture_output=True, env=e)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"trenv {' '.join(args)}: {r.stderr.decode()}")
+        return r
+
+    def bundle(self, own_netns=False):
+        self.n += 1
+        cid = f"tb-{os.getpid()}-{self.n}"
+        b = os.path.join(self.d, "bundles", cid)
+        os.makedirs(b)
+        with open(os.path.join(b, "config.json"), "w") as f:
+            json.dump(spec(self.rootfs, self.app, f"/trenv-bench-tpl/{cid}",
+                           None if own_netns else self.netns), f)
+        return cid, b
+
+    def remove(self, cid):
+        self.trenv("kill", cid, "KILL", check=False)
+        for _ in range(200):
+            r = self.trenv("state", cid, check=False)
+            if r.returncode != 0 or b'"stopped"' in r.stdout:
+                break
+            time.sleep(0.01)
+        self.trenv("delete", "--force", cid, check=False)
+        shutil.rmtree(os.path.join(self.d, "bundles", cid), ignore_errors=True)
+
+
+def get(path, timeout=0.5):
+    s = socket.create_connection(("127.0.0.1", 8080), timeout=timeout)
+    try:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    return data.split(b"\r\n\r\n", 1)[-1].decode()
+
+
+def until_answer(want, deadline=60.0):
+    t = time.monotonic()
+    while time.monotonic() - t < deadline:
+        try:
+            if get("/sum") == want:
+                return
+        except OSError:
+            pass
+        time.sleep(0.0005)
+    raise RuntimeError("no correct answer")
+
+
+def stats(samples):
+    s = sorted(samples)
+    p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    return {"p50_ms": round(statistics.median(s), 2), "p99_ms": round(p99, 2),
+            "mean_ms": round(statistics.mean(s), 2), "n": len(s)}
+
+
+def rollup(pid, field):
+    try:
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_memory(cid):
+    for p in (f"/sys/fs/cgroup/memory/trenv-bench-tpl/{cid}/memory.usage_in_bytes",
+              f"/sys/fs/cgroup/trenv-bench-tpl/{cid}/memory.current"):
+        try:
+            return int(open(p).read()) // 1024
+        except OSError:
+            continue
+    return 0
+
+
+def inner(a):
+    d = tempfile.mkdtemp(prefix="trenv-bench-tpl-")
+    b = Bench(d, f"/var/run/netns/{NETNS}")
+    ckpt = os.path.join(d, "ckpt")
+    try:
+        # The function's initialised state, checkpointed once; the template made from it.
+        cid, bdir = b.bundle()
+        b.trenv("run", "--detach", "--bundle", bdir, cid)
+        want = None
+        t = time.monotonic()
+        while want is None and time.monotonic() - t < 60:
+            try:
+                want = get("/sum", timeout=2)
+            except OSError:
+                time.sleep(0.01)
+        b.trenv("checkpoint", "--image-path", ckpt, cid)
+        shutil.rmtree(os.path.join(d, "bundles", cid), ignore_errors=True)
+        t = time.monotonic()
+        b.trenv("template", "build", "--from-checkpoint", ckpt, "--bundle", bdir, "--name", "fn")
+        build_s = time.monotonic() - t
+        manifest = json.loads(b.trenv("template", "inspect", "fn").stdout)
+
+        def cold(cid, bdir):
+            return ["run", "--detach", "--bundle", bdir, cid]
+
+        def criu(cid, bdir):
+            return ["restore", "--detach", "--image-path", ckpt,
+                    "--work-path", os.path.join(d, "work", cid), "--bundle", bdir, cid]
+
+        def template(cid, bdir):
+            return ["restore", "--detach", "--template", "fn", "--template-store", b.store,
+                    "--bundle", bdir, cid]
+
+        modes = {"cold": cold, "criu": criu, "template": template}
+        first, command = {m: [] for m in modes}, {m: [] for m in modes}
+        total = a.runs + a.warmup
+        for i in range(total):
+            for m, argv in modes.items():
+                cid, bdir = b.bundle()
+                t = time.monotonic()
+                b.trenv(*argv(cid, bdir))
+                t_cmd = time.monotonic()
+                until_answer(want)
+                t_ans = time.monotonic()
+                if i >= a.warmup:
+                    command[m].append((t_cmd - t) * 1000)
+                    first[m].append((t_ans - t) * 1000)
+                b.remove(cid)
+                shutil.rmtree(os.path.join(d, "work", cid), ignore_errors=True)
+            if (i + 1) % 10 == 0 or i + 1 == total:
+                line = ", ".join(f"{m} {statistics.median(v):.1f}" for m, v in first.items() if v)
+                print(f"template_bench: {i + 1}/{total} rounds; P50 ms so far: {line}",
+                      file=sys.stderr, flush=True)
+
+        # 16 live instances per mode, each in its own network namespace.
+        memory = {}
+        for m, argv in modes.items():
+            ids = []
+            for _ in range(16):
+                cid, bdir = b.bundle(own_netns=True)
+                b.trenv(*argv(cid, bdir))
+                ids.append(cid)
+            time.sleep(2 if m == "cold" else 0.5)  # cold instances finish initialising
+            pids = [json.loads(b.trenv("state", c).stdout)["pid"] for c in ids]
+            if m == "cold":
+                # Initialised = answering; wait for each (its loopback is down until set).
+                for p in pids:
+                    subprocess.run(["nsenter", "-t", str(p), "-n", "ip", "link", "set", "lo", "up"])
+                    subprocess.run(["nsenter", "-t", str(p), "-n", "curl", "-s", "--retry", "50",
+                                    "--retry-connrefused", "--retry-delay", "0",
+                                    "http://127.0.0.1:8080/sum"], capture_output=True)
+            memory[m] = {"pss_kib": sum(rollup(p, "Pss:") for p in pids),
+                         "rss_kib": sum(rollup(p, "Rss:") for p in pids),
+                         "cgroup_kib": sum(cgroup_memory(c) for c in ids)}
+            print(f"template_bench: 16 x {m}: {memory[m]}", file=sys.stderr, flush=True)
+            for c in ids:
+                b.remove(c)
+        b.trenv("template", "rm", "fn")
+        return {
+            "runs": a.runs,
+            "build_s": round(build_s, 2),
+            "template": {"pool_mib": sum(r["data"] for r in manifest["regions"]) >> 20,
+                         "image_kib": manifest["report"]["pages_left"] >> 10,
+                         "kept": manifest["report"]["kept"]},
+            "first_answer": {m: stats(v) for m, v in first.items()},
+            "command": {m: stats(v) for m, v in command.items()},
+            "memory16": memory,
+        }
+    finally:
+        subprocess.run(["umount", "-l", b.pool], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+        subprocess.run("find /sys/fs/cgroup -maxdepth 3 -depth -type d -path '*trenv-bench-tpl*' "
+                       "-exec rmdir {} + 2>/dev/null", shell=True)
+
+
+def render(r):
+    f, c, m = r["first_answer"], r["command"], r["memory16"]
+    ratio = lambda a, b, k: round(f[a][k] / f[b][k], 2)
+    mem_saving = round(100 * (1 - m["template"]["pss_kib"] / m["cold"]["pss_kib"]), 1)
+    lines = ["", "## Function restore from a memory template", "",
+             f"`make bench` (integration/bench/template_bench.py, {r['runs']} starts per mode, "
+             "interleaved, each instance deleted before the next). A Python HTTP server (Debian "
+             "python3, 32 MiB of state in a bytearray and a 100 000-entry dict) on a read-only "
+             "rootfs; time from the start of the trenv command until the server's first correct "
+             "answer on 127.0.0.1:8080 (all instances join one network namespace). cold: `trenv "
+             "run`; criu: `trenv restore` of an ordinary checkpoint; template: `trenv restore "
+             f"--template` (tmpfs pool; template built in {r['build_s']} s: "
+             f"{r['template']['pool_mib']} MiB in the pool, {r['template']['image_kib']} KiB of "
+             "pages left in the images).", "",
+             "| mode | first answer P50 | P99 | command P50 | command P99 |",
+             "|---|---|---|---|---|"]
+    for k in ("cold", "criu", "template"):
+        lines.append(f"| {k} | {f[k]['p50_ms']} ms | {f[k]['p99_ms']} ms | "
+                     f"{c[k]['p50_ms']} ms | {c[k]['p99_ms']} ms |")
+    lines += ["", f"- criu / template: P50 {ratio('criu', 'template', 'p50_ms')}×, "
+              f"P99 {ratio('criu', 'template', 'p99_ms')}× (goal ≥ 10×: "
+              f"{'met' if ratio('criu', 'template', 'p50_ms') >= 10 and ratio('criu', 'template', 'p99_ms') >= 10 else 'not met'})",
+              f"- cold / template: P50 {ratio('cold', 'template', 'p50_ms')}×, "
+              f"P99 {ratio('cold', 'template', 'p99_ms')}×",
+              f"- template P50 {f['template']['p50_ms']} ms (goal ≤ 10 ms: "
+              f"{'met' if f['template']['p50_ms'] <= 10 else 'not met'})", "",
+              "16 live instances, each in its own network namespace:", "",
+              "| mode | sum of PSS | sum of RSS | sum of cgroup memory |", "|---|---|---|---|"]
+    for k in ("cold", "criu", "template"):
+        lines.append(f"| {k} | {m[k]['pss_kib'] >> 10} MiB | {m[k]['rss_kib'] >> 10} MiB | "
+                     f"{m[k]['cgroup_kib'] >> 10} MiB |")
+    lines += ["", f"- template vs cold, PSS: {mem_saving}% less (goal ≥ 60%: "
+              f"{'met' if mem_saving >= 60 else 'not met'}). cgroup memory counts the pool's "
+              "shared pages in the cgroup that touched them first (the pool's tmpfs is charged "
+              "to the builder), so template instances' cgroups hold only their own copies."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.inner:
+        json.dump(inner(a), sys.stdout)
+        return
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+    subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    try:
+        subprocess.run(["ip", "-n", NETNS, "link", "set", "lo", "up"], check=True)
+        # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup mounts.
+        argv = ["nsenter", f"--net=/var/run/netns/{NETNS}", sys.executable,
+                os.path.abspath(__file__),
+                "--inner", "--runs", str(a.runs), "--warmup", str(a.warmup)]
+        out = subprocess.run(argv, stdout=subprocess.PIPE, check=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+    r = json.loads(out.stdout)
+    if a.no_report:
+        json.dump(r, sys.stdout, indent=2)
+        return
+    os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
+    with open(os.path.join(ROOT, "target/bench/template.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    md = render(r)
+    with open(os.path.join(ROOT, "docs/benchmarks.md"), "a") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
