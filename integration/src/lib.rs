@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod containerd;
 pub mod leaks;
+pub mod netns;
 pub mod runtime;
 
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use trenv_integration::bundle::Bundle;
 use trenv_integration::leaks::{assert_container_gone, processes_with};
+use trenv_integration::netns::{http_get, loopback_up};
 use trenv_integration::runtime::Runtime;
 use trenv_integration::{require_root, unique_id, wait_for};
 
@@ -519,18 +520,6 @@ fn terminal_container_restores_onto_a_new_console() {
     kill_and_delete(&rt, &id);
 }
 
-/// A GET to port 8080 inside the network namespace of `pid`, from the host.
-fn http_get_in_netns(pid: i64) -> Option<String> {
-    let out = std::process::Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n"])
-        .args(["curl", "-s", "--max-time", "2", "http://127.0.0.1:8080/"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// A process listening on TCP (busybox httpd) is checkpointed and restored; the restored
 /// server answers. CRIU 4.1.1 cannot dump inet sockets on kernels from 6.16 on.
 #[test]
@@ -548,24 +537,11 @@ fn a_tcp_server_is_checkpointed_and_restored() {
     );
     let bundle = b.path().to_string_lossy().into_owned();
     rt.detached(&["run", "--detach", "--bundle", &bundle, &id]);
-    let pid = rt.state(&id)["pid"].as_i64().expect("pid");
+    let pid = rt.state(&id)["pid"].as_i64().expect("pid").to_string();
     // The container's own network namespace has only a loopback, down until set up.
-    let up = std::process::Command::new("nsenter")
-        .args([
-            "-t",
-            &pid.to_string(),
-            "-n",
-            "ip",
-            "link",
-            "set",
-            "lo",
-            "up",
-        ])
-        .status()
-        .expect("nsenter");
-    assert!(up.success());
+    assert!(loopback_up(&pid));
     let before =
-        wait_for(Duration::from_secs(10), || http_get_in_netns(pid)).expect("httpd never answered");
+        wait_for(Duration::from_secs(10), || http_get(&pid, "/")).expect("httpd never answered");
     assert!(before.starts_with("served-"), "{before}");
 
     let images = tempfile::Builder::new()
@@ -574,7 +550,7 @@ fn a_tcp_server_is_checkpointed_and_restored() {
         .expect("tmp");
     let img = images.path().to_string_lossy().into_owned();
     rt.ok(&["checkpoint", "--image-path", &img, "--leave-running", &id]);
-    assert_eq!(http_get_in_netns(pid).as_deref(), Some(before.as_str()));
+    assert_eq!(http_get(&pid, "/").as_deref(), Some(before.as_str()));
     kill_and_delete(&rt, &id);
 
     let pid_file = images.path().join("restored.pid");
@@ -589,28 +565,14 @@ fn a_tcp_server_is_checkpointed_and_restored() {
         &pid_file.to_string_lossy(),
         &id,
     ]);
-    let pid: i64 = std::fs::read_to_string(&pid_file)
+    let pid = std::fs::read_to_string(&pid_file)
         .expect("pid file")
         .trim()
-        .parse()
-        .expect("pid");
-    let up = std::process::Command::new("nsenter")
-        .args([
-            "-t",
-            &pid.to_string(),
-            "-n",
-            "ip",
-            "link",
-            "set",
-            "lo",
-            "up",
-        ])
-        .status()
-        .expect("nsenter");
-    assert!(up.success());
+        .to_string();
+    assert!(loopback_up(&pid));
     // The same server (its page names its pid in the first run) answers from the restored
     // listening socket, in the restored container's new network namespace.
-    let after = wait_for(Duration::from_secs(10), || http_get_in_netns(pid))
+    let after = wait_for(Duration::from_secs(10), || http_get(&pid, "/"))
         .expect("restored httpd never answered");
     assert_eq!(after, before);
     kill_and_delete(&rt, &id);

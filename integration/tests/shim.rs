@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use trenv_integration::containerd::{Containerd, BUSYBOX, COUNTER, NAMESPACE};
+use trenv_integration::netns::http_get;
 use trenv_integration::runtime::shim_bin;
 use trenv_integration::{require_root, unique_id, wait_for};
 
@@ -296,18 +297,6 @@ fn oom_kill_publishes_task_oom() {
     c.assert_gone(&calm);
 }
 
-/// A GET to port 8080 inside the network namespace of `pid`, from the host.
-fn http_get_in_netns(pid: &str) -> Option<String> {
-    let out = std::process::Command::new("nsenter")
-        .args(["-t", pid, "-n"])
-        .args(["curl", "-s", "--max-time", "2", "http://127.0.0.1:8080/"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The pid of a running task, from `ctr task ls`.
 fn task_pid(c: &Containerd, id: &str) -> String {
     let ls = c.ctr_ok(&["task", "ls"]);
@@ -335,15 +324,15 @@ fn a_tcp_server_checkpoints_and_restores_through_ctr() {
         ],
     );
     let pid = task_pid(&c, &id);
-    let before = wait_for(Duration::from_secs(10), || http_get_in_netns(&pid))
-        .expect("httpd never answered");
+    let before =
+        wait_for(Duration::from_secs(10), || http_get(&pid, "/")).expect("httpd never answered");
     let image = format!("trenv-it/{id}-ckpt:latest");
     c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, &image]);
     c.kill_and_remove(&id);
     c.ctr_ok(&["containers", "restore", "--live", "--rw", &id, &image]);
     c.wait_task(&id, "RUNNING");
     let pid = task_pid(&c, &id);
-    let after = wait_for(Duration::from_secs(10), || http_get_in_netns(&pid))
+    let after = wait_for(Duration::from_secs(10), || http_get(&pid, "/"))
         .expect("restored httpd never answered");
     assert_eq!(after, before);
     c.kill_and_remove(&id);

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use trenv_integration::bundle::{cgroup_path, default_config, python_image};
 use trenv_integration::leaks::{assert_container_gone, mounts_with, processes_with};
+use trenv_integration::netns::{http_get, loopback_up};
 use trenv_integration::runtime::Runtime;
 use trenv_integration::{require_root, unique_id, wait_for};
 
@@ -116,19 +117,9 @@ fn pid_of(rt: &Runtime, id: &str) -> i64 {
 
 /// A GET inside the network namespace of `pid` (its loopback brought up first).
 fn get(pid: i64, path: &str) -> Option<String> {
-    let p = pid.to_string();
-    let _ = Command::new("nsenter")
-        .args(["-t", &p, "-n", "ip", "link", "set", "lo", "up"])
-        .status();
-    let out = Command::new("nsenter")
-        .args(["-t", &p, "-n", "curl", "-s", "--max-time", "5"])
-        .arg(format!("http://127.0.0.1:8080{path}"))
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-        .filter(|s| !s.is_empty())
+    let pid = pid.to_string();
+    loopback_up(&pid);
+    http_get(&pid, path)
 }
 
 /// kB of a field of /proc/PID/smaps_rollup.

@@ -56,7 +56,8 @@ fn unescape(s: &str) -> String {
     out
 }
 
-fn valid_name(name: &str) -> bool {
+/// Region names: safe as file names (letters, digits, `.`, `_`, `-`; no leading dot).
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('.')
         && name.len() <= 200
@@ -254,6 +255,20 @@ impl FilePool {
     }
 }
 
+/// Refuses a write of `data` at `offset` that would not fit a region of `size` bytes.
+fn in_range(region: &str, offset: u64, data: &[u8], size: u64) -> Result<(), PoolError> {
+    let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(PoolError::OutOfRange {
+            region: region.into(),
+            offset,
+            len,
+            size,
+        });
+    }
+    Ok(())
+}
+
 /// Writes through the file (tmpfs, DAX filesystems).
 struct FileWriter<'a> {
     file: &'a File,
@@ -263,15 +278,7 @@ struct FileWriter<'a> {
 
 impl RegionWriter for FileWriter<'_> {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), PoolError> {
-        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(PoolError::OutOfRange {
-                region: self.region.into(),
-                offset,
-                len,
-                size: self.size,
-            });
-        }
+        in_range(self.region, offset, data, self.size)?;
         self.file
             .write_all_at(data, offset)
             .map_err(|source| PoolError::Io {
@@ -292,21 +299,9 @@ struct MapWriter<'a> {
 
 impl RegionWriter for MapWriter<'_> {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), PoolError> {
-        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(PoolError::OutOfRange {
-                region: self.region.into(),
-                offset,
-                len,
-                size: self.size,
-            });
-        }
-        let off = usize::try_from(offset).map_err(|_| PoolError::OutOfRange {
-            region: self.region.into(),
-            offset,
-            len,
-            size: self.size,
-        })?;
+        in_range(self.region, offset, data, self.size)?;
+        // In range of a mapping of `size` bytes, so it fits a usize.
+        let off = usize::try_from(offset).unwrap_or(usize::MAX);
         // SAFETY: the mapping is `size` bytes long, shared and writable, and lives until the
         // writer is dropped; offset + len <= size was checked above, and `data` cannot
         // overlap a mapping made for this region alone.

@@ -20,7 +20,7 @@
 mod file_pool;
 mod mapped;
 
-pub use file_pool::FilePool;
+pub use file_pool::{valid_name, FilePool};
 pub use mapped::mapped_by;
 
 use std::fs::File;

@@ -75,12 +75,5 @@ impl TemplateError {
     }
 }
 
-/// Template and region names: safe as file names.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('.')
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
-}
+/// Template names follow the pool's region names.
+pub use trenv_mempool::valid_name;
