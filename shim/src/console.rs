@@ -60,10 +60,31 @@ impl Drop for ConsoleSocket {
 }
 
 /// Copies `from` into the FIFO at `fifo` until `from` ends, then closes the FIFO so its
-/// reader sees EOF. The FIFO is opened write-only in the thread: the open waits for a reader.
+/// reader sees EOF. The FIFO is opened for writing here, before the process can write, when
+/// its reader is there already (containerd opens the reading ends before it creates the
+/// task): a reader that finds no writer yet would take that for the end of the output.
+/// Otherwise the thread opens it, which waits for a reader.
 pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let early = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .and_then(|f| {
+            // Writes block again: the copier waits for a slow reader instead of failing.
+            let fd = std::os::fd::AsFd::as_fd(&f);
+            let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::F_GETFL)?;
+            let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::F_SETFL(flags))?;
+            Ok(f)
+        })
+        .ok();
     std::thread::spawn(move || {
-        let Ok(mut out) = OpenOptions::new().write(true).open(&fifo) else {
+        let out = match early {
+            Some(f) => Ok(f),
+            None => OpenOptions::new().write(true).open(&fifo),
+        };
+        let Ok(mut out) = out else {
             log::warn!("cannot open output FIFO {fifo}");
             return;
         };
