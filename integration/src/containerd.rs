@@ -223,8 +223,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         c
     }
 
+    /// Runs ctr to completion; a ctr that hangs is killed after two minutes (its output then
+    /// says so), so a wedged daemon fails the test instead of hanging the suite.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        self.ctr_cmd()
+        Command::new("timeout")
+            .args(["-k", "5", "120", "ctr", "--address"])
+            .arg(self.socket())
+            .args(["--namespace", NAMESPACE])
             .args(args)
             .stdin(Stdio::null())
             .output()

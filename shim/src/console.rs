@@ -74,7 +74,8 @@ pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String) {
             // Writes block again: the copier waits for a slow reader instead of failing.
             let fd = std::os::fd::AsFd::as_fd(&f);
             let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::F_GETFL)?;
-            let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+            let flags =
+                nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
             nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::F_SETFL(flags))?;
             Ok(f)
         })
