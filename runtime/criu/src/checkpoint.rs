@@ -212,8 +212,46 @@ fn dump_options(
                 o.set_freeze_cgroup(f);
             }
         }
+        if let Some(pid) = container.pid() {
+            o.cgroup_dump_controller = own_controllers(pid.as_raw(), &spec.cgroup_path);
+        }
     }
     Ok(o)
+}
+
+/// The cgroup controllers in which the process `pid` is in the container's own cgroup
+/// `cgroup`. CRIU dumps, for each hierarchy, the whole tree below the task's cgroup and
+/// re-creates every missing directory of it at restore: in a hierarchy where the container
+/// has no cgroup of its own (on a v1 host, `name=systemd` and the unified hierarchy, where
+/// it stays in its parent's cgroup, often the root) that would be the host's whole tree —
+/// a restore would bring back cgroups deleted since the dump, anywhere on the host. Only
+/// these controllers are dumped; empty when the container's cgroups cannot be read (CRIU's
+/// default then applies).
+fn own_controllers(pid: i32, cgroup: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Vec::new();
+    };
+    controllers_at(&text, cgroup)
+}
+
+fn controllers_at(proc_cgroup: &str, cgroup: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if Path::new(path) != cgroup {
+            continue;
+        }
+        if ctrls.is_empty() {
+            // The cgroup2 hierarchy, by CRIU's name for it.
+            out.push("unified".to_string());
+        } else {
+            out.extend(ctrls.split(',').map(str::to_string));
+        }
+    }
+    out
 }
 
 /// Checkpoints `container` into `opts.image_path`. Without `leave_running` the container is
@@ -274,4 +312,22 @@ pub fn checkpoint(
         trenv_oci::lifecycle::delete(container, true)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn only_the_containers_own_cgroups_are_dumped() {
+        let text = "12:pids:/c1\n9:name=systemd:/\n4:cpu,cpuacct:/c1\n0::/\n";
+        assert_eq!(
+            super::controllers_at(text, Path::new("/c1")),
+            ["pids", "cpu", "cpuacct"]
+        );
+        assert_eq!(
+            super::controllers_at("0::/c1\n", Path::new("/c1")),
+            ["unified"]
+        );
+    }
 }

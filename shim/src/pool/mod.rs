@@ -110,9 +110,6 @@ const MIB: u64 = 1 << 20;
 /// Called whenever the pool became empty with nothing in use.
 pub type OnEmpty = Box<dyn Fn() + Send + Sync>;
 
-/// How long a stopping pool waits for sandbox operations under way.
-const STOP_WAIT: Duration = Duration::from_secs(30);
-
 pub struct Pool {
     cfg: PoolConfig,
     namespace: String,
@@ -258,12 +255,6 @@ impl Pool {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_all();
         let _ = std::fs::remove_file(self.control_path());
-        // Creations and purges under way finish (each within its deadline) before the shim
-        // ends its zygotes: a worker left running would finish a sandbox nobody owns.
-        let limit = Instant::now() + STOP_WAIT;
-        while self.lock().busy > 0 && Instant::now() < limit {
-            std::thread::sleep(Duration::from_millis(20));
-        }
         let owner = self.owner.lock().map(|o| o.is_some()).unwrap_or(false);
         if owner && self.lock().total() == 0 && self.store.list().0.is_empty() {
             // The pool owns `<cgroup_parent>/<namespace>`: with no sandbox left, whatever

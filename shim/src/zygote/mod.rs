@@ -200,8 +200,7 @@ impl Zygote {
         };
         let pid = c.pid;
         drop(c.sock);
-        // The zygote gives its workers under way up to 10 s before killing them.
-        for _ in 0..1200 {
+        for _ in 0..100 {
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(10)),
                 // Exited, or already collected by the shim's reaper.

@@ -134,9 +134,7 @@ pub fn run() -> ! {
             Err(_) => std::process::exit(0),
         };
         if n == 0 {
-            // The shim closed the socket (it is ending): workers under way get a moment to
-            // finish, then their process groups are killed, so none acts after the shim.
-            finish_workers(running);
+            // The shim closed the socket: running workers finish on their own.
             std::process::exit(0);
         }
         if fds.is_empty() {
@@ -222,27 +220,6 @@ fn wait_events(sock: &OwnedFd, running: &[Running]) -> nix::Result<(bool, Vec<us
             .map(|(i, _)| i)
             .collect();
         return Ok((sock_ready, ended));
-    }
-}
-
-/// How long an ending zygote waits for its workers before killing them.
-const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-fn finish_workers(mut running: Vec<Running>) {
-    let limit = std::time::Instant::now() + FINISH_WAIT;
-    while !running.is_empty() && std::time::Instant::now() < limit {
-        running.retain(|w| {
-            !matches!(
-                waitpid(w.pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
-                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)
-            )
-        });
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    for w in &running {
-        log::warn!("worker {} still running as the zygote ends: killed", w.pid);
-        let _ = nix::sys::signal::kill(Pid::from_raw(-w.pid.as_raw()), Signal::SIGKILL);
-        let _ = waitpid(w.pid, None);
     }
 }
 
