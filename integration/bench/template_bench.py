@@ -257,8 +257,14 @@ def inner(a):
     finally:
         subprocess.run(["umount", "-l", b.pool], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
-        subprocess.run("find /sys/fs/cgroup -maxdepth 3 -depth -type d -path '*trenv-bench-tpl*' "
-                       "-exec rmdir {} + 2>/dev/null", shell=True)
+        # The instances' cgroups go once their last processes are reaped.
+        for _ in range(20):
+            subprocess.run("find /sys/fs/cgroup -depth -type d -path '*trenv-bench-tpl*' "
+                           "-exec rmdir {} + 2>/dev/null", shell=True)
+            if not subprocess.run("find /sys/fs/cgroup -type d -path '*trenv-bench-tpl*'",
+                                  shell=True, capture_output=True).stdout:
+                break
+            time.sleep(0.5)
 
 
 def render(r):
