@@ -255,6 +255,9 @@ def inner(a):
             "memory16": memory,
         }
     finally:
+        # Whatever a failed run left running goes first.
+        for c in b.trenv("list", "-q", check=False).stdout.decode().split():
+            b.remove(c)
         subprocess.run(["umount", "-l", b.pool], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
         # The instances' cgroups go once their last processes are reaped.
