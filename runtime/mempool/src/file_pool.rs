@@ -56,6 +56,16 @@ fn unescape(s: &str) -> String {
     out
 }
 
+/// Creates a pool's directory.
+fn create_dir(pool: &str, dir: &Path) -> Result<(), PoolError> {
+    std::fs::create_dir_all(dir).map_err(|source| PoolError::Io {
+        pool: pool.into(),
+        what: "creating",
+        path: dir.into(),
+        source,
+    })
+}
+
 /// Region names: safe as file names (letters, digits, `.`, `_`, `-`; no leading dot).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -83,12 +93,7 @@ impl FilePool {
         if capacity == 0 {
             return Err(PoolError::Config("a tmpfs pool needs a capacity".into()));
         }
-        std::fs::create_dir_all(dir).map_err(|source| PoolError::Io {
-            pool: name.into(),
-            what: "creating",
-            path: dir.into(),
-            source,
-        })?;
+        create_dir(name, dir)?;
         let own_mount = match mount_at(dir) {
             Some((fs, _)) if fs == "tmpfs" => false,
             Some((fs, _)) => {
@@ -160,12 +165,7 @@ impl FilePool {
     /// A pool in a directory of a DAX-capable filesystem (an ordinary directory works too,
     /// with page-cache pages instead of device pages; a log line says which it is).
     pub fn daxfs(name: &str, dir: &Path, capacity: u64) -> Result<Self, PoolError> {
-        std::fs::create_dir_all(dir).map_err(|source| PoolError::Io {
-            pool: name.into(),
-            what: "creating",
-            path: dir.into(),
-            source,
-        })?;
+        create_dir(name, dir)?;
         let dax = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
             .lines()
