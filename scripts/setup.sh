@@ -50,10 +50,17 @@ step "CRIU $CRIU_VERSION"
 # definitions (images/*.proto) that the trenv-criu crate's build script compiles.
 CRIU_DIR="$CACHE/criu-$CRIU_VERSION"
 CRIU_BIN="$CRIU_DIR/criu"
+# CRIU caches what it detects about the kernel (~40 ms per call here) in RUNDIR/criu.kdat, but
+# only on tmpfs; /run is not tmpfs on every host (it is not on these VMs), so the cache lives
+# in a root-only directory on /dev/shm, which trenv creates before calling CRIU
+# (runtime/criu/src/kdat.rs). A build with other flags is rebuilt.
+CRIU_RUNDIR=/dev/shm/trenv-criu
+CRIU_FLAGS="RUNDIR=$CRIU_RUNDIR"
 criu_ok() {
   command -v criu >/dev/null 2>&1 && [ "$(criu --version 2>/dev/null | awk '/^Version:/{print $2}')" = "$CRIU_VERSION" ]
 }
-if [ ! -x "$CRIU_BIN" ] || ! ls "$CRIU_DIR"/images/*.proto >/dev/null 2>&1; then
+if [ ! -x "$CRIU_BIN" ] || ! ls "$CRIU_DIR"/images/*.proto >/dev/null 2>&1 ||
+   [ "$(cat "$CRIU_DIR/build-flags" 2>/dev/null)" != "$CRIU_FLAGS" ]; then
   # 4.2.x is in sid only; its source builds with bookworm's build deps.
   SRC_LIST=/etc/apt/sources.list.d/trenv-sid-src.list
   if [ ! -f "$SRC_LIST" ]; then
@@ -69,10 +76,11 @@ if [ ! -x "$CRIU_BIN" ] || ! ls "$CRIU_DIR"/images/*.proto >/dev/null 2>&1; then
   tar -C "$BUILD" -xf "$TARBALL"
   SRC="$(find "$BUILD" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)"
   echo "building CRIU in $SRC (about 1-2 minutes on 2 cores; log: $BUILD/build.log)"
-  make -C "$SRC" -j"$(nproc)" criu >"$BUILD/build.log" 2>&1 || { tail -n 30 "$BUILD/build.log"; die "CRIU build failed (log: $BUILD/build.log)"; }
+  make -C "$SRC" -j"$(nproc)" "$CRIU_FLAGS" criu >"$BUILD/build.log" 2>&1 || { tail -n 30 "$BUILD/build.log"; die "CRIU build failed (log: $BUILD/build.log)"; }
   rm -rf "$CRIU_DIR.tmp"; mkdir -p "$CRIU_DIR.tmp/images"
   install -m 0755 "$SRC/criu/criu" "$CRIU_DIR.tmp/criu"
   cp "$SRC"/images/*.proto "$CRIU_DIR.tmp/images/"
+  echo "$CRIU_FLAGS" > "$CRIU_DIR.tmp/build-flags"
   rm -rf "$CRIU_DIR"; mv "$CRIU_DIR.tmp" "$CRIU_DIR"
   rm -rf "$BUILD"
 else
@@ -84,6 +92,7 @@ else
   install -m 0755 "$CRIU_BIN" "$PREFIX/sbin/criu"
   echo "installed criu $CRIU_VERSION at $PREFIX/sbin/criu"
 fi
+install -d -m 0700 "$CRIU_RUNDIR"
 if ! criu check >/tmp/trenv-criu-check.log 2>&1; then
   cat /tmp/trenv-criu-check.log >&2
   die "'criu check' failed: CRIU cannot checkpoint/restore on this kernel"

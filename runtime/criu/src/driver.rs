@@ -75,6 +75,9 @@ impl Criu {
     /// Starts a `criu swrk` worker. `keep_fds` are descriptors of ours that the worker must
     /// inherit (e.g. namespaces or stdio handed over through `inherit_fd`).
     pub fn spawn(&self, keep_fds: &[RawFd]) -> Result<Session, CriuError> {
+        if let Err(e) = crate::kdat::prepare(Path::new(crate::kdat::DIR)) {
+            tracing::debug!("CRIU's kernel-feature cache at {}: {e}", crate::kdat::DIR);
+        }
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,

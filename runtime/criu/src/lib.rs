@@ -4,6 +4,8 @@
 pub mod checkpoint;
 pub mod driver;
 pub mod image;
+pub mod kdat;
 pub mod restore;
+pub mod version;
 
 pub use driver::{rpc, Criu, CriuError};

@@ -77,7 +77,7 @@ fn open_pool(a: &MemPoolArgs) -> Result<FilePool> {
 /// The installed CRIU's version as templates record it ("4.2.1").
 pub fn criu_version(g: &Global) -> Result<String> {
     let (a, b, c) = Criu::new(&g.criu)
-        .version()
+        .cached_version()
         .context("asking CRIU for its version")?;
     Ok(format!("{a}.{b}.{c}"))
 }
