@@ -41,7 +41,9 @@ test: setup images
 	$(MAKE) integration
 	$(MAKE) leak-check
 
+# The heavy-import function of the template benchmark has an image of its own.
 bench: setup images build
+	bash examples/python/build.sh $(CACHE)/images/python-numpy python3-numpy
 	bash scripts/bench.sh
 
 clean:

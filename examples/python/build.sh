@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # Builds a minimal Debian bookworm + python3 OCI image with a tiny HTTP function.
-#   build.sh OUT_DIR   ->  OUT_DIR/rootfs/ (plain rootfs for bundles)
+#   build.sh OUT_DIR [PACKAGE...]
+#                      ->  OUT_DIR/rootfs/ (plain rootfs for bundles)
 #                          OUT_DIR/python-oci.tar (OCI layout, for `ctr images import`)
+# Extra Debian packages (e.g. python3-numpy for the heavy-import benchmark) go into the image.
 # Needs network access to deb.debian.org and takes a few minutes (debootstrap).
 # Rebuilt only when this recipe or server.py changes (the key is kept in OUT_DIR/.source).
 set -euo pipefail
-OUT="${1:?usage: build.sh OUT_DIR}"
+OUT="${1:?usage: build.sh OUT_DIR [PACKAGE...]}"
+shift
+EXTRA=("$@")
+INCLUDE="python3-minimal,python3"
+FLAVOUR="python3"
+if [ "${#EXTRA[@]}" -gt 0 ]; then
+  INCLUDE="$INCLUDE$(printf ',%s' "${EXTRA[@]}")"
+  FLAVOUR="$FLAVOUR$(printf '+%s' "${EXTRA[@]}")"
+fi
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 command -v debootstrap >/dev/null || { echo "build.sh: debootstrap missing (run \`make setup\` or apt-get install debootstrap)" >&2; exit 1; }
 
@@ -31,7 +41,7 @@ print("listening on 0.0.0.0:%d" % port, flush=True)
 HTTPServer(("0.0.0.0", port), Handler).serve_forever()
 EOF
 )"
-SOURCE="bookworm-python3-v1-$(printf '%s\n' "$SERVER_PY" | sha256sum | cut -d' ' -f1)"
+SOURCE="bookworm-$FLAVOUR-v1-$(printf '%s\n' "$SERVER_PY" | sha256sum | cut -d' ' -f1)"
 if [ -f "$OUT/.source" ] && [ "$(cat "$OUT/.source")" = "$SOURCE" ] && [ -f "$OUT/python-oci.tar" ]; then
   echo "python image up to date in $OUT"
   exit 0
@@ -50,8 +60,8 @@ umoci init --layout "$WORK/oci"
 umoci new --image "$WORK/oci:latest"
 umoci unpack --image "$WORK/oci:latest" "$WORK/bundle" >/dev/null
 R="$WORK/bundle/rootfs"
-echo "debootstrap bookworm (minbase + python3) from $MIRROR, log: $OUT/debootstrap.log"
-debootstrap --variant=minbase --include=python3-minimal,python3 bookworm "$R" "$MIRROR" >"$OUT/debootstrap.log" 2>&1 \
+echo "debootstrap bookworm (minbase + $INCLUDE) from $MIRROR, log: $OUT/debootstrap.log"
+debootstrap --variant=minbase --include="$INCLUDE" bookworm "$R" "$MIRROR" >"$OUT/debootstrap.log" 2>&1 \
   || { tail -n 30 "$OUT/debootstrap.log" >&2; echo "build.sh: debootstrap failed (log: $OUT/debootstrap.log)" >&2; exit 1; }
 echo "trimming rootfs ($(du -sh "$R" | cut -f1))"
 rm -rf "$R"/var/cache/apt/archives/*.deb "$R"/var/lib/apt/lists/* "$R"/var/log/* "$R"/dev/* \

@@ -1,16 +1,21 @@
 #!/usr/bin/python3
-"""`make bench`, part 3: a Python function restored from a memory template.
+"""`make bench`, part 3: Python functions restored from a memory template.
 
-One Python HTTP server (the project's offline Debian + Python image; 32 MiB of state plus the
-interpreter), timed from the start of the runtime command to its first correct HTTP answer:
-  cold      `trenv run -d`: a fresh interpreter initialises
+Two Python HTTP servers on the project's offline Debian images, each with 32 MiB of state:
+  python    python3 with a bytearray and a 100 000-entry dict (integration/bench/template_server.py)
+  numpy     python3 + numpy: the heavy import a template saves (template_server_numpy.py)
+timed from the start of the runtime command to the server's first correct answer to /probe
+(a digest of one byte of every page of the state: cheap to compute, but it touches all of it):
+  cold      `trenv run -d`: a fresh interpreter imports and initialises
   criu      `trenv restore -d` of an ordinary checkpoint (CRIU writes every page)
   template  `trenv restore -d --template` (CRIU maps the pool's pages copy-on-write)
-Runs interleave (cold, criu, template, cold, ...), each instance killed and deleted
-(untimed) before the next. All instances join one network namespace with its loopback up,
-which this script runs in (nsenter --net), so the answer is read straight from
-127.0.0.1:8080. Then 16 live instances per mode, each in a network namespace of its own:
-the sum of their PSS and of their cgroups' memory.
+Every restored instance's full-state digest (/sum) is checked after the timed answer. Runs
+interleave (cold, criu, template, cold, ...), each instance killed and deleted (untimed)
+before the next. All instances join one network namespace with its loopback up, which this
+script runs in (nsenter --net), so the answer is read straight from 127.0.0.1:8080. Where a
+template restore's time goes comes from CRIU's restore.log of every timed run. Then 16 live
+instances per mode, each in a network namespace of its own: the sum of their PSS and of their
+cgroups' memory.
 
 Appends its section to docs/benchmarks.md and writes target/bench/template.json.
 """
@@ -28,9 +33,13 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CACHE = os.environ.get("TRENV_CACHE", "/var/cache/trenv")
-TRENV = os.path.join(ROOT, "target/release/trenv")
+TRENV = os.path.join(ROOT, os.environ.get("TRENV_BIN", "target/release/trenv"))
 NETNS = "trenv-bench-tpl"
-SERVER = open(os.path.join(ROOT, "integration/bench/template_server.py")).read()
+FUNCTIONS = {
+    # name: (image under $CACHE/images, server source)
+    "python": ("python", "integration/bench/template_server.py"),
+    "numpy": ("python-numpy", "integration/bench/template_server_numpy.py"),
+}
 
 
 def spec(rootfs, app, cgroup, netns):
@@ -57,7 +66,8 @@ def spec(rootfs, app, cgroup, netns):
 
 
 class Bench:
-    def __init__(self, d, netns_path):
+    def __init__(self, d, netns_path, function="python"):
+        image, server = FUNCTIONS[function]
         self.d = d
         self.root = os.path.join(d, "state")
         self.store = os.path.join(d, "store")
@@ -65,8 +75,8 @@ class Bench:
         self.app = os.path.join(d, "app")
         os.makedirs(self.app)
         with open(os.path.join(self.app, "server.py"), "w") as f:
-            f.write(SERVER)
-        self.rootfs = os.path.join(CACHE, "images/python/rootfs")
+            f.write(open(os.path.join(ROOT, server)).read())
+        self.rootfs = os.path.join(CACHE, "images", image, "rootfs")
         self.netns = netns_path
         self.n = 0
 
@@ -126,17 +136,45 @@ def get(path, timeout=0.5):
 
 
 def until_answer(want, deadline=60.0):
-    """Until /sum answers `want` (None: any digest: a cold instance's state is its own)."""
+    """Until /probe answers `want` (None: any answer: a cold instance's state is its own)."""
     t = time.monotonic()
     while time.monotonic() - t < deadline:
         try:
-            got = get("/sum")
-            if got == want or (want is None and len(got) == 64):
+            got = get("/probe")
+            if got == want or (want is None and "|" in got):
                 return
         except OSError:
             pass
         time.sleep(0.0005)
     raise RuntimeError("no correct answer")
+
+
+# Phases of a CRIU restore, each ending at the first restore.log line containing its marker.
+PHASES = [
+    ("setup", "mnt: Restoring mount namespace"),  # cgroup yard, images, fork, namespaces
+    ("mounts", "Running post-setup-namespaces scripts"),  # the container's mount table
+    ("files+memory", "Running post-restore scripts"),  # files, VMAs, pages, restorer
+    ("finish", "Restore finished successfully"),  # network unlock, tasks released
+]
+
+
+def criu_phases(log):
+    """Milliseconds per phase of one restore.log, and CRIU's total."""
+    out, prev = {}, 0.0
+    t = 0.0
+    try:
+        lines = open(log).read().splitlines()
+    except OSError:
+        return {}
+    for name, marker in PHASES:
+        for line in lines:
+            if marker in line and line.startswith("("):
+                t = float(line[1:line.index(")")])
+                break
+        out[name] = (t - prev) * 1000
+        prev = t
+    out["criu total"] = t * 1000
+    return out
 
 
 def stats(samples):
@@ -167,8 +205,13 @@ def cgroup_memory(cid):
 
 
 def inner(a):
+    return {"runs": a.runs,
+            "functions": {f: measure(a, f) for f in a.functions.split(",")}}
+
+
+def measure(a, function):
     d = tempfile.mkdtemp(prefix="trenv-bench-tpl-")
-    b = Bench(d, f"/var/run/netns/{NETNS}")
+    b = Bench(d, f"/var/run/netns/{NETNS}", function)
     ckpt = os.path.join(d, "ckpt")
     try:
         # The function's initialised state, checkpointed once; the template made from it.
@@ -178,7 +221,8 @@ def inner(a):
         t = time.monotonic()
         while want is None and time.monotonic() - t < 60:
             try:
-                want = get("/sum", timeout=2)
+                want = get("/probe", timeout=2)
+                want_sum = get("/sum", timeout=10)
             except OSError:
                 time.sleep(0.01)
         b.trenv("checkpoint", "--image-path", ckpt, cid)
@@ -197,10 +241,11 @@ def inner(a):
 
         def template(cid, bdir):
             return ["restore", "--detach", "--template", "fn", "--template-store", b.store,
-                    "--bundle", bdir, cid]
+                    "--work-path", os.path.join(d, "work", cid), "--bundle", bdir, cid]
 
         modes = {"cold": cold, "criu": criu, "template": template}
         first, command = {m: [] for m in modes}, {m: [] for m in modes}
+        phases = {p: [] for p, _ in PHASES + [("criu total", None), ("trenv", None)]}
         total = a.runs + a.warmup
         for i in range(total):
             for m, argv in modes.items():
@@ -210,14 +255,22 @@ def inner(a):
                 t_cmd = time.monotonic()
                 until_answer(None if m == "cold" else want)
                 t_ans = time.monotonic()
+                if m != "cold" and get("/sum", timeout=10) != want_sum:
+                    raise RuntimeError(f"{m} instance {cid}: state differs from the checkpoint's")
                 if i >= a.warmup:
                     command[m].append((t_cmd - t) * 1000)
                     first[m].append((t_ans - t) * 1000)
+                    if m == "template":
+                        ph = criu_phases(os.path.join(d, "work", cid, "restore.log"))
+                        if ph:
+                            for k, v in ph.items():
+                                phases[k].append(v)
+                            phases["trenv"].append((t_cmd - t) * 1000 - ph["criu total"])
                 b.remove(cid)
                 shutil.rmtree(os.path.join(d, "work", cid), ignore_errors=True)
             if (i + 1) % 10 == 0 or i + 1 == total:
                 line = ", ".join(f"{m} {statistics.median(v):.1f}" for m, v in first.items() if v)
-                print(f"template_bench: {i + 1}/{total} rounds; P50 ms so far: {line}",
+                print(f"template_bench: {function}: {i + 1}/{total} rounds; P50 ms so far: {line}",
                       file=sys.stderr, flush=True)
 
         # 16 live instances per mode, each in its own network namespace.
@@ -240,13 +293,15 @@ def inner(a):
             memory[m] = {"pss_kib": sum(rollup(p, "Pss:") for p in pids),
                          "rss_kib": sum(rollup(p, "Rss:") for p in pids),
                          "cgroup_kib": sum(cgroup_memory(c) for c in ids)}
-            print(f"template_bench: 16 x {m}: {memory[m]}", file=sys.stderr, flush=True)
+            print(f"template_bench: {function}: 16 x {m}: {memory[m]}", file=sys.stderr,
+                  flush=True)
             for c in ids:
                 b.remove(c)
         b.trenv("template", "rm", "fn")
         return {
-            "runs": a.runs,
             "build_s": round(build_s, 2),
+            "template_phases_p50_ms": {k: round(statistics.median(v), 2)
+                                       for k, v in phases.items() if v},
             "template": {"pool_mib": sum(r["data"] for r in manifest["regions"]) >> 20,
                          "image_kib": manifest["report"]["pages_left"] >> 10,
                          "kept": manifest["report"]["kept"]},
@@ -270,41 +325,68 @@ def inner(a):
             time.sleep(0.5)
 
 
-def render(r):
+DESCRIBE = {
+    "python": "Python HTTP server (Debian python3, 32 MiB of state in a bytearray and a "
+              "100 000-entry dict)",
+    "numpy": "Python HTTP server that imports numpy (Debian python3-numpy) and keeps 32 MiB "
+             "of state in a numpy array",
+}
+
+
+def met(ok):
+    return "met" if ok else "not met"
+
+
+def render_function(name, r, runs):
     f, c, m = r["first_answer"], r["command"], r["memory16"]
     ratio = lambda a, b, k: round(f[a][k] / f[b][k], 2)
     mem_saving = round(100 * (1 - m["template"]["pss_kib"] / m["cold"]["pss_kib"]), 1)
-    lines = ["", "## Function restore from a memory template", "",
-             f"`make bench` (integration/bench/template_bench.py, {r['runs']} starts per mode, "
-             "interleaved, each instance deleted before the next). A Python HTTP server (Debian "
-             "python3, 32 MiB of state in a bytearray and a 100 000-entry dict) on a read-only "
-             "rootfs; time from the start of the trenv command until the server's first correct "
-             "answer on 127.0.0.1:8080 (all instances join one network namespace). cold: `trenv "
-             "run`; criu: `trenv restore` of an ordinary checkpoint; template: `trenv restore "
-             f"--template` (tmpfs pool; template built in {r['build_s']} s: "
+    lines = ["", f"### {name}: {DESCRIBE[name]}", "",
+             f"{runs} starts per mode; template built in {r['build_s']} s: "
              f"{r['template']['pool_mib']} MiB in the pool, {r['template']['image_kib']} KiB of "
-             "pages left in the images).", "",
+             "pages left in the images.", "",
              "| mode | first answer P50 | P99 | command P50 | command P99 |",
              "|---|---|---|---|---|"]
     for k in ("cold", "criu", "template"):
         lines.append(f"| {k} | {f[k]['p50_ms']} ms | {f[k]['p99_ms']} ms | "
                      f"{c[k]['p50_ms']} ms | {c[k]['p99_ms']} ms |")
+    r10 = ratio("criu", "template", "p50_ms") >= 10 and ratio("criu", "template", "p99_ms") >= 10
     lines += ["", f"- criu / template: P50 {ratio('criu', 'template', 'p50_ms')}×, "
-              f"P99 {ratio('criu', 'template', 'p99_ms')}× (goal ≥ 10×: "
-              f"{'met' if ratio('criu', 'template', 'p50_ms') >= 10 and ratio('criu', 'template', 'p99_ms') >= 10 else 'not met'})",
+              f"P99 {ratio('criu', 'template', 'p99_ms')}× (goal ≥ 10×: {met(r10)})",
               f"- cold / template: P50 {ratio('cold', 'template', 'p50_ms')}×, "
               f"P99 {ratio('cold', 'template', 'p99_ms')}×",
               f"- template P50 {f['template']['p50_ms']} ms (goal ≤ 10 ms: "
-              f"{'met' if f['template']['p50_ms'] <= 10 else 'not met'})", "",
-              "16 live instances, each in its own network namespace:", "",
+              f"{met(f['template']['p50_ms'] <= 10)})"]
+    ph = r.get("template_phases_p50_ms", {})
+    if ph:
+        lines += ["- where a template restore's command goes (P50 per phase, ms; CRIU's from its "
+                  "restore.log): " + ", ".join(f"{k} {v}" for k, v in ph.items()) +
+                  ". \"trenv\" is the command's time outside CRIU's log: trenv itself, CRIU's "
+                  "exec and start-up, and CRIU's exit."]
+    lines += ["", "16 live instances, each in its own network namespace:", "",
               "| mode | sum of PSS | sum of RSS | sum of cgroup memory |", "|---|---|---|---|"]
     for k in ("cold", "criu", "template"):
         lines.append(f"| {k} | {m[k]['pss_kib'] >> 10} MiB | {m[k]['rss_kib'] >> 10} MiB | "
                      f"{m[k]['cgroup_kib'] >> 10} MiB |")
     lines += ["", f"- template vs cold, PSS: {mem_saving}% less (goal ≥ 60%: "
-              f"{'met' if mem_saving >= 60 else 'not met'}). cgroup memory counts the pool's "
-              "shared pages in the cgroup that touched them first (the pool's tmpfs is charged "
-              "to the builder), so template instances' cgroups hold only their own copies."]
+              f"{met(mem_saving >= 60)})."]
+    return lines
+
+
+def render(r):
+    lines = ["", "## Function restore from a memory template", "",
+             "`make bench` (integration/bench/template_bench.py; starts interleaved per mode, "
+             "each instance deleted before the next). Time from the start of the trenv command "
+             "until the server's first correct answer to /probe on 127.0.0.1:8080 (a digest of "
+             "one byte of every page of its state; all instances join one network namespace); "
+             "every restored instance's full-state digest is checked afterwards. cold: `trenv "
+             "run`; criu: `trenv restore` of an ordinary checkpoint; template: `trenv restore "
+             "--template` (tmpfs pool). Read-only rootfs, /dev and /tmp tmpfs."]
+    for name, fr in r["functions"].items():
+        lines += render_function(name, fr, r["runs"])
+    lines += ["", "cgroup memory counts the pool's shared pages in the cgroup that touched them "
+              "first (the pool's tmpfs is charged to the builder), so template instances' "
+              "cgroups hold only their own copies."]
     return "\n".join(lines) + "\n"
 
 
@@ -312,6 +394,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--functions", default=",".join(FUNCTIONS),
+                    help="comma-separated: " + ", ".join(FUNCTIONS))
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -325,7 +409,8 @@ def main():
         # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup mounts.
         argv = ["nsenter", f"--net=/var/run/netns/{NETNS}", sys.executable,
                 os.path.abspath(__file__),
-                "--inner", "--runs", str(a.runs), "--warmup", str(a.warmup)]
+                "--inner", "--runs", str(a.runs), "--warmup", str(a.warmup),
+                "--functions", a.functions]
         out = subprocess.run(argv, stdout=subprocess.PIPE, check=True)
     finally:
         subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)

@@ -6,7 +6,8 @@
 //!
 //! Left as CRIU dumped them: stacks and anything growing down, vdso/vvar/vsyscall, shared
 //! and SysV memory, AIO rings, memfd, hugetlb, locked (a locked private mapping is faulted
-//! in for writing, i.e. copied, at restore), MADV_HUGEPAGE areas, and VMAs without pages.
+//! in for writing, i.e. copied, at restore), and VMAs without pages. MADV_HUGEPAGE areas are
+//! converted without the hint (see the rewrite).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -93,9 +94,6 @@ fn keep_reason(v: &VmaEntry) -> Option<&'static str> {
     }
     if fl & MAP_LOCKED != 0 {
         return Some("locked");
-    }
-    if v.madv() & MADV_HUGEPAGE_BIT != 0 {
-        return Some("MADV_HUGEPAGE");
     }
     if !v.start().is_multiple_of(PAGE) || !v.end().is_multiple_of(PAGE) || v.end() <= v.start() {
         return Some("unaligned");
@@ -391,6 +389,12 @@ fn rewrite(
         v.set_shmid(u64::from(file_id));
         v.set_pgoff(ext);
         v.set_fdflags(0); // O_RDONLY: a private mapping needs no write access
+                          // MADV_HUGEPAGE asked for huge anonymous pages; the pool's pages are shared instead,
+                          // and an instance's copies are small pages whatever the hint. Dropped so that the
+                          // restore does not depend on the host's THP settings (numpy sets it on large arrays).
+        if v.has_madv() {
+            v.set_madv(v.madv() & !MADV_HUGEPAGE_BIT);
+        }
     }
     // The region as a regular file the images refer to; its mount is that of the executable
     // (any mount of the dumped namespace: restore gets the file through --inherit-fd).

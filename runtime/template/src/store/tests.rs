@@ -1,5 +1,5 @@
 //! Templates of real processes: a Python process with heap, brk, anonymous mmaps, a thread,
-//! a mapped file and a grows-down mapping is dumped by the installed CRIU, made a template
+//! a mapped file, a grows-down mapping and an MADV_HUGEPAGE area is dumped by the installed CRIU, made a template
 //! in a tmpfs pool, and restored by stock CRIU through `--inherit-fd`; its memory checksum
 //! must be what it was before the dump.
 
@@ -25,12 +25,15 @@ with open(out + ".file", "wb") as f:
 mapped = mmap.mmap(os.open(out + ".file", os.O_RDONLY), 0, prot=mmap.PROT_READ)
 down = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x100)
 down.write(b"g" * (1 << 16))
+huge = mmap.mmap(-1, 4 << 20)
+huge.madvise(mmap.MADV_HUGEPAGE)
+huge.write(os.urandom(4 << 20))
 stop = threading.Event()
 t = threading.Thread(target=stop.wait, daemon=True)
 t.start()
 def report(sig, frm):
     h = hashlib.sha256()
-    for part in (data, b"".join(small), anon[:], mapped[:], down[:]):
+    for part in (data, b"".join(small), anon[:], mapped[:], down[:], huge[:]):
         h.update(part)
     with open(out + ".tmp", "w") as f:
         f.write(h.hexdigest())
