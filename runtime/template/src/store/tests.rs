@@ -1,7 +1,7 @@
 //! Templates of real processes: a Python process with heap, brk, anonymous mmaps, a thread,
-//! a mapped file, a grows-down mapping and an MADV_HUGEPAGE area is dumped by the installed CRIU, made a template
-//! in a tmpfs pool, and restored by stock CRIU through `--inherit-fd`; its memory checksum
-//! must be what it was before the dump.
+//! a mapped file, a grows-down mapping and an MADV_HUGEPAGE area is dumped by the installed
+//! CRIU, made a template in a tmpfs pool, and restored by stock CRIU through `--inherit-fd`;
+//! its memory checksum must be what it was before the dump.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
