@@ -2,6 +2,8 @@ import hashlib, http.server, os
 state = {"count": 0}
 big = bytearray(os.urandom(1 << 20)) * 32
 table = {i: str(i) * 10 for i in range(100000)}
+with open("/tmp/state.txt", "w") as f:  # the container's /tmp (a tmpfs) is state too
+    f.write("init")
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/count":
@@ -11,7 +13,12 @@ class H(http.server.BaseHTTPRequestHandler):
             tag = self.path[7:]
             big[0:len(tag)] = tag.encode()
             table["tag"] = tag
+            with open("/tmp/state.txt", "w") as f:
+                f.write(tag)
             body = "ok"
+        elif self.path == "/tmpfile":
+            with open("/tmp/state.txt") as f:
+                body = f.read()
         elif self.path == "/read":
             body = bytes(big[0:8]).hex() + "|" + str(table.get("tag", ""))
         elif self.path == "/probe":

@@ -197,6 +197,16 @@ fn sixteen_instances_restore_from_one_template_and_share_it() {
         "{ls}"
     );
 
+    // The container's own tmpfs mounts are staged by trenv at restore (/dev is not: the
+    // masked paths are binds of its /dev/null, and a shared superblock stays CRIU's).
+    let m: serde_json::Value =
+        serde_json::from_str(&s.template_ok(&["inspect", "py"])).expect("inspect json");
+    let staged: Vec<&str> = m["report"]["tmpfs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| t["mountpoint"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(staged.contains(&"/tmp") && !staged.contains(&"/dev"), "{m}");
+
     let ids: Vec<String> = (0..16).map(|i| unique_id(&format!("tpl-{i}"))).collect();
     let outs: Vec<std::process::Output> = std::thread::scope(|sc| {
         let hs: Vec<_> = ids
@@ -225,6 +235,12 @@ fn sixteen_instances_restore_from_one_template_and_share_it() {
             "instance {i}"
         );
         assert_eq!(get(pid, "/count").as_deref(), Some("1"));
+        // /tmp as the checkpoint had it (staged by trenv, not CRIU's tar).
+        assert_eq!(
+            get(pid, "/tmpfile").as_deref(),
+            Some("init"),
+            "instance {i}"
+        );
         assert_eq!(
             get(pid, &format!("/write/inst{i:02}")).as_deref(),
             Some("ok")
@@ -239,6 +255,11 @@ fn sixteen_instances_restore_from_one_template_and_share_it() {
             "instance {i} sees another's writes: {read}"
         );
         assert_eq!(get(pid, "/count").as_deref(), Some("2"));
+        assert_eq!(
+            get(pid, "/tmpfile"),
+            Some(tag),
+            "instance {i}: /tmp is shared"
+        );
     }
     let rss: u64 = pids.iter().map(|&p| rollup(p, "Rss:")).sum();
     let pss: u64 = pids.iter().map(|&p| rollup(p, "Pss:")).sum();

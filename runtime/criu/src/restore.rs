@@ -90,6 +90,9 @@ pub struct RestoreOptions {
     /// memory template, keyed by their path without the leading '/'. Open until restore
     /// returns.
     pub inherit: Vec<(String, RawFd)>,
+    /// External mounts (`--ext-mount-map KEY:PATH`) on top of the bundle's, e.g. the tmpfs
+    /// mounts a template restore stages itself.
+    pub ext_mounts: Vec<(String, String)>,
 }
 
 /// A restored container: its init pid (a child of the calling process) and its state.
@@ -481,6 +484,12 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
         let mut m = rpc::Ext_mount_map::new();
         m.set_key(dest);
         m.set_val(src);
+        o.ext_mnt.push(m);
+    }
+    for (key, path) in &opts.ext_mounts {
+        let mut m = rpc::Ext_mount_map::new();
+        m.set_key(key.clone());
+        m.set_val(path.clone());
         o.ext_mnt.push(m);
     }
     if bundle.mounts_cgroupfs() {

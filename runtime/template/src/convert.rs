@@ -67,6 +67,9 @@ pub struct Report {
     pub kept: BTreeMap<String, usize>,
     /// Bytes of page data left in the pages images.
     pub pages_left: u64,
+    /// tmpfs mounts a restore stages itself (templates built before this field had none).
+    #[serde(default)]
+    pub tmpfs: Vec<crate::tmpfs::TmpfsMount>,
 }
 
 /// Why a VMA stays as dumped, or None when it can be converted.
@@ -167,6 +170,7 @@ pub fn convert(dir: &Path, pool: &dyn MemoryPool, prefix: &str) -> Result<Report
             }
         }
         files.write(&dir.join("files.img"))?;
+        report.tmpfs = crate::tmpfs::externalize(dir)?;
         Ok(())
     })();
     if let Err(e) = res {

@@ -66,8 +66,13 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
             };
             std::fs::create_dir_all(&work)
                 .with_context(|| format!("creating {}", work.display()))?;
-            match store.prepare(name, &criu) {
-                Ok(p) => Some((p, work)),
+            // The container's tmpfs mounts, staged here instead of unpacked by CRIU's tar.
+            match store.prepare(name, &criu).and_then(|p| {
+                let staged =
+                    trenv_template::tmpfs::stage(&p.images, &p.manifest.report.tmpfs, &work)?;
+                Ok((p, staged))
+            }) {
+                Ok((p, staged)) => Some((p, work, staged)),
                 Err(e) => {
                     if let Some(w) = &template_work {
                         let _ = std::fs::remove_dir_all(w);
@@ -83,12 +88,16 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
         None => None,
     };
     let (image_path, work_path) = match &prepared {
-        Some((p, work)) => (p.images.clone(), Some(work.clone())),
+        Some((p, work, _)) => (p.images.clone(), Some(work.clone())),
         None => (f.image_path.clone(), f.work_path.clone()),
     };
+    let ext_mounts = prepared
+        .as_ref()
+        .map(|(_, _, staged)| staged.ext_mounts())
+        .unwrap_or_default();
     let inherit = prepared
         .as_ref()
-        .map(|(p, _)| {
+        .map(|(p, _, _)| {
             p.inherit
                 .iter()
                 .map(|(k, file)| (k.clone(), file.as_raw_fd()))
@@ -102,6 +111,7 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
         image_path,
         work_path,
         inherit,
+        ext_mounts,
         pid_file: a.pid_file.clone(),
         console_socket: a.console_socket.clone(),
         systemd_cgroup: g.systemd_cgroup,

@@ -37,6 +37,7 @@ pub use proto::fdinfo::{Fd_types as FdTypes, File_entry as FileEntry};
 pub use proto::fown::Fown_entry as FownEntry;
 pub use proto::inventory::Inventory_entry as InventoryEntry;
 pub use proto::mm::Mm_entry as MmEntry;
+pub use proto::mnt::{Fstype, Mnt_entry as MntEntry};
 pub use proto::pagemap::{Pagemap_entry as PagemapEntry, Pagemap_head as PagemapHead};
 pub use proto::pstree::Pstree_entry as PstreeEntry;
 pub use proto::regfile::Reg_file_entry as RegFileEntry;
@@ -53,6 +54,7 @@ pub mod magic {
     pub const MM: u32 = 0x5749_2820;
     pub const PAGEMAP: u32 = 0x5608_4025;
     pub const FILES: u32 = 0x5630_3138;
+    pub const MNTS: u32 = 0x5556_3928;
 }
 
 /// An image whose entries are all messages of one type.
