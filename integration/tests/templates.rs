@@ -227,6 +227,16 @@ fn sixteen_instances_restore_from_one_template_and_share_it() {
         );
     }
     let pids: Vec<i64> = ids.iter().map(|id| pid_of(&s.rt, id)).collect();
+    // Each in its own container's cgroup (CRIU leaves a flat template's cgroups to trenv).
+    for (id, &pid) in ids.iter().zip(&pids) {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert!(
+            cg.lines()
+                .any(|l| (l.contains(":memory:") || l.starts_with("0::"))
+                    && l.ends_with(id.as_str())),
+            "{id}: {cg}"
+        );
+    }
     // Every instance serves the template's state and then its own.
     for (i, &pid) in pids.iter().enumerate() {
         assert_eq!(

@@ -15,8 +15,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use trenv_criu::image::{
-    entry_pages, entry_present, FdTypes, FileEntry, FownEntry, Image, MmEntry, Pagemap,
-    PagemapEntry, PstreeEntry, RegFileEntry, VmaEntry,
+    entry_pages, entry_present, CgroupEntry, FdTypes, FileEntry, FownEntry, Image, MmEntry,
+    Pagemap, PagemapEntry, PstreeEntry, RegFileEntry, VmaEntry,
 };
 use trenv_mempool::{align_up, MemoryPool, PoolError, RegionWriter};
 
@@ -70,6 +70,26 @@ pub struct Report {
     /// tmpfs mounts a restore stages itself (templates built before this field had none).
     #[serde(default)]
     pub tmpfs: Vec<crate::tmpfs::TmpfsMount>,
+    /// Every process in one cgroup (per controller) with no cgroups below it: the restore
+    /// leaves cgroups to trenv (CRIU's `ignore` mode; the container's cgroup exists and
+    /// CRIU runs in it) instead of mounting every hierarchy to re-create the dumped tree.
+    #[serde(default)]
+    pub flat_cgroups: bool,
+}
+
+/// Whether the dumped tree lives in a single cgroup set without cgroups below it.
+fn flat_cgroups(dir: &Path) -> Result<bool, TemplateError> {
+    let path = dir.join("cgroup.img");
+    if !path.exists() {
+        return Ok(false);
+    }
+    let img = Image::<CgroupEntry>::read(&path)?;
+    Ok(img.entries.iter().all(|e| {
+        e.sets.len() <= 1
+            && e.controllers
+                .iter()
+                .all(|c| c.dirs.iter().all(|d| d.children.is_empty()))
+    }))
 }
 
 /// Why a VMA stays as dumped, or None when it can be converted.
@@ -171,6 +191,7 @@ pub fn convert(dir: &Path, pool: &dyn MemoryPool, prefix: &str) -> Result<Report
         }
         files.write(&dir.join("files.img"))?;
         report.tmpfs = crate::tmpfs::externalize(dir)?;
+        report.flat_cgroups = flat_cgroups(dir)?;
         Ok(())
     })();
     if let Err(e) = res {

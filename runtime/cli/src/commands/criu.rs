@@ -38,6 +38,7 @@ pub fn checkpoint(g: &Global, a: &Checkpoint) -> Result<()> {
 }
 
 pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
+    tracing::debug!("restore: start");
     if !a.detach && !a.no_subreaper {
         process::become_subreaper()?;
     }
@@ -67,7 +68,9 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
             std::fs::create_dir_all(&work)
                 .with_context(|| format!("creating {}", work.display()))?;
             // The container's tmpfs mounts, staged here instead of unpacked by CRIU's tar.
+            tracing::debug!("restore: CRIU version known");
             match store.prepare(name, &criu).and_then(|p| {
+                tracing::debug!("restore: template checked");
                 let staged =
                     trenv_template::tmpfs::stage(&p.images, &p.manifest.report.tmpfs, &work)?;
                 Ok((p, staged))
@@ -120,7 +123,14 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
         shell_job: f.shell_job,
         file_locks: f.file_locks,
         lazy_pages: f.lazy_pages,
-        manage_cgroups_mode: f.manage_cgroups_mode.clone(),
+        manage_cgroups_mode: f.manage_cgroups_mode.clone().or_else(|| {
+            // A template's single cgroup is the container's, which trenv makes and runs
+            // CRIU in: CRIU need not mount every hierarchy to re-create it.
+            prepared
+                .as_ref()
+                .filter(|(p, _, _)| p.manifest.report.flat_cgroups)
+                .map(|_| "ignore".to_string())
+        }),
         empty_ns: f.empty_ns.clone(),
         auto_dedup: f.auto_dedup,
         lsm_profile: a.lsm_profile.clone(),

@@ -33,6 +33,7 @@ use std::path::Path;
 use protobuf::Message;
 
 /// The messages templates work with, under Rust names.
+pub use proto::cgroup::Cgroup_entry as CgroupEntry;
 pub use proto::fdinfo::{Fd_types as FdTypes, File_entry as FileEntry};
 pub use proto::fown::Fown_entry as FownEntry;
 pub use proto::inventory::Inventory_entry as InventoryEntry;
@@ -55,6 +56,7 @@ pub mod magic {
     pub const PAGEMAP: u32 = 0x5608_4025;
     pub const FILES: u32 = 0x5630_3138;
     pub const MNTS: u32 = 0x5556_3928;
+    pub const CGROUP: u32 = 0x5938_3330;
 }
 
 /// An image whose entries are all messages of one type.
