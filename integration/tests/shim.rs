@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use trenv_integration::containerd::{Containerd, BUSYBOX, COUNTER, NAMESPACE};
+use trenv_integration::netns::http_get;
 use trenv_integration::runtime::shim_bin;
-use trenv_integration::{require_root, unique_id};
+use trenv_integration::{require_root, unique_id, wait_for};
 
 use trenv_integration::containerd::TRENV_RUNTIME as RUNTIME;
 
@@ -294,4 +295,47 @@ fn oom_kill_publishes_task_oom() {
         .is_none());
     c.assert_gone(&id);
     c.assert_gone(&calm);
+}
+
+/// The pid of a running task, from `ctr task ls`.
+fn task_pid(c: &Containerd, id: &str) -> String {
+    let ls = c.ctr_ok(&["task", "ls"]);
+    ls.lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no task {id}: {ls}"))
+        .to_string()
+}
+
+/// A server listening on TCP in a pooled sandbox is checkpointed through containerd and
+/// restored; the restored server answers from its sandbox's network.
+#[test]
+fn a_tcp_server_checkpoints_and_restores_through_ctr() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("shim-tcp");
+    c.run_detached(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo served-$$ > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ],
+    );
+    let pid = task_pid(&c, &id);
+    let before =
+        wait_for(Duration::from_secs(10), || http_get(&pid, "/")).expect("httpd never answered");
+    let image = format!("trenv-it/{id}-ckpt:latest");
+    c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, &image]);
+    c.kill_and_remove(&id);
+    c.ctr_ok(&["containers", "restore", "--live", "--rw", &id, &image]);
+    c.wait_task(&id, "RUNNING");
+    let pid = task_pid(&c, &id);
+    let after = wait_for(Duration::from_secs(10), || http_get(&pid, "/"))
+        .expect("restored httpd never answered");
+    assert_eq!(after, before);
+    c.kill_and_remove(&id);
+    c.assert_gone(&id);
+    c.ctr_ok(&["images", "rm", &image]);
 }
