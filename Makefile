@@ -19,6 +19,7 @@ build:
 images:
 	bash examples/busybox/build.sh $(CACHE)/images/busybox
 	bash examples/python/build.sh $(CACHE)/images/python
+	bash examples/python/build.sh $(CACHE)/images/python-node nodejs
 
 demo: setup images
 	bash examples/demo.sh

@@ -25,14 +25,26 @@ pub fn busybox_image() -> PathBuf {
 /// The Debian + Python example image (examples/python), built on first use.
 pub fn python_image() -> PathBuf {
     static BUILD: Once = Once::new();
-    let dir = cache_dir().join("images/python");
-    BUILD.call_once(|| {
+    debian_image(&BUILD, "python", &[])
+}
+
+/// The Python image plus Debian's nodejs (the template tests' Node function).
+pub fn node_image() -> PathBuf {
+    static BUILD: Once = Once::new();
+    debian_image(&BUILD, "python-node", &["nodejs"])
+}
+
+/// An examples/python image with extra Debian packages, built once per test process.
+fn debian_image(once: &Once, name: &str, packages: &[&str]) -> PathBuf {
+    let dir = cache_dir().join("images").join(name);
+    once.call_once(|| {
         let status = Command::new("bash")
             .arg(workspace().join("examples/python/build.sh"))
             .arg(&dir)
+            .args(packages)
             .status()
             .expect("running examples/python/build.sh");
-        assert!(status.success(), "building the python image failed");
+        assert!(status.success(), "building the {name} image failed");
     });
     dir
 }
