@@ -166,6 +166,17 @@ fn runs(pm: &Pagemap) -> Result<Vec<Run>, TemplateError> {
 /// each process. On failure the regions made so far are removed; `dir` is then unusable
 /// (the caller converts a copy).
 pub fn convert(dir: &Path, pool: &dyn MemoryPool, prefix: &str) -> Result<Report, TemplateError> {
+    if pool.info().kind == trenv_mempool::PoolKind::Hugetlbfs {
+        // A private mapping of a hugetlbfs file is a hugetlb VMA: its address and length, and
+        // every later mprotect, munmap or madvise of the program, must be huge-page aligned
+        // (CRIU's mmap of an ordinary heap fails with EINVAL), and each instance would
+        // reserve huge pages for its copies. Huge pages for a DRAM pool come from a tmpfs.
+        return Err(TemplateError::Unsupported(format!(
+            "pool {} is hugetlbfs: a process's 4 KiB mappings cannot be backed by hugetlbfs \
+             files when stock CRIU restores them; use a tmpfs pool",
+            pool.info().name
+        )));
+    }
     let tree = Image::<PstreeEntry>::read(&dir.join("pstree.img"))?;
     let mut files = Image::<FileEntry>::read(&dir.join("files.img"))?;
     let mut next_id = files.entries.iter().map(FileEntry::id).max().unwrap_or(0) + 1;

@@ -340,3 +340,35 @@ fn concurrent_builds_of_one_key_make_one_template() {
     f.store.remove("n2").unwrap();
     assert_eq!(f.pool().usage().unwrap().regions, 0);
 }
+
+#[test]
+fn a_hugetlbfs_pool_is_refused_before_anything_is_made() {
+    let f = Fixture::new();
+    let (images, _) = f.dump("dump");
+    let huge = f.path("huge");
+    std::fs::create_dir(&huge).unwrap();
+    nix::mount::mount(
+        Some("none"),
+        &huge,
+        Some("hugetlbfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(&huge);
+    let pool = FilePool::hugetlbfs("huge", &huge, 64 << 20).unwrap();
+    let e = f
+        .store
+        .build(&images, "h", None, &pool, &criu_version())
+        .unwrap_err();
+    assert_eq!(e.reason(), "unsupported", "{e}");
+    assert!(e.to_string().contains("tmpfs pool"), "{e}");
+    assert!(pool.regions().unwrap().is_empty());
+    assert!(f.store.list().unwrap().is_empty());
+}
