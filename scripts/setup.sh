@@ -26,6 +26,8 @@ APT_PACKAGES=(
   libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
   # tests and tooling; the benchmark's containerd API client (python3-grpcio)
   jq xz-utils curl psmisc procps util-linux python3-grpcio
+  # benchmark charts (PNG + SVG)
+  python3-matplotlib
 )
 
 missing_packages() {

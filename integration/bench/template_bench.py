@@ -381,13 +381,61 @@ def render(r):
              "one byte of every page of its state; all instances join one network namespace); "
              "every restored instance's full-state digest is checked afterwards. cold: `trenv "
              "run`; criu: `trenv restore` of an ordinary checkpoint; template: `trenv restore "
-             "--template` (tmpfs pool). Read-only rootfs, /dev and /tmp tmpfs."]
+             "--template` (tmpfs pool). Read-only rootfs, /dev and /tmp tmpfs. Run on "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."]
     for name, fr in r["functions"].items():
         lines += render_function(name, fr, r["runs"])
     lines += ["", "cgroup memory counts the pool's shared pages in the cgroup that touched them "
               "first (the pool's tmpfs is charged to the builder), so template instances' "
               "cgroups hold only their own copies."]
     return "\n".join(lines) + "\n"
+
+
+def draw(r, out_base):
+    """Bar charts of the run: first-answer P50/P99 per mode and the memory of 16 instances,
+    per function, as out_base.png and out_base.svg. Skipped (with a note) without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("template_bench: matplotlib missing, no chart", file=sys.stderr)
+        return []
+    names = list(r["functions"])
+    modes = ["cold", "criu", "template"]
+    colors = {"cold": "#9e9e9e", "criu": "#5b8cc9", "template": "#e07b39"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.26
+    for j, m in enumerate(modes):
+        xs = [i + (j - 1) * width for i in range(len(names))]
+        p50 = [r["functions"][n]["first_answer"][m]["p50_ms"] for n in names]
+        p99 = [r["functions"][n]["first_answer"][m]["p99_ms"] for n in names]
+        ax1.bar(xs, p50, width, color=colors[m], label=m)
+        ax1.scatter(xs, p99, color="black", marker="_", s=200, zorder=3,
+                    label="P99" if j == 0 else None)
+        for x, v in zip(xs, p50):
+            ax1.annotate(f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=8)
+        pss = [r["functions"][n]["memory16"][m]["pss_kib"] / 1024 for n in names]
+        ax2.bar(xs, pss, width, color=colors[m], label=m)
+        for x, v in zip(xs, pss):
+            ax2.annotate(f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names)
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("ms")
+    ax1.set_title(f"start to first correct answer (P50 bars, P99 ticks; {r['runs']} runs)")
+    ax2.set_ylabel("MiB")
+    ax2.set_title("16 live instances: sum of PSS")
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "svg"):
+        path = f"{out_base}.{ext}"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    plt.close(fig)
+    return paths
 
 
 def main():
@@ -397,10 +445,17 @@ def main():
     ap.add_argument("--functions", default=",".join(FUNCTIONS),
                     help="comma-separated: " + ", ".join(FUNCTIONS))
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--draw", metavar="JSON",
+                    help="only draw the charts of a saved run (target/bench/template.json)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
         json.dump(inner(a), sys.stdout)
+        return
+    chart = os.path.join(ROOT, "docs/img/template-bench")
+    if a.draw:
+        os.makedirs(os.path.dirname(chart), exist_ok=True)
+        print("\n".join(draw(json.load(open(a.draw)), chart)))
         return
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
     subprocess.run(["ip", "netns", "add", NETNS], check=True)
@@ -421,7 +476,10 @@ def main():
     os.makedirs(os.path.join(ROOT, "target/bench"), exist_ok=True)
     with open(os.path.join(ROOT, "target/bench/template.json"), "w") as f:
         json.dump(r, f, indent=2)
+    os.makedirs(os.path.dirname(chart), exist_ok=True)
     md = render(r)
+    if draw(r, chart):
+        md += "\n![template bench](img/template-bench.svg)\n"
     with open(os.path.join(ROOT, "docs/benchmarks.md"), "a") as f:
         f.write(md)
     print(md)
