@@ -4,6 +4,7 @@
 //! own state, and they share the template's memory. A Node server's heap, turned into a
 //! template, stays correct while V8 collects and gives pages back with madvise.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -53,6 +54,8 @@ http.createServer((req, res) => {
   } catch (e) {
     body = 'error: ' + e.message;
   }
+  // No keep-alive: a checkpoint right after an answer must find no open connection.
+  res.setHeader('Connection', 'close');
   res.end(body);
 }).listen(8080);
 "#;
@@ -162,7 +165,27 @@ impl Setup {
     }
 
     fn restore(&self, template: &str, id: &str) -> std::process::Output {
+        self.restore_in(template, id, None)
+    }
+
+    /// A restore whose bundle joins the network namespace at `netns` (as a pooled sandbox's
+    /// does) instead of having its own.
+    fn restore_in(&self, template: &str, id: &str, netns: Option<&str>) -> std::process::Output {
         let bundle = self.bundle(id);
+        if let Some(path) = netns {
+            let file = bundle.join("config.json");
+            let mut cfg: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&file).expect("config")).expect("json");
+            for ns in cfg["linux"]["namespaces"]
+                .as_array_mut()
+                .expect("namespaces")
+            {
+                if ns["type"] == "network" {
+                    ns["path"] = json!(path);
+                }
+            }
+            std::fs::write(&file, cfg.to_string()).expect("config");
+        }
         let mut c = self.rt.cmd();
         c.args([
             "restore",
@@ -478,9 +501,12 @@ fn a_node_heap_from_a_template_survives_garbage_collection() {
     let ids: Vec<String> = (0..2)
         .map(|i| unique_id(&format!("tpl-node-{i}")))
         .collect();
+    // The second instance joins a network namespace made beforehand, as in a pooled sandbox.
+    let netns = NetNs::new(&unique_id("tpl-netns"));
     let mut churned = None;
-    for id in &ids {
-        let out = s.restore("node", id);
+    for (n, id) in ids.iter().enumerate() {
+        let joined = (n == 1).then(|| netns.path());
+        let out = s.restore_in("node", id, joined.as_deref());
         assert!(
             out.status.success(),
             "restore {id}: {}\n{}",
@@ -488,6 +514,10 @@ fn a_node_heap_from_a_template_survives_garbage_collection() {
             criu_log(&out.stderr)
         );
         let pid = pid_of(&s.rt, id);
+        if let Some(path) = &joined {
+            let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino()).expect("netns");
+            assert_eq!(ino(&format!("/proc/{pid}/ns/net")), ino(path), "{id}");
+        }
         assert_eq!(get(pid, "/sum").as_deref(), Some(sum.as_str()), "{id}");
         for round in 0..3 {
             let got = get(pid, "/churn").unwrap_or_default();
@@ -515,4 +545,30 @@ fn a_node_heap_from_a_template_survives_garbage_collection() {
         kill_and_delete(&s.rt, id);
     }
     s.template_ok(&["rm", "node"]);
+}
+
+/// A named network namespace (`ip netns`) with its loopback up, deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(name: &str) -> Self {
+        let st = Command::new("ip").args(["netns", "add", name]).status();
+        assert!(st.is_ok_and(|s| s.success()), "ip netns add {name}");
+        let ns = Self(name.to_string());
+        let st = Command::new("ip")
+            .args(["-n", name, "link", "set", "lo", "up"])
+            .status();
+        assert!(st.is_ok_and(|s| s.success()));
+        ns
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }

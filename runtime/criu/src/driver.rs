@@ -75,6 +75,12 @@ impl Criu {
     /// Starts a `criu swrk` worker. `keep_fds` are descriptors of ours that the worker must
     /// inherit (e.g. namespaces or stdio handed over through `inherit_fd`).
     pub fn spawn(&self, keep_fds: &[RawFd]) -> Result<Session, CriuError> {
+        self.spawn_in(keep_fds, None)
+    }
+
+    /// [`Criu::spawn`], with the worker in the network namespace `netns` (a descriptor of
+    /// ours): what it restores without a namespace of its own ends up there.
+    pub fn spawn_in(&self, keep_fds: &[RawFd], netns: Option<RawFd>) -> Result<Session, CriuError> {
         if let Err(e) = crate::kdat::prepare(Path::new(crate::kdat::DIR)) {
             tracing::debug!("CRIU's kernel-feature cache at {}: {e}", crate::kdat::DIR);
         }
@@ -88,12 +94,17 @@ impl Criu {
         let keep: Vec<RawFd> = keep_fds.iter().copied().chain([child_fd]).collect();
         let mut cmd = Command::new(&self.path);
         cmd.arg("swrk").arg(child_fd.to_string());
-        // SAFETY: the closure only calls fcntl(2), which is async-signal-safe, on descriptors
-        // that stay open in the parent for the duration of spawn().
+        // SAFETY: the closure only calls fcntl(2) and setns(2), which are async-signal-safe,
+        // on descriptors that stay open in the parent for the duration of spawn().
         unsafe {
             cmd.pre_exec(move || {
                 for fd in &keep {
                     if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if let Some(ns) = netns {
+                    if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
                         return Err(io::Error::last_os_error());
                     }
                 }

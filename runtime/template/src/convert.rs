@@ -75,6 +75,10 @@ pub struct Report {
     /// CRIU runs in it) instead of mounting every hierarchy to re-create the dumped tree.
     #[serde(default)]
     pub flat_cgroups: bool,
+    /// The task shares the restoring CRIU's network namespace ([`crate::netns`]): every
+    /// restore runs CRIU in the namespace its bundle asks for.
+    #[serde(default)]
+    pub netns_shared: bool,
 }
 
 /// Whether the dumped tree lives in a single cgroup set without cgroups below it.
@@ -203,6 +207,8 @@ pub fn convert(dir: &Path, pool: &dyn MemoryPool, prefix: &str) -> Result<Report
         files.write(&dir.join("files.img"))?;
         report.tmpfs = crate::tmpfs::externalize(dir)?;
         report.flat_cgroups = flat_cgroups(dir)?;
+        crate::netns::share_restorers(dir)?;
+        report.netns_shared = true;
         Ok(())
     })();
     if let Err(e) = res {

@@ -115,6 +115,9 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
         work_path,
         inherit,
         ext_mounts,
+        net_from_criu: prepared
+            .as_ref()
+            .is_some_and(|(p, _, _)| p.manifest.report.netns_shared),
         pid_file: a.pid_file.clone(),
         console_socket: a.console_socket.clone(),
         systemd_cgroup: g.systemd_cgroup,

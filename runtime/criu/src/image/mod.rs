@@ -34,6 +34,7 @@ use protobuf::Message;
 
 /// The messages templates work with, under Rust names.
 pub use proto::cgroup::Cgroup_entry as CgroupEntry;
+pub use proto::core::Task_kobj_ids_entry as TaskKobjIdsEntry;
 pub use proto::fdinfo::{Fd_types as FdTypes, File_entry as FileEntry};
 pub use proto::fown::Fown_entry as FownEntry;
 pub use proto::inventory::Inventory_entry as InventoryEntry;
@@ -57,6 +58,7 @@ pub mod magic {
     pub const FILES: u32 = 0x5630_3138;
     pub const MNTS: u32 = 0x5556_3928;
     pub const CGROUP: u32 = 0x5938_3330;
+    pub const IDS: u32 = 0x5443_2030;
 }
 
 /// An image whose entries are all messages of one type.
