@@ -258,6 +258,25 @@ mod tests {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     use std::process::Command;
 
+    /// `src` packed the way CRIU dumps a tmpfs.
+    fn pack(src: &Path, archive: &Path) {
+        let st = Command::new("tar")
+            .args([
+                "--create",
+                "--gzip",
+                "--numeric-owner",
+                "--preserve-permissions",
+            ])
+            .arg("--file")
+            .arg(archive)
+            .arg("--directory")
+            .arg(src)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
     /// A tmpfs content like CRIU dumps it: tar of a tree with device nodes and a FIFO.
     #[test]
     fn unpacks_what_tar_packed_including_devices() {
@@ -277,21 +296,7 @@ mod tests {
         nix::unistd::mkfifo(&src.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
         chown(src.join("file"), Some(1234), Some(5678)).unwrap();
         let archive = t.path().join("a.tar.gz");
-        let st = Command::new("tar")
-            .args([
-                "--create",
-                "--gzip",
-                "--numeric-owner",
-                "--preserve-permissions",
-            ])
-            .arg("--file")
-            .arg(&archive)
-            .arg("--directory")
-            .arg(&src)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(st.success());
+        pack(&src, &archive);
 
         let dest = t.path().join("dest");
         std::fs::create_dir(&dest).unwrap();
@@ -326,15 +331,7 @@ mod tests {
         std::fs::write(src.join("hello"), b"hi").unwrap();
         let images = t.path().join("images");
         std::fs::create_dir(&images).unwrap();
-        let st = Command::new("tar")
-            .args(["--create", "--gzip", "--file"])
-            .arg(images.join("tmpfs-dev-7.tar.gz.img"))
-            .arg("--directory")
-            .arg(&src)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(st.success());
+        pack(&src, &images.join("tmpfs-dev-7.tar.gz.img"));
         let m = TmpfsMount {
             key: "trenv-tmpfs-1".into(),
             mountpoint: "/tmp".into(),
