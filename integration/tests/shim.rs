@@ -160,10 +160,14 @@ fn malformed_annotations_and_config_are_rejected() {
     let config = c.dir().join("bad-shim.toml");
     std::fs::write(&config, "criu_paht = \"/usr/sbin/criu\"\n").expect("config");
     let config = config.to_string_lossy().into_owned();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["--annotation", "io.trenv.criu.file-locks=maybe"],
             "expected true or false",
+        ),
+        (
+            &["--annotation", "io.trenv.ready=http:8080"],
+            "expected tcp:<port>, http:<port><path>",
         ),
         (
             &["--annotation", "io.trenv.criu.tcp=true"],
@@ -338,4 +342,59 @@ fn a_tcp_server_checkpoints_and_restores_through_ctr() {
     c.kill_and_remove(&id);
     c.assert_gone(&id);
     c.ctr_ok(&["images", "rm", &image]);
+}
+
+/// `io.trenv.ready`: `ctr run -d` returns once the server answers, not when its process
+/// starts; a process that exits first does not hold Start.
+#[test]
+fn start_returns_when_the_container_is_ready() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("shim-ready");
+    let t = std::time::Instant::now();
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.trenv.ready=http:8080/",
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        "sleep 1; mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ]);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "returned after {took:?}"
+    );
+    // Answering already: one try, no retries.
+    let pid = task_pid(&c, &id);
+    assert_eq!(http_get(&pid, "/").as_deref(), Some("ok\n"));
+
+    let quitter = unique_id("shim-ready-exit");
+    let t = std::time::Instant::now();
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.trenv.ready=tcp:9",
+        BUSYBOX,
+        &quitter,
+        "sh",
+        "-c",
+        "sleep 0.3; exit 3",
+    ]);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    c.wait_task(&quitter, "STOPPED");
+    c.ctr_ok(&["task", "delete", &quitter]);
+    c.ctr_ok(&["containers", "delete", &quitter]);
+    c.assert_gone(&quitter);
+    c.kill_and_remove(&id);
+    c.assert_gone(&id);
 }

@@ -15,13 +15,15 @@ const FILE_LOCKS: &str = "io.trenv.criu.file-locks";
 const MANAGE_CGROUPS_MODE: &str = "io.trenv.criu.manage-cgroups-mode";
 const POOL: &str = "io.trenv.pool";
 const FUNCTION: &str = "io.trenv.function";
-const KNOWN: [&str; 6] = [
+const READY: &str = "io.trenv.ready";
+const KNOWN: [&str; 7] = [
     TCP_ESTABLISHED,
     EXT_UNIX_SK,
     FILE_LOCKS,
     MANAGE_CGROUPS_MODE,
     POOL,
     FUNCTION,
+    READY,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,8 @@ pub struct Annotations {
     pub pool: bool,
     /// `io.trenv.function`: the function the container runs, for the pool's reuse policy.
     pub function: Option<String>,
+    /// `io.trenv.ready`: Start returns once the container is initialised.
+    pub ready: Option<crate::readiness::Ready>,
 }
 
 impl Annotations {
@@ -76,6 +80,7 @@ impl Annotations {
             criu: CriuAnnotations::default(),
             pool: true,
             function: None,
+            ready: None,
         };
         let c = &mut a.criu;
         for (key, value) in annotations {
@@ -109,6 +114,13 @@ impl Annotations {
                         });
                     }
                     a.function = Some(value.clone());
+                }
+                READY => {
+                    a.ready = Some(value.parse().map_err(|expected| AnnotationError::Value {
+                        key: key.clone(),
+                        value: value.clone(),
+                        expected,
+                    })?);
                 }
                 MANAGE_CGROUPS_MODE => {
                     if !["soft", "full", "strict", "ignore"].contains(&value.as_str()) {

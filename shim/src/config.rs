@@ -81,6 +81,8 @@ pub struct Timeouts {
     pub criu_secs: u64,
     /// The pool's sandbox operations: create (holder, cgroup, CNI), purge, destroy.
     pub sandbox_secs: u64,
+    /// How long Start waits for a container with `io.trenv.ready` to be initialised.
+    pub ready_secs: u64,
 }
 
 impl Default for Timeouts {
@@ -89,6 +91,7 @@ impl Default for Timeouts {
             operation_secs: 60,
             criu_secs: 600,
             sandbox_secs: 120,
+            ready_secs: 60,
         }
     }
 }

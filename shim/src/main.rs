@@ -10,6 +10,7 @@ mod metrics;
 mod oom;
 mod placement;
 mod pool;
+mod readiness;
 mod rootfs;
 mod service;
 mod stdio;

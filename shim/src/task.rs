@@ -68,6 +68,8 @@ pub struct Task {
     pub checkpoint: Option<PathBuf>,
     /// Runs in a pooled sandbox, which goes back to the pool on Delete.
     pub pooled: bool,
+    /// `io.trenv.ready`: what Start of the init waits for.
+    pub ready: Option<crate::readiness::Ready>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -141,7 +141,8 @@ fn mount_flags(m: &TmpfsMount) -> MsFlags {
 pub fn stage(images: &Path, mounts: &[TmpfsMount], dir: &Path) -> Result<Staged, TemplateError> {
     let mut staged = Staged { mounts: Vec::new() };
     for (i, m) in mounts.iter().enumerate() {
-        let target = dir.join(format!("tmpfs-{i}"));
+        // Unique per process: a work directory may be shared (`--work-path`).
+        let target = dir.join(format!(".tmpfs-{}-{i}", std::process::id()));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&target)

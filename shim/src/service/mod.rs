@@ -536,6 +536,7 @@ impl<B: Backend, E: Events> Service<B, E> {
                 rootfs_mounted: mounted,
                 checkpoint,
                 pooled,
+                ready: annotations.ready.clone(),
                 ..Default::default()
             };
             task.procs.insert(String::new(), p);
@@ -606,10 +607,27 @@ impl<B: Backend, E: Events> Service<B, E> {
             self.exit_sink()
                 .publish_exit(&req.id, &req.exec_id, pid, exit);
         }
+        if req.exec_id.is_empty() {
+            self.wait_ready(&req.id, pid, &config);
+        }
         Ok(api::StartResponse {
             pid: api_pid(pid),
             ..Default::default()
         })
+    }
+
+    /// With `io.trenv.ready`, returns once the started init is initialised — or has exited,
+    /// or `[timeouts] ready_secs` ran out: the task runs either way, so Start succeeds and
+    /// the reason is logged. Only this request waits; the shim serves others meanwhile.
+    fn wait_ready(&self, id: &str, pid: i32, config: &ShimConfig) {
+        let Ok(Some(ready)) = self.with_proc(id, "", |t, _| t.ready.clone()) else {
+            return;
+        };
+        let timeout = std::time::Duration::from_secs(config.timeouts.ready_secs.max(1));
+        match ready.wait(pid, timeout) {
+            Ok(took) => log::info!("{id}: ready ({ready:?}) after {took:?}"),
+            Err(e) => log::warn!("{id}: Start returns without {ready:?}: {e}"),
+        }
     }
 
     /// Runs the init (start or restore) or an exec; its pid and terminal master.
