@@ -4,7 +4,7 @@
 //! own state, and they share the template's memory. A Node server's heap, turned into a
 //! template, stays correct while V8 collects and gives pages back with madvise.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -295,15 +295,15 @@ fn sixteen_instances_restore_from_one_template_and_share_it() {
         "{ls}"
     );
 
-    // The container's own tmpfs mounts are staged by trenv at restore (/dev is not: the
-    // masked paths are binds of its /dev/null, and a shared superblock stays CRIU's).
+    // The container's own tmpfs mounts are staged by trenv at restore, /dev too (the masked
+    // paths, binds of its /dev/null, are made by CRIU from the staged mount).
     let m: serde_json::Value =
         serde_json::from_str(&s.template_ok(&["inspect", "py"])).expect("inspect json");
     let staged: Vec<&str> = m["report"]["tmpfs"]
         .as_array()
         .map(|a| a.iter().filter_map(|t| t["mountpoint"].as_str()).collect())
         .unwrap_or_default();
-    assert!(staged.contains(&"/tmp") && !staged.contains(&"/dev"), "{m}");
+    assert!(staged.contains(&"/tmp") && staged.contains(&"/dev"), "{m}");
 
     let ids: Vec<String> = (0..16).map(|i| unique_id(&format!("tpl-{i}"))).collect();
     let outs: Vec<std::process::Output> = std::thread::scope(|sc| {
@@ -325,6 +325,11 @@ fn sixteen_instances_restore_from_one_template_and_share_it() {
         );
     }
     let pids: Vec<i64> = ids.iter().map(|id| pid_of(&s.rt, id)).collect();
+    // Masked paths are still binds of the (staged) /dev/null.
+    let masked =
+        std::fs::metadata(format!("/proc/{}/root/proc/timer_list", pids[0])).expect("timer_list");
+    assert!(masked.file_type().is_char_device(), "{masked:?}");
+    assert_eq!(masked.rdev(), nix::sys::stat::makedev(1, 3));
     // Each in its own container's cgroup (CRIU leaves a flat template's cgroups to trenv).
     for (id, &pid) in ids.iter().zip(&pids) {
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();

@@ -10,8 +10,9 @@
 //! checkpoint had. The staging mounts are detached once CRIU is done (the container's bind
 //! keeps its tmpfs alive).
 //!
-//! Only a tmpfs mounted at its root whose superblock no other mount of the image shows is
-//! staged; anything else stays CRIU's.
+//! Only a tmpfs mounted at its root whose superblock no other mount of the image shows at its
+//! root is staged (binds of a file inside it, like the masked paths' /dev/null, CRIU makes
+//! from the staged mount); anything else stays CRIU's.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -66,7 +67,15 @@ pub fn externalize(images: &Path) -> Result<Vec<TmpfsMount>, TemplateError> {
             });
         }
         let mut changed = false;
-        let devs: Vec<u32> = img.entries.iter().map(|m| m.root_dev()).collect();
+        // Mounts of the same superblock at its root: a second one (a bind of the whole tmpfs)
+        // would need the same staged mount; binds of a file or directory inside it (masked
+        // paths are binds of /dev/null) are made from the staged mount by CRIU.
+        let devs: Vec<u32> = img
+            .entries
+            .iter()
+            .filter(|m| m.root() == "/")
+            .map(|m| m.root_dev())
+            .collect();
         for m in &mut img.entries {
             let archive = format!("tmpfs-dev-{}.tar.gz.img", m.root_dev());
             let shared = devs.iter().filter(|d| **d == m.root_dev()).count() > 1;
