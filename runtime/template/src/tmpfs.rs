@@ -134,6 +134,34 @@ impl Drop for Staged {
     }
 }
 
+/// Unmounts and removes what a killed restore staged in `dir`: `.tmpfs-<pid>-<n>` of a pid
+/// that no longer runs. What it removed.
+pub fn sweep(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(".tmpfs-")
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid <= 0 || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        let _ = umount2(&path, MntFlags::MNT_DETACH);
+        if std::fs::remove_dir(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 /// Mount flags a tmpfs takes at mount time; the rest (propagation, remount) are CRIU's.
 fn mount_flags(m: &TmpfsMount) -> MsFlags {
     let keep = MsFlags::MS_NOSUID
@@ -332,6 +360,33 @@ mod tests {
     }
 
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn sweep_takes_what_dead_restores_staged_and_only_that() {
+        let t = tempfile::tempdir().unwrap();
+        // A pid that ran and is gone.
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = t.path().join(format!(".tmpfs-{dead}-0"));
+        std::fs::create_dir(&stale).unwrap();
+        mount(
+            Some("tmpfs"),
+            &stale,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let live = t.path().join(format!(".tmpfs-{}-0", std::process::id()));
+        std::fs::create_dir(&live).unwrap();
+        let other = t.path().join("restore.log");
+        std::fs::write(&other, b"log").unwrap();
+        assert_eq!(sweep(t.path()), vec![stale.clone()]);
+        assert!(!stale.exists() && live.exists() && other.exists());
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mountinfo.contains(&*stale.to_string_lossy()));
+    }
 
     #[test]
     fn staged_mounts_are_tmpfs_with_the_content_and_go_when_dropped() {

@@ -67,6 +67,16 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
             };
             std::fs::create_dir_all(&work)
                 .with_context(|| format!("creating {}", work.display()))?;
+            // What restores killed half-way staged (their tmpfs mounts) goes first.
+            let mut stale = trenv_template::tmpfs::sweep(&work);
+            if let Ok(dirs) = std::fs::read_dir(g.root.join(".template-work")) {
+                for d in dirs.flatten() {
+                    stale.extend(trenv_template::tmpfs::sweep(&d.path()));
+                }
+            }
+            for s in stale {
+                tracing::info!("removed {} left by a killed restore", s.display());
+            }
             // The container's tmpfs mounts, staged here instead of unpacked by CRIU's tar.
             tracing::debug!("restore: CRIU version known");
             match store.prepare(name, &criu).and_then(|p| {
