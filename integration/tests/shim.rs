@@ -351,22 +351,31 @@ fn start_returns_when_the_container_is_ready() {
     require_root();
     let c = Containerd::start();
     c.import_busybox();
+    // `ctr run -d` with an io.trenv.ready annotation; how long it took.
+    let run_ready = |id: &str, ready: &str, script: &str| {
+        let t = std::time::Instant::now();
+        let annotation = format!("io.trenv.ready={ready}");
+        c.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            &annotation,
+            BUSYBOX,
+            id,
+            "sh",
+            "-c",
+            script,
+        ]);
+        t.elapsed()
+    };
     let id = unique_id("shim-ready");
-    let t = std::time::Instant::now();
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--annotation",
-        "io.trenv.ready=http:8080/",
-        BUSYBOX,
+    let took = run_ready(
         &id,
-        "sh",
-        "-c",
+        "http:8080/",
         "sleep 1; mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 8080 -h /www",
-    ]);
-    let took = t.elapsed();
+    );
     assert!(
         took >= Duration::from_millis(900),
         "returned after {took:?}"
@@ -376,21 +385,8 @@ fn start_returns_when_the_container_is_ready() {
     assert_eq!(http_get(&pid, "/").as_deref(), Some("ok\n"));
 
     let quitter = unique_id("shim-ready-exit");
-    let t = std::time::Instant::now();
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--annotation",
-        "io.trenv.ready=tcp:9",
-        BUSYBOX,
-        &quitter,
-        "sh",
-        "-c",
-        "sleep 0.3; exit 3",
-    ]);
-    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let took = run_ready(&quitter, "tcp:9", "sleep 0.3; exit 3");
+    assert!(took < Duration::from_secs(10), "{took:?}");
     c.wait_task(&quitter, "STOPPED");
     c.ctr_ok(&["task", "delete", &quitter]);
     c.ctr_ok(&["containers", "delete", &quitter]);

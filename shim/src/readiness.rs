@@ -249,6 +249,16 @@ mod tests {
         }
     }
 
+    /// Answers `n` requests on `l` with `status_line`.
+    fn answer(l: &TcpListener, status_line: &'static [u8], n: usize) {
+        for s in l.incoming().take(n) {
+            let mut s = s.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(status_line);
+        }
+    }
+
     #[test]
     fn tcp_and_http_wait_for_a_late_listener() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -257,12 +267,7 @@ mod tests {
         let server = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
             let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
-            for _ in 0..2 {
-                let (mut s, _) = l.accept().unwrap();
-                let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf);
-                let _ = s.write_all(b"HTTP/1.0 204 No Content\r\n\r\n");
-            }
+            answer(&l, b"HTTP/1.0 204 No Content\r\n\r\n", 2);
         });
         let took = Ready::Http {
             port,
@@ -281,14 +286,7 @@ mod tests {
     fn a_server_error_is_not_ready_and_timeouts_are_reported() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let mut s = s.unwrap();
-                let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf);
-                let _ = s.write_all(b"HTTP/1.0 503 Busy\r\n\r\n");
-            }
-        });
+        std::thread::spawn(move || answer(&l, b"HTTP/1.0 503 Busy\r\n\r\n", usize::MAX));
         let probe = Ready::Http {
             port,
             path: "/".into(),

@@ -519,25 +519,21 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
     }
     o.set_empty_ns(empty_ns);
     o.set_evasive_devices(true);
-    for (dest, src) in bundle.external_mounts() {
+    let cgroupfs = if bundle.mounts_cgroupfs() {
+        cgroup_v1_mounts()
+    } else {
+        Vec::new()
+    };
+    let ext_mounts = bundle
+        .external_mounts()
+        .into_iter()
+        .chain(opts.ext_mounts.iter().cloned())
+        .chain(cgroupfs.into_iter().map(|mp| (mp.clone(), mp)));
+    for (key, val) in ext_mounts {
         let mut m = rpc::Ext_mount_map::new();
-        m.set_key(dest);
-        m.set_val(src);
+        m.set_key(key);
+        m.set_val(val);
         o.ext_mnt.push(m);
-    }
-    for (key, path) in &opts.ext_mounts {
-        let mut m = rpc::Ext_mount_map::new();
-        m.set_key(key.clone());
-        m.set_val(path.clone());
-        o.ext_mnt.push(m);
-    }
-    if bundle.mounts_cgroupfs() {
-        for mp in cgroup_v1_mounts() {
-            let mut m = rpc::Ext_mount_map::new();
-            m.set_key(mp.clone());
-            m.set_val(mp);
-            o.ext_mnt.push(m);
-        }
     }
     o.inherit_fd = inherit;
 

@@ -67,18 +67,21 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
             };
             std::fs::create_dir_all(&work)
                 .with_context(|| format!("creating {}", work.display()))?;
-            // What restores killed half-way staged (their tmpfs mounts) goes first.
-            let mut stale = trenv_template::tmpfs::sweep(&work);
-            if let Ok(dirs) = std::fs::read_dir(g.root.join(".template-work")) {
-                for d in dirs.flatten() {
-                    stale.extend(trenv_template::tmpfs::sweep(&d.path()));
-                }
-            }
-            for s in stale {
+            // What restores killed half-way staged (their tmpfs mounts) goes first: in the
+            // given work directory, or in the earlier default ones (this one is new).
+            let swept: Vec<PathBuf> = match &template_work {
+                None => trenv_template::tmpfs::sweep(&work),
+                Some(_) => std::fs::read_dir(g.root.join(".template-work"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .flat_map(|d| trenv_template::tmpfs::sweep(&d.path()))
+                    .collect(),
+            };
+            for s in swept {
                 tracing::info!("removed {} left by a killed restore", s.display());
             }
             // The container's tmpfs mounts, staged here instead of unpacked by CRIU's tar.
-            tracing::debug!("restore: CRIU version known");
             match store.prepare(name, &criu).and_then(|p| {
                 tracing::debug!("restore: template checked");
                 let staged =
