@@ -361,24 +361,50 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Imports the Debian + Python example image as [`PYTHON`].
     pub fn import_python(&self) {
-        let tar = crate::bundle::python_image().join("python-oci.tar");
-        self.ctr_ok(&[
-            "images",
-            "import",
-            "--base-name",
-            "docker.io/local/python",
-            &tar.to_string_lossy(),
-        ]);
+        self.import_python_image(&crate::bundle::python_image(), "docker.io/local/python");
     }
 
     /// Replaces the `[pool]` settings the next shim of this containerd starts with.
     pub fn set_pool_config(&self, toml_lines: &str) {
+        self.set_shim_config("", toml_lines, "");
+    }
+
+    /// Replaces the shim config: top-level lines, `[pool]` lines and `[templates]` lines;
+    /// the pool's state and cgroups and the template store and memory pool are this
+    /// containerd's own.
+    pub fn set_shim_config(&self, top: &str, pool: &str, templates: &str) {
         let text = format!(
-            "[pool]\nstate_dir = \"{}\"\ncgroup_parent = \"{}\"\n{toml_lines}\n",
+            "{top}\n[pool]\nstate_dir = \"{}\"\ncgroup_parent = \"{}\"\n{pool}\n\
+             [templates]\nstore = \"{}\"\npool_dir = \"{}\"\npool_name = \"it\"\n\
+             pool_capacity_mib = 1024\n{templates}\n",
             self.dir.path().join("pool").display(),
-            self.pool_cgroup()
+            self.pool_cgroup(),
+            self.template_store().display(),
+            self.mempool_dir().display(),
         );
         std::fs::write(self.shim_config(), text).expect("shim config");
+    }
+
+    /// The template store of this containerd's shims.
+    pub fn template_store(&self) -> PathBuf {
+        self.dir.path().join("templates")
+    }
+
+    /// The memory pool (a tmpfs) of this containerd's templates.
+    pub fn mempool_dir(&self) -> PathBuf {
+        self.dir.path().join("mempool")
+    }
+
+    /// Imports an examples/python image tarball under `base_name`.
+    pub fn import_python_image(&self, image_dir: &Path, base_name: &str) {
+        let tar = image_dir.join("python-oci.tar");
+        self.ctr_ok(&[
+            "images",
+            "import",
+            "--base-name",
+            base_name,
+            &tar.to_string_lossy(),
+        ]);
     }
 
     /// The status column of `ctr task ls` for a task (RUNNING, PAUSED, STOPPED...).

@@ -16,7 +16,9 @@ const MANAGE_CGROUPS_MODE: &str = "io.trenv.criu.manage-cgroups-mode";
 const POOL: &str = "io.trenv.pool";
 const FUNCTION: &str = "io.trenv.function";
 const READY: &str = "io.trenv.ready";
-const KNOWN: [&str; 7] = [
+const TEMPLATE: &str = "io.trenv.template";
+const IMAGE: &str = "io.trenv.image";
+const KNOWN: [&str; 9] = [
     TCP_ESTABLISHED,
     EXT_UNIX_SK,
     FILE_LOCKS,
@@ -24,6 +26,8 @@ const KNOWN: [&str; 7] = [
     POOL,
     FUNCTION,
     READY,
+    TEMPLATE,
+    IMAGE,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +66,37 @@ fn boolean(key: &str, value: &str) -> Result<bool, AnnotationError> {
     }
 }
 
+/// `io.trenv.template`: whether and under which name the container starts from a memory
+/// template.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TemplateMode {
+    /// No template (the default).
+    #[default]
+    Off,
+    /// A template named after the container's key (`auto-<key prefix>`).
+    Auto,
+    /// The template of that name, shared by every container naming it.
+    Named(String),
+}
+
+fn template_mode(key: &str, value: &str) -> Result<TemplateMode, AnnotationError> {
+    match value {
+        "off" => Ok(TemplateMode::Off),
+        "auto" => Ok(TemplateMode::Auto),
+        // `auto-*` names are the automatic ones'; a container choosing one would share a
+        // template with an unrelated key.
+        n if trenv_template::valid_name(n) && !n.starts_with("auto-") => {
+            Ok(TemplateMode::Named(n.to_string()))
+        }
+        _ => Err(AnnotationError::Value {
+            key: key.to_string(),
+            value: value.to_string(),
+            expected: "expected auto, off or a template name (letters, digits, '.', '_', '-'; \
+                       not starting with '.' or 'auto-')",
+        }),
+    }
+}
+
 /// All `io.trenv.*` annotations of a container.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Annotations {
@@ -72,6 +107,11 @@ pub struct Annotations {
     pub function: Option<String>,
     /// `io.trenv.ready`: Start returns once the container is initialised.
     pub ready: Option<crate::readiness::Ready>,
+    /// `io.trenv.template`: start from a memory template, building it at readiness.
+    pub template: TemplateMode,
+    /// `io.trenv.image`: the image's identity (e.g. its digest) for template keys; without
+    /// it the shim uses the rootfs layers containerd mounts.
+    pub image: Option<String>,
 }
 
 impl Annotations {
@@ -81,6 +121,8 @@ impl Annotations {
             pool: true,
             function: None,
             ready: None,
+            template: TemplateMode::Off,
+            image: None,
         };
         let c = &mut a.criu;
         for (key, value) in annotations {
@@ -121,6 +163,18 @@ impl Annotations {
                         value: value.clone(),
                         expected,
                     })?);
+                }
+                TEMPLATE => a.template = template_mode(key, value)?,
+                IMAGE => {
+                    if value.is_empty() || value.len() > 512 || value.chars().any(char::is_control)
+                    {
+                        return Err(AnnotationError::Value {
+                            key: key.clone(),
+                            value: value.clone(),
+                            expected: "expected 1-512 printable characters",
+                        });
+                    }
+                    a.image = Some(value.clone());
                 }
                 MANAGE_CGROUPS_MODE => {
                     if !["soft", "full", "strict", "ignore"].contains(&value.as_str()) {
@@ -196,5 +250,20 @@ mod tests {
         assert!(e.to_string().contains("expected on or off"), "{e}");
         let e = Annotations::parse(&map(&[(FUNCTION, "")])).unwrap_err();
         assert!(e.to_string().contains("printable"), "{e}");
+        for bad in ["auto-1234", ".hidden", "a/b", ""] {
+            let e = Annotations::parse(&map(&[(TEMPLATE, bad)])).unwrap_err();
+            assert!(e.to_string().contains("template name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn template_modes() {
+        let t = |v: &str| Annotations::parse(&map(&[(TEMPLATE, v)])).unwrap().template;
+        assert_eq!(t("auto"), TemplateMode::Auto);
+        assert_eq!(t("off"), TemplateMode::Off);
+        assert_eq!(t("resize-v2"), TemplateMode::Named("resize-v2".into()));
+        let a = Annotations::parse(&map(&[(IMAGE, "sha256:ab")])).unwrap();
+        assert_eq!(a.template, TemplateMode::Off);
+        assert_eq!(a.image.as_deref(), Some("sha256:ab"));
     }
 }

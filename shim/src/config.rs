@@ -68,6 +68,40 @@ pub struct ShimConfig {
     pub pool: PoolConfig,
     /// Deadlines of operations; read from the shim config file when the shim starts.
     pub timeouts: Timeouts,
+    /// Memory templates (`io.trenv.template`); read from the shim config file when the
+    /// shim starts.
+    pub templates: TemplatesConfig,
+}
+
+/// `[templates]`: where template-backed starts find and build templates. Documented in
+/// docs/configuration.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TemplatesConfig {
+    /// Honour `io.trenv.template`; when off, such containers start cold and build nothing.
+    pub enabled: bool,
+    /// Template store directory (the one `trenv template ls --store` shows).
+    pub store: PathBuf,
+    /// Memory pool new templates put their memory in: tmpfs, hugetlbfs or daxfs.
+    pub pool_kind: String,
+    pub pool_dir: PathBuf,
+    pub pool_name: String,
+    /// Pool capacity; a build that does not fit fails (`pool-full`) and later instances
+    /// start cold.
+    pub pool_capacity_mib: u64,
+}
+
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store: PathBuf::from("/var/lib/trenv/templates"),
+            pool_kind: "tmpfs".into(),
+            pool_dir: PathBuf::from("/run/trenv/mempool/default"),
+            pool_name: "default".into(),
+            pool_capacity_mib: 4096,
+        }
+    }
 }
 
 /// `[timeouts]`: how long an operation may take before its worker is killed and the
@@ -83,6 +117,10 @@ pub struct Timeouts {
     pub sandbox_secs: u64,
     /// How long Start waits for a container with `io.trenv.ready` to be initialised.
     pub ready_secs: u64,
+    /// A template-backed start's restore; past it the start falls back to a cold one.
+    pub template_restore_secs: u64,
+    /// Building a template in the background (checkpoint and conversion).
+    pub template_build_secs: u64,
 }
 
 impl Default for Timeouts {
@@ -92,6 +130,8 @@ impl Default for Timeouts {
             criu_secs: 600,
             sandbox_secs: 120,
             ready_secs: 60,
+            template_restore_secs: 30,
+            template_build_secs: 600,
         }
     }
 }
@@ -101,6 +141,8 @@ impl Timeouts {
     pub fn for_request(&self, req: &crate::zygote::Request) -> std::time::Duration {
         let secs = match req.name() {
             "checkpoint" | "restore" => self.criu_secs,
+            "template restore" => self.template_restore_secs,
+            "build template" => self.template_build_secs,
             "create sandbox" | "purge sandbox" | "destroy sandbox" => self.sandbox_secs,
             _ => self.operation_secs,
         };
@@ -188,6 +230,7 @@ impl Default for ShimConfig {
             criu_work_path: None,
             pool: PoolConfig::default(),
             timeouts: Timeouts::default(),
+            templates: TemplatesConfig::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ mod service;
 mod stdio;
 mod task;
 mod teardown;
+mod templates;
 mod zygote;
 
 use std::sync::Arc;

@@ -195,6 +195,17 @@ fn http_answers(port: u16, path: &str) -> bool {
             Ok(n) => got += n,
         }
     }
+    // The rest of the answer is read to its end (bounded): closing with unread data sends a
+    // reset, which servers such as Python's http.server report as an error on stderr — and
+    // a checkpoint taken right after the probe would catch the connection half-closed.
+    let mut rest = [0u8; 4096];
+    let until = Instant::now() + ATTEMPT;
+    while Instant::now() < until {
+        match s.read(&mut rest) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
     // "HTTP/1.x NNN ..."
     std::str::from_utf8(&head[..got])
         .ok()

@@ -70,6 +70,22 @@ pub struct Task {
     pub pooled: bool,
     /// `io.trenv.ready`: what Start of the init waits for.
     pub ready: Option<crate::readiness::Ready>,
+    /// `io.trenv.template`: what the task does with its template.
+    pub template: Option<TemplateTask>,
+}
+
+/// A task with `io.trenv.template`.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateTask {
+    pub plan: Option<crate::templates::Plan>,
+    /// Start restores the init from the template (Create ran nothing).
+    pub restore: bool,
+    /// The init was restored from this template.
+    pub restored: Option<String>,
+    /// Build the template once the (cold) init is ready.
+    pub build: bool,
+    /// The sandbox's UTS namespace, for a cold create after a failed restore.
+    pub sandbox_uts: Option<crate::zygote::SandboxUts>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

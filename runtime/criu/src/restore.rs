@@ -97,6 +97,10 @@ pub struct RestoreOptions {
     /// does): CRIU runs in the bundle's namespace, in a fresh one when the bundle asks for
     /// its own, or in the caller's when it asks for none.
     pub net_from_criu: bool,
+    /// Descriptors that replace the checkpointed init's stdin, stdout and stderr pipes
+    /// (default: the caller's 0, 1 and 2). A shim hands the new container's pipes over
+    /// this way without giving up its own stdio.
+    pub stdio: Option<[RawFd; 3]>,
 }
 
 /// A restored container: its init pid (a child of the calling process) and its state.
@@ -311,7 +315,8 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
     };
     let empty_ns = criu::empty_ns_mask(&opts.empty_ns).map_err(RestoreError::Option)?;
     // Joined namespaces are inherited by CRIU under runc's keys.
-    let mut keep: Vec<RawFd> = vec![0, 1, 2];
+    let stdio = opts.stdio.unwrap_or([0, 1, 2]);
+    let mut keep: Vec<RawFd> = stdio.to_vec();
     let mut ns_files = Vec::new();
     let mut criu_netns: Option<File> = None;
     let mut inherit = Vec::new();
@@ -345,11 +350,11 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
         inherit.push(i);
     }
     // New pipes for the old ones: the caller's stdio replaces the checkpointed stdio.
-    for (n, old) in (0..3i32).zip(read_descriptors(&opts.image_path).iter()) {
+    for (fd, old) in stdio.iter().zip(read_descriptors(&opts.image_path).iter()) {
         if old.starts_with("pipe:") || old.starts_with("socket:") {
             let mut i = rpc::Inherit_fd::new();
             i.set_key(old.clone());
-            i.set_fd(n);
+            i.set_fd(*fd);
             inherit.push(i);
         }
     }
@@ -627,6 +632,34 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
     Ok(Restored { pid, container })
 }
 
+/// Removes what a restore that was killed half-way (its CRIU and worker gone, no state
+/// written) left of container `id`: its processes and cgroup (found through `bundle`), the
+/// CRIU root mount and the state directory. Whether there was anything to remove.
+pub fn remove_half_restored(state_root: &Path, id: &str, bundle: Option<&Path>) -> bool {
+    if validate_id(id).is_err() {
+        return false;
+    }
+    let dir = state_root.join(id);
+    if !dir.is_dir() || dir.join("state.json").exists() {
+        return false;
+    }
+    let mut undo = Undo {
+        container_dir: Some(dir.clone()),
+        criu_root: dir.join(CRIU_ROOT).exists().then(|| dir.join(CRIU_ROOT)),
+        cgroup: None,
+    };
+    if let Some(b) = bundle.and_then(|b| Bundle::load(b).ok()) {
+        undo.cgroup = create_cgroup_manager(CgroupConfig {
+            cgroup_path: b.cgroup_path(id),
+            systemd_cgroup: false,
+            container_name: id.to_string(),
+        })
+        .ok();
+    }
+    drop(undo);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,6 +680,22 @@ mod tests {
         std::fs::write(dir.path().join("inventory.img"), b"").unwrap();
         let e = check_images(dir.path()).unwrap_err();
         assert!(e.to_string().contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn half_restored_state_is_removed_and_complete_state_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let half = root.path().join("half");
+        std::fs::create_dir_all(half.join(CRIU_ROOT)).unwrap();
+        assert!(remove_half_restored(root.path(), "half", None));
+        assert!(!half.exists());
+        let whole = root.path().join("whole");
+        std::fs::create_dir_all(&whole).unwrap();
+        std::fs::write(whole.join("state.json"), b"{}").unwrap();
+        assert!(!remove_half_restored(root.path(), "whole", None));
+        assert!(whole.exists());
+        assert!(!remove_half_restored(root.path(), "../x", None));
+        assert!(!remove_half_restored(root.path(), "absent", None));
     }
 
     #[test]

@@ -22,6 +22,19 @@ impl Criu {
         self.cached_version_in(Path::new(crate::kdat::DIR))
     }
 
+    /// Whether the binary exists (a bare name: somewhere on `PATH`).
+    pub fn installed(&self) -> bool {
+        resolve(self.path()).is_some()
+    }
+
+    /// The cached version, if the cache has one for this binary; never runs CRIU.
+    pub fn peek_cached_version(&self) -> Option<Version> {
+        let identity = resolve(self.path()).and_then(|p| identity(&p))?;
+        fs::read_to_string(Path::new(crate::kdat::DIR).join(CACHE_FILE))
+            .ok()
+            .and_then(|text| parse(&text, &identity))
+    }
+
     fn cached_version_in(&self, dir: &Path) -> Result<Version, CriuError> {
         let Some(identity) = resolve(self.path()).and_then(|p| identity(&p)) else {
             return self.version();

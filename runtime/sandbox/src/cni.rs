@@ -184,6 +184,7 @@ impl Network {
             })?
             .to_string();
         let ip = cidr.split('/').next().unwrap_or(&cidr).to_string();
+        flush_neighbour(&ip);
         Ok(Attachment { ip, cidr, result })
     }
 
@@ -321,6 +322,21 @@ fn wait_output(mut child: Child, timeout: Duration) -> Result<Output, Waited> {
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
+}
+
+/// Forgets the host's neighbour entry for `ip`: an address handed out again belongs to a new
+/// interface, and a stale entry (the old MAC) would swallow the first packets to it until the
+/// kernel re-probed (seconds). Best effort.
+fn flush_neighbour(ip: &str) {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "neigh", "flush", "to", ip])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if let Err(e) = out {
+        tracing::debug!("flushing the neighbour entry of {ip}: {e}");
+    }
 }
 
 #[cfg(test)]

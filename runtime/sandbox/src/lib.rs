@@ -91,6 +91,9 @@ pub struct Sandbox {
     /// Its prebuilt `/sys/fs/cgroup` for instances (cgroup v1 hosts; see `cgroup_view`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_view: Option<PathBuf>,
+    /// Memory template the instance it serves (or served last) was restored from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 impl Sandbox {
@@ -129,6 +132,7 @@ impl Sandbox {
             container: None,
             served: 0,
             cgroup_view: None,
+            template: None,
         })
     }
 

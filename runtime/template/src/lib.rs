@@ -4,6 +4,7 @@
 //! - [`convert`]: a CRIU image set -> a template image set + pool regions.
 //! - [`store`]: templates on disk, content-addressed by key, named, verified and sealed.
 //! - [`netns`]: the network namespace made the restore's to give (joined or fresh).
+//! - [`restore`]: what a restore from a template adds to a CRIU restore.
 //! - [`tmpfs`]: the container's tmpfs mounts, staged by trenv instead of CRIU's `tar`.
 //! - [`key`]: what identifies a template (image, args, env, spec fields that shape the
 //!   process state).
@@ -14,6 +15,7 @@
 pub mod convert;
 pub mod key;
 pub mod netns;
+pub mod restore;
 pub mod store;
 pub mod tmpfs;
 

@@ -59,6 +59,8 @@ pub struct Listed {
     pub pool_bytes: u64,
     /// Bytes of page data left in the image set.
     pub image_bytes: u64,
+    /// Processes that map the template's memory: its running instances.
+    pub instances: Vec<i32>,
 }
 
 /// What a restore from a template needs.
@@ -481,6 +483,16 @@ impl Store {
                 pool: m.pool.name.clone(),
                 pool_bytes: m.regions.iter().map(|r| r.data).sum(),
                 image_bytes: m.report.pages_left,
+                instances: {
+                    let mut pids: Vec<i32> = m
+                        .regions
+                        .iter()
+                        .flat_map(|r| trenv_mempool::mapped_by(&r.path))
+                        .collect();
+                    pids.sort_unstable();
+                    pids.dedup();
+                    pids
+                },
                 key,
             });
         }

@@ -109,6 +109,8 @@ const MIB: u64 = 1 << 20;
 
 /// Called whenever the pool became empty with nothing in use.
 pub type OnEmpty = Box<dyn Fn() + Send + Sync>;
+/// Prometheus text added to the pool's metrics file.
+pub type ExtraMetrics = Box<dyn Fn() -> String + Send + Sync>;
 
 pub struct Pool {
     cfg: PoolConfig,
@@ -126,6 +128,7 @@ pub struct Pool {
     /// (retiring, held until): `shim start` holds the shim for the task it hands it, so
     /// the shim cannot retire between handing out its address and the task's Create.
     lease: Mutex<(bool, Instant)>,
+    extra_metrics: Mutex<Option<ExtraMetrics>>,
 }
 
 /// How long a control client may take to send its command or read the answer.
@@ -172,6 +175,7 @@ impl Pool {
             stop: AtomicBool::new(false),
             owner: Mutex::new(None),
             lease: Mutex::new((false, Instant::now())),
+            extra_metrics: Mutex::new(None),
         }))
     }
 
@@ -337,6 +341,7 @@ impl Pool {
             }
         };
         sb.state = State::InUse;
+        sb.template = None;
         sb.function = Some(claim.function.to_string());
         sb.container = Some(claim.container.to_string());
         sb.last_used = sandbox::unix_now();
@@ -369,6 +374,26 @@ impl Pool {
         // Over the memory bound the worker evicts idle sandboxes.
         self.wake.notify_all();
         Ok((sb, how))
+    }
+
+    /// Records that the instance in `container`'s sandbox was restored from `template`
+    /// (shown by `trenv sandbox inspect`).
+    pub fn mark_template(&self, container: &str, template: &str) {
+        let mut g = self.lock();
+        if let Some(u) = g.in_use.get_mut(container) {
+            u.sandbox.template = Some(template.to_string());
+            if let Err(e) = self.store.save(&u.sandbox) {
+                log::warn!("{e}");
+            }
+        }
+    }
+
+    /// More metrics appended to the pool's (the shim's template counters).
+    pub fn set_extra_metrics(&self, f: ExtraMetrics) {
+        *self
+            .extra_metrics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
     }
 
     /// The container's sandbox goes back to the pool (after a purge) or away.
@@ -806,6 +831,14 @@ impl Pool {
             ));
             t
         };
+        let extra = self
+            .extra_metrics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|f| f())
+            .unwrap_or_default();
+        let text = text + &extra;
         let path = self.store.dir.join("metrics.prom");
         let tmp = self.store.dir.join(".metrics.prom.tmp");
         if std::fs::write(&tmp, text)
@@ -881,6 +914,7 @@ mod tests {
                 container: None,
                 served: 0,
                 cgroup_view: None,
+                template: None,
             })
         }
         fn destroy(&self, sb: &Sandbox) -> Result<(), String> {

@@ -25,7 +25,8 @@ use crate::console::ConsoleSocket;
 use crate::lifetime::Lifetime;
 use crate::placement::{self, Plan};
 use crate::pool::{Claim, Pool};
-use crate::task::{Proc, Status as ProcStatus, Task, TaskError, Tasks};
+use crate::task::{Proc, Status as ProcStatus, Task, TaskError, Tasks, TemplateTask};
+use crate::templates::Templates;
 use crate::zygote::{FailureKind, Kind, Request, SandboxUts, Stdio, Zygote, ZygoteError};
 
 /// The zygote, shared by the shim (which ends it at exit) and the task service.
@@ -42,7 +43,11 @@ pub struct Service<B: Backend = Zygote, E: Events = containerd_shim::publisher::
     pool: Option<Arc<Pool>>,
     lifetime: Lifetime,
     timeouts: crate::config::Timeouts,
+    /// Template-backed starts (`[templates]`); None in unit tests.
+    templates: Option<Arc<Templates>>,
 }
+
+mod template_starts;
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -154,18 +159,22 @@ impl<B: Backend, E: Events> Service<B, E> {
         socket: &str,
         containerd: &str,
     ) -> Self {
-        let timeouts = ShimConfig::from_default_file()
-            .map(|c| c.timeouts)
-            .unwrap_or_default();
-        let s = Self::with_parts(
+        let file = ShimConfig::from_default_file().unwrap_or_default();
+        let mut s = Self::with_parts(
             namespace,
             backend,
             Arc::new(events),
             exit,
             pool,
             socket,
-            timeouts,
+            file.timeouts,
         );
+        let templates = Arc::new(Templates::new(file.templates));
+        if let Some(pool) = &s.pool {
+            let (t, ns) = (templates.clone(), namespace.to_string());
+            pool.set_extra_metrics(Box::new(move || t.metrics(&ns)));
+        }
+        s.templates = Some(templates);
         s.watch_exits();
         s.lifetime.watch_containerd(containerd);
         s
@@ -192,6 +201,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             pool,
             lifetime,
             timeouts,
+            templates: None,
         }
     }
 
@@ -438,6 +448,9 @@ impl<B: Backend, E: Events> Service<B, E> {
         }
         let root = config.state_root(&self.namespace);
         let checkpoint = (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint));
+        // Keyed by the spec as containerd wrote it, before placement rewrites it.
+        let plan = self.template_plan(&req, &bundle, &annotations, &config);
+        let restore = plan.as_ref().is_some_and(|p| p.restore());
         // Mounting the rootfs (an overlay mount, the larger part) and taking a sandbox
         // are independent: done side by side, a pool hit waits for the longer of the two.
         let (mounted, placed) = std::thread::scope(|s| {
@@ -478,7 +491,8 @@ impl<B: Backend, E: Events> Service<B, E> {
         // Restored tasks go into sandboxes too: a checkpoint taken in one refers to its
         // network namespace as external, and CRIU needs one to put the process in.
         let pooled = sandbox_uts.is_some();
-        if checkpoint.is_none() {
+        // A task from a template is restored by Start too.
+        if checkpoint.is_none() && !restore {
             let res = self.launch(&req.id, &p, &config, |console_socket, stdio| {
                 Request::Create {
                     root: root.clone(),
@@ -504,6 +518,7 @@ impl<B: Backend, E: Events> Service<B, E> {
                         root: root.clone(),
                         id: req.id.clone(),
                         force: true,
+                        bundle: Some(bundle.clone()),
                     };
                     let exists = matches!(&other, Err(ttrpc::Error::RpcStatus(st))
                         if st.code() == Code::ALREADY_EXISTS);
@@ -537,6 +552,13 @@ impl<B: Backend, E: Events> Service<B, E> {
                 checkpoint,
                 pooled,
                 ready: annotations.ready.clone(),
+                template: plan.map(|plan| TemplateTask {
+                    restore,
+                    build: plan.build,
+                    plan: Some(plan),
+                    restored: None,
+                    sandbox_uts: sandbox_uts.clone(),
+                }),
                 ..Default::default()
             };
             task.procs.insert(String::new(), p);
@@ -607,8 +629,8 @@ impl<B: Backend, E: Events> Service<B, E> {
             self.exit_sink()
                 .publish_exit(&req.id, &req.exec_id, pid, exit);
         }
-        if req.exec_id.is_empty() {
-            self.wait_ready(&req.id, pid, &config);
+        if req.exec_id.is_empty() && self.wait_ready(&req.id, pid, &config) {
+            self.build_template(&req.id, &config);
         }
         Ok(api::StartResponse {
             pid: api_pid(pid),
@@ -619,14 +641,21 @@ impl<B: Backend, E: Events> Service<B, E> {
     /// With `io.trenv.ready`, returns once the started init is initialised — or has exited,
     /// or `[timeouts] ready_secs` ran out: the task runs either way, so Start succeeds and
     /// the reason is logged. Only this request waits; the shim serves others meanwhile.
-    fn wait_ready(&self, id: &str, pid: i32, config: &ShimConfig) {
+    /// Whether the init became ready (false without `io.trenv.ready`).
+    fn wait_ready(&self, id: &str, pid: i32, config: &ShimConfig) -> bool {
         let Ok(Some(ready)) = self.with_proc(id, "", |t, _| t.ready.clone()) else {
-            return;
+            return false;
         };
         let timeout = std::time::Duration::from_secs(config.timeouts.ready_secs.max(1));
         match ready.wait(pid, timeout) {
-            Ok(took) => log::info!("{id}: ready ({ready:?}) after {took:?}"),
-            Err(e) => log::warn!("{id}: Start returns without {ready:?}: {e}"),
+            Ok(took) => {
+                log::info!("{id}: ready ({ready:?}) after {took:?}");
+                true
+            }
+            Err(e) => {
+                log::warn!("{id}: Start returns without {ready:?}: {e}");
+                false
+            }
         }
     }
 
@@ -639,8 +668,12 @@ impl<B: Backend, E: Events> Service<B, E> {
         p: &Proc,
     ) -> TtrpcResult<(i32, Option<Arc<std::fs::File>>)> {
         let launched = if req.exec_id.is_empty() {
-            let (bundle, checkpoint) =
-                self.with_proc(&req.id, "", |t, _| (t.bundle.clone(), t.checkpoint.clone()))?;
+            let (bundle, checkpoint, template) = self.with_proc(&req.id, "", |t, _| {
+                (t.bundle.clone(), t.checkpoint.clone(), t.template.clone())
+            })?;
+            if let Some(tt) = template.filter(|t| t.restore && checkpoint.is_none()) {
+                return self.start_from_template(&req.id, root, config, p, tt);
+            }
             match checkpoint {
                 Some(image_path) => {
                     let criu_opts = self.task_criu(&req.id)?;
@@ -906,14 +939,19 @@ impl<B: Backend, E: Events> Service<B, E> {
             let (root, _) = self.task_root(&req.id)?;
             let exited = p.exit.is_some();
             if !(exited && crate::teardown::delete_stopped(&root.join(&req.id))) {
+                let bundle = self.with_proc(&req.id, "", |t, _| t.bundle.clone())?;
                 self.call(
                     &Request::Delete {
                         root,
                         id: req.id.clone(),
                         force: true,
+                        bundle: Some(bundle),
                     },
                     &[],
                 )?;
+            }
+            if let Some(t) = &self.templates {
+                t.deleted(&req.id);
             }
             // Waits on any of its processes return now.
             if let Some(t) = self.tasks.remove(&req.id, now()) {
@@ -945,6 +983,20 @@ impl<B: Backend, E: Events> Service<B, E> {
 
     pub fn checkpoint(&self, req: api::CheckpointTaskRequest) -> TtrpcResult<api::Empty> {
         let (root, config) = self.task_root(&req.id)?;
+        let restored = self.with_proc(&req.id, "", |t, _| {
+            t.template.as_ref().and_then(|tt| tt.restored.clone())
+        })?;
+        if let Some(name) = restored {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "task {} was restored from template {name}: its memory maps the template's \
+                     pool, which CRIU cannot dump; checkpoint an instance started cold \
+                     (io.trenv.template=off)",
+                    req.id
+                ),
+            ));
+        }
         let wanted = self.task_criu(&req.id)?;
         let opts = crate::checkpoint_options::decode(&req, &config, &wanted)
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;

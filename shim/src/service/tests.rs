@@ -331,6 +331,7 @@ fn an_exit_held_by_a_failed_start_is_still_published() {
         source: Failure {
             kind: FailureKind::Internal,
             message: "exec fifo gone".into(),
+            reason: None,
         },
     });
     *h.backend.on_start.lock().unwrap() = Some(Box::new(move |pid| sink.exited(pid, 1)));
@@ -416,6 +417,7 @@ fn a_create_of_an_existing_container_deletes_nothing() {
         source: Failure {
             kind: FailureKind::AlreadyExists,
             message: "container t exists".into(),
+            reason: None,
         },
     });
     assert_eq!(code(h.create("t")), Code::ALREADY_EXISTS);
@@ -443,6 +445,7 @@ fn worker_failures_map_to_their_codes() {
         source: Failure {
             kind: FailureKind::NotFound,
             message: "no such process".into(),
+            reason: None,
         },
     });
     assert_eq!(code(h.kill("t", "")), Code::NOT_FOUND);
@@ -451,6 +454,7 @@ fn worker_failures_map_to_their_codes() {
         source: Failure {
             kind: FailureKind::FailedPrecondition,
             message: "still running".into(),
+            reason: None,
         },
     });
     assert_eq!(code(h.delete("t", "")), Code::FAILED_PRECONDITION);

@@ -32,7 +32,7 @@ use nix::unistd::Pid;
 
 #[cfg(test)]
 pub use protocol::Failure;
-pub use protocol::{Answer, CheckpointRequest, FailureKind, Request, SandboxUts, Stdio};
+pub use protocol::{Answer, CheckpointRequest, FailureKind, MemPool, Request, SandboxUts, Stdio};
 pub use server::run as serve;
 pub use worker::set_nice;
 
@@ -79,6 +79,16 @@ impl ZygoteError {
             | ZygoteError::Channel { .. }
             | ZygoteError::WorkerDied { .. } => Kind::Unavailable,
             ZygoteError::Frame { .. } => Kind::Op(FailureKind::Internal),
+        }
+    }
+
+    /// The short reason of a failed template operation: the worker's, or how it ended.
+    pub fn reason(&self) -> &str {
+        match self {
+            ZygoteError::Failed { source, .. } => source.reason.as_deref().unwrap_or("error"),
+            ZygoteError::Deadline { .. } => "timeout",
+            ZygoteError::WorkerDied { .. } => "worker-died",
+            _ => "unavailable",
         }
     }
 }

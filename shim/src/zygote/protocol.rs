@@ -83,6 +83,34 @@ pub enum Request {
         systemd: bool,
         criu_opts: CriuAnnotations,
     },
+    /// Restores the task's init from a memory template into its (placed) bundle; the stdio
+    /// descriptors replace the template's pipes.
+    RestoreTemplate {
+        root: PathBuf,
+        id: String,
+        bundle: PathBuf,
+        criu: PathBuf,
+        store: PathBuf,
+        template: String,
+        /// Work directory: CRIU's log and the staged tmpfs mounts.
+        work: PathBuf,
+        stdio: Stdio,
+        systemd: bool,
+        criu_opts: CriuAnnotations,
+    },
+    /// Checkpoints the running task (left running) into `images` and builds template `name`
+    /// under `key` from it in the memory pool; the images go afterwards.
+    BuildTemplate {
+        root: PathBuf,
+        id: String,
+        criu: PathBuf,
+        store: PathBuf,
+        name: String,
+        key: String,
+        images: PathBuf,
+        pool: MemPool,
+        criu_opts: CriuAnnotations,
+    },
     Start {
         root: PathBuf,
         id: String,
@@ -112,6 +140,10 @@ pub enum Request {
         root: PathBuf,
         id: String,
         force: bool,
+        /// The task's bundle: a restore killed half-way left a cgroup that only the bundle
+        /// names.
+        #[serde(default)]
+        bundle: Option<PathBuf>,
     },
     Checkpoint {
         root: PathBuf,
@@ -130,6 +162,8 @@ impl Request {
             Request::CreateSandbox { .. } => "create sandbox",
             Request::DestroySandbox { .. } => "destroy sandbox",
             Request::Restore { .. } => "restore",
+            Request::RestoreTemplate { .. } => "template restore",
+            Request::BuildTemplate { .. } => "build template",
             Request::Start { .. } => "start",
             Request::Exec { .. } => "exec",
             Request::Kill { .. } => "kill",
@@ -139,6 +173,15 @@ impl Request {
             Request::Checkpoint { .. } => "checkpoint",
         }
     }
+}
+
+/// The memory pool templates are built in (the shim's `[templates]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemPool {
+    pub kind: String,
+    pub dir: PathBuf,
+    pub name: String,
+    pub capacity: u64,
 }
 
 /// The checkpoint options containerd sends (runc's CheckpointOptions), in serialisable form.
@@ -172,6 +215,9 @@ pub enum FailureKind {
 pub struct Failure {
     pub kind: FailureKind,
     pub message: String,
+    /// Why a template operation failed, as a short code (`missing`, `corrupt`, `criu`, ...).
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// What a successful operation produced.
@@ -229,6 +275,7 @@ mod tests {
             Reply::Done(Err(Failure {
                 kind: FailureKind::NotFound,
                 message: "container x does not exist".into(),
+                reason: Some("missing".into()),
             })),
             Reply::Exited {
                 status: "killed by SIGKILL".into(),

@@ -150,6 +150,7 @@ pub fn run() -> ! {
                     &Reply::Done(Err(Failure {
                         kind: FailureKind::InvalidArgument,
                         message: format!("bad request: {e}"),
+                        reason: None,
                     })),
                 );
                 continue;
@@ -190,6 +191,7 @@ pub fn run() -> ! {
                 &Reply::Done(Err(Failure {
                     kind: FailureKind::Internal,
                     message: format!("zygote fork: {e}"),
+                    reason: None,
                 })),
             ),
         }
@@ -260,6 +262,7 @@ fn answer(chan: &OwnedFd, reply: &Reply) {
             let fallback = Reply::Done(Err(Failure {
                 kind: FailureKind::Internal,
                 message: format!("answer could not be sent: {e}"),
+                reason: None,
             }));
             if let Ok(bytes) = protocol::encode(&fallback) {
                 let _ = send(chan.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL);

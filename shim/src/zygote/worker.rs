@@ -49,7 +49,62 @@ pub fn respond(req: Request, fds: Vec<OwnedFd>) -> Result<Answer, Failure> {
     run(req, fds).map_err(|e| Failure {
         kind: classify(&e),
         message: format!("{e:#}"),
+        reason: template_reason(&e),
     })
+}
+
+/// The short reason of a failed template operation, from the typed errors in its chain.
+fn template_reason(e: &anyhow::Error) -> Option<String> {
+    for cause in e.chain() {
+        if let Some(t) = cause.downcast_ref::<trenv_template::TemplateError>() {
+            return Some(t.reason().to_string());
+        }
+        if let Some(r) = cause.downcast_ref::<trenv_criu::restore::RestoreError>() {
+            return Some(
+                match r {
+                    trenv_criu::restore::RestoreError::Criu { .. } => "criu",
+                    _ => "restore",
+                }
+                .to_string(),
+            );
+        }
+        if cause.downcast_ref::<trenv_criu::CriuError>().is_some() {
+            return Some("criu".to_string());
+        }
+    }
+    None
+}
+
+/// The three stdio descriptors a restored init gets: those that came with the request, and
+/// /dev/null for the ones that did not (CRIU needs one for every checkpointed pipe).
+fn restore_stdio(stdio: Stdio, fds: Vec<OwnedFd>) -> anyhow::Result<Vec<OwnedFd>> {
+    let mut fds = fds.into_iter();
+    let mut out = Vec::with_capacity(3);
+    for wanted in [stdio.stdin, stdio.stdout, stdio.stderr] {
+        let fd = match wanted.then(|| fds.next()).flatten() {
+            Some(fd) => fd,
+            None => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?
+                .into(),
+        };
+        out.push(fd);
+    }
+    Ok(out)
+}
+
+fn raw3(fds: &[OwnedFd]) -> Option<[std::os::fd::RawFd; 3]> {
+    match fds {
+        [a, b, c] => Some([a.as_raw_fd(), b.as_raw_fd(), c.as_raw_fd()]),
+        _ => None,
+    }
+}
+
+/// The installed CRIU's version as templates record it ("4.2.1").
+fn criu_version(criu: &trenv_criu::Criu) -> anyhow::Result<String> {
+    let (a, b, c) = criu.cached_version()?;
+    Ok(format!("{a}.{b}.{c}"))
 }
 
 /// The kind of a failure, from the typed errors in its chain.
@@ -185,14 +240,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             systemd,
             criu_opts,
         } => {
-            // CRIU gives the restored process the worker's own stdio in place of the old
-            // pipes; this worker is about to exit, so it can hand its fds 0-2 over.
-            let mut fds = fds.into_iter();
-            for (n, wanted) in (0..).zip([stdio.stdin, stdio.stdout, stdio.stderr]) {
-                if let Some(fd) = wanted.then(|| fds.next()).flatten() {
-                    nix::unistd::dup2(fd.as_raw_fd(), n)?;
-                }
-            }
+            let stdio = restore_stdio(stdio, fds)?;
             let opts = trenv_criu::restore::RestoreOptions {
                 id,
                 state_root: root,
@@ -206,10 +254,111 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 ext_unix_sk: criu_opts.ext_unix_sk,
                 file_locks: criu_opts.file_locks,
                 manage_cgroups_mode: criu_opts.manage_cgroups_mode,
+                stdio: raw3(&stdio),
                 ..Default::default()
             };
             let r = trenv_criu::restore::restore(&trenv_criu::Criu::new(&criu), &opts)?;
             Ok(Some(r.pid))
+        }
+        Request::RestoreTemplate {
+            root,
+            id,
+            bundle,
+            criu,
+            store,
+            template,
+            work,
+            stdio,
+            systemd,
+            criu_opts,
+        } => {
+            use anyhow::Context;
+            let stdio = restore_stdio(stdio, fds)?;
+            let criu = trenv_criu::Criu::new(&criu);
+            let version = criu_version(&criu)?;
+            let store = trenv_template::Store::open(&store)?;
+            if let Some(parent) = work.parent() {
+                for s in trenv_template::restore::sweep(parent) {
+                    log::info!("removed {} left by a killed restore", s.display());
+                }
+            }
+            let restoring =
+                trenv_template::restore::Restoring::prepare(&store, &template, &version, &work)?;
+            let mut opts = trenv_criu::restore::RestoreOptions {
+                id,
+                state_root: root,
+                bundle,
+                systemd_cgroup: systemd,
+                tcp_established: criu_opts.tcp_established,
+                ext_unix_sk: criu_opts.ext_unix_sk,
+                file_locks: criu_opts.file_locks,
+                manage_cgroups_mode: criu_opts.manage_cgroups_mode,
+                stdio: raw3(&stdio),
+                ..Default::default()
+            };
+            restoring.apply(&mut opts);
+            let r = trenv_criu::restore::restore(&criu, &opts)
+                .with_context(|| format!("restoring from template {template}"));
+            drop(restoring);
+            // On failure CRIU's log stays, where the error points.
+            if r.is_ok() {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+            Ok(Some(r?.pid))
+        }
+        Request::BuildTemplate {
+            root,
+            id,
+            criu,
+            store,
+            name,
+            key,
+            images,
+            pool,
+            criu_opts,
+        } => {
+            use anyhow::Context;
+            let criu = trenv_criu::Criu::new(&criu);
+            let version = criu_version(&criu)?;
+            let store = trenv_template::Store::open(&store)?;
+            match store.check(&name, &version) {
+                // Built meanwhile (another shim, an earlier build): nothing to do.
+                Ok(m) if m.key == key => return Ok(None),
+                Ok(_) => {}
+                Err(e) => {
+                    if matches!(e.reason(), "corrupt" | "stale" | "pool-missing" | "pool") {
+                        // The damaged template goes first, or the build would find its key
+                        // built and only add the name.
+                        log::info!("template {name}: replacing it ({e})");
+                        if let Err(r) = store.remove(&name) {
+                            log::warn!("template {name}: removing it: {r}");
+                        }
+                    }
+                }
+            }
+            let kind: trenv_mempool::PoolKind = pool.kind.parse()?;
+            let mempool =
+                trenv_mempool::FilePool::open(kind, &pool.name, &pool.dir, pool.capacity)?;
+            let mut c = load(&root, &id)?;
+            let o = trenv_criu::checkpoint::CheckpointOptions {
+                image_path: images.clone(),
+                leave_running: true,
+                tcp_established: criu_opts.tcp_established,
+                ext_unix_sk: criu_opts.ext_unix_sk,
+                file_locks: criu_opts.file_locks,
+                manage_cgroups_mode: criu_opts.manage_cgroups_mode,
+                ..Default::default()
+            };
+            let built = trenv_criu::checkpoint::checkpoint(&mut c, &criu, &o)
+                .with_context(|| format!("checkpointing {} for template {name}", c.id()))
+                .and_then(|()| {
+                    store
+                        .build(&images, &name, Some(key), &mempool, &version)
+                        .with_context(|| format!("building template {name}"))
+                });
+            let _ = std::fs::remove_dir_all(&images);
+            built?;
+            Ok(None)
         }
         Request::Start { root, id } => {
             load(&root, &id)?.start()?;
@@ -278,9 +427,16 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
         | Request::Background { .. } => {
             anyhow::bail!("sandbox requests are answered by run()")
         }
-        Request::Delete { root, id, force } => {
+        Request::Delete {
+            root,
+            id,
+            force,
+            bundle,
+        } => {
             if root.join(&id).join("state.json").exists() {
                 trenv_oci::lifecycle::delete(&mut load(&root, &id)?, force)?;
+            } else if trenv_criu::restore::remove_half_restored(&root, &id, bundle.as_deref()) {
+                log::info!("{id}: removed what a killed restore left");
             }
             Ok(None)
         }

@@ -1,6 +1,5 @@
 //! checkpoint, restore.
 
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -8,6 +7,7 @@ use nix::unistd::Pid;
 use trenv_criu::checkpoint::{self, CheckpointOptions};
 use trenv_criu::restore::{self, RestoreOptions};
 use trenv_criu::Criu;
+use trenv_template::restore::Restoring;
 
 use super::{load, process};
 use crate::cli::{Checkpoint, Global, Restore};
@@ -43,8 +43,29 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
         process::become_subreaper()?;
     }
     let f = &a.criu;
-    // From a template: its checked image set (read, never written: CRIU's log and statistics
-    // go to the work directory) and its pool regions, inherited by CRIU.
+    let mut opts = RestoreOptions {
+        id: a.id.clone(),
+        state_root: g.root.clone(),
+        bundle: a.bundle.clone(),
+        image_path: f.image_path.clone(),
+        work_path: f.work_path.clone(),
+        pid_file: a.pid_file.clone(),
+        console_socket: a.console_socket.clone(),
+        systemd_cgroup: g.systemd_cgroup,
+        tcp_established: f.tcp_established,
+        ext_unix_sk: f.ext_unix_sk,
+        shell_job: f.shell_job,
+        file_locks: f.file_locks,
+        lazy_pages: f.lazy_pages,
+        manage_cgroups_mode: f.manage_cgroups_mode.clone(),
+        empty_ns: f.empty_ns.clone(),
+        auto_dedup: f.auto_dedup,
+        lsm_profile: a.lsm_profile.clone(),
+        lsm_mount_context: a.lsm_mount_context.clone(),
+        ..Default::default()
+    };
+    // From a template: its checked image set and pool regions, and its tmpfs mounts staged
+    // in the work directory (a fresh one unless given).
     let mut template_work: Option<PathBuf> = None;
     let prepared = match &a.template {
         Some(name) => {
@@ -53,42 +74,28 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
             }
             let store = super::template::open_at(&a.template_store)?;
             let criu = super::template::criu_version(g)?;
+            let parent = g.root.join(".template-work");
             let work = match &f.work_path {
                 Some(w) => w.clone(),
                 None => {
-                    let w = g.root.join(".template-work").join(format!(
-                        "{}-{}",
-                        a.id,
-                        std::process::id()
-                    ));
+                    let w = parent.join(format!("{}-{}", a.id, std::process::id()));
                     template_work = Some(w.clone());
                     w
                 }
             };
-            std::fs::create_dir_all(&work)
-                .with_context(|| format!("creating {}", work.display()))?;
-            // What restores killed half-way staged (their tmpfs mounts) goes first: in the
-            // given work directory, or in the earlier default ones (this one is new).
-            let swept: Vec<PathBuf> = match &template_work {
+            // What restores killed half-way staged goes first.
+            let swept = match &template_work {
                 None => trenv_template::tmpfs::sweep(&work),
-                Some(_) => std::fs::read_dir(g.root.join(".template-work"))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .flat_map(|d| trenv_template::tmpfs::sweep(&d.path()))
-                    .collect(),
+                Some(_) => trenv_template::restore::sweep(&parent),
             };
             for s in swept {
                 tracing::info!("removed {} left by a killed restore", s.display());
             }
-            // The container's tmpfs mounts, staged here instead of unpacked by CRIU's tar.
-            match store.prepare(name, &criu).and_then(|p| {
-                tracing::debug!("restore: template checked");
-                let staged =
-                    trenv_template::tmpfs::stage(&p.images, &p.manifest.report.tmpfs, &work)?;
-                Ok((p, staged))
-            }) {
-                Ok((p, staged)) => Some((p, work, staged)),
+            match Restoring::prepare(&store, name, &criu, &work) {
+                Ok(r) => {
+                    r.apply(&mut opts);
+                    Some(r)
+                }
                 Err(e) => {
                     if let Some(w) = &template_work {
                         let _ = std::fs::remove_dir_all(w);
@@ -102,55 +109,6 @@ pub fn restore(g: &Global, a: &Restore) -> Result<u8> {
             }
         }
         None => None,
-    };
-    let (image_path, work_path) = match &prepared {
-        Some((p, work, _)) => (p.images.clone(), Some(work.clone())),
-        None => (f.image_path.clone(), f.work_path.clone()),
-    };
-    let ext_mounts = prepared
-        .as_ref()
-        .map(|(_, _, staged)| staged.ext_mounts())
-        .unwrap_or_default();
-    let inherit = prepared
-        .as_ref()
-        .map(|(p, _, _)| {
-            p.inherit
-                .iter()
-                .map(|(k, file)| (k.clone(), file.as_raw_fd()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let opts = RestoreOptions {
-        id: a.id.clone(),
-        state_root: g.root.clone(),
-        bundle: a.bundle.clone(),
-        image_path,
-        work_path,
-        inherit,
-        ext_mounts,
-        net_from_criu: prepared
-            .as_ref()
-            .is_some_and(|(p, _, _)| p.manifest.report.netns_shared),
-        pid_file: a.pid_file.clone(),
-        console_socket: a.console_socket.clone(),
-        systemd_cgroup: g.systemd_cgroup,
-        tcp_established: f.tcp_established,
-        ext_unix_sk: f.ext_unix_sk,
-        shell_job: f.shell_job,
-        file_locks: f.file_locks,
-        lazy_pages: f.lazy_pages,
-        manage_cgroups_mode: f.manage_cgroups_mode.clone().or_else(|| {
-            // A template's single cgroup is the container's, which trenv makes and runs
-            // CRIU in: CRIU need not mount every hierarchy to re-create it.
-            prepared
-                .as_ref()
-                .filter(|(p, _, _)| p.manifest.report.flat_cgroups)
-                .map(|_| "ignore".to_string())
-        }),
-        empty_ns: f.empty_ns.clone(),
-        auto_dedup: f.auto_dedup,
-        lsm_profile: a.lsm_profile.clone(),
-        lsm_mount_context: a.lsm_mount_context.clone(),
     };
     let restored = restore::restore(&Criu::new(&g.criu), &opts);
     drop(prepared);

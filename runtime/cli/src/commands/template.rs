@@ -164,16 +164,17 @@ fn ls(s: &StoreArgs, format: &str) -> Result<()> {
         "json" => println!("{}", serde_json::to_string_pretty(&list)?),
         "table" => {
             println!(
-                "{:<24} {:<16} {:>10} {:>10} {:<8} {:<10} CREATED",
-                "NAME", "KEY", "POOL MiB", "IMAGE KiB", "CRIU", "POOL"
+                "{:<24} {:<16} {:>10} {:>10} {:>9} {:<8} {:<10} CREATED",
+                "NAME", "KEY", "POOL MiB", "IMAGE KiB", "INSTANCES", "CRIU", "POOL"
             );
             for t in list {
                 println!(
-                    "{:<24} {:<16} {:>10} {:>10} {:<8} {:<10} {}",
+                    "{:<24} {:<16} {:>10} {:>10} {:>9} {:<8} {:<10} {}",
                     t.names.join(","),
                     &t.key[..16.min(t.key.len())],
                     t.pool_bytes >> 20,
                     t.image_bytes >> 10,
+                    t.instances.len(),
                     t.criu,
                     t.pool,
                     t.created
