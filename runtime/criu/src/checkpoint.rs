@@ -69,6 +69,9 @@ pub struct CheckpointOptions {
     pub auto_dedup: bool,
     /// Only pre-dump memory (needs soft-dirty tracking in the kernel); never stops the container.
     pub pre_dump: bool,
+    /// Leave out connections still in a listening socket's accept queue (`--skip-in-flight`)
+    /// instead of failing: with `leave_running` they stay with the running process.
+    pub skip_in_flight: bool,
 }
 
 fn make_dir(path: &Path) -> Result<File, CheckpointError> {
@@ -146,6 +149,9 @@ fn dump_options(
     o.set_root(bundle.rootfs.to_string_lossy().into_owned());
     o.set_leave_running(opts.leave_running);
     o.set_tcp_established(opts.tcp_established);
+    if opts.skip_in_flight {
+        o.set_tcp_skip_in_flight(true);
+    }
     o.set_ext_unix_sk(opts.ext_unix_sk);
     o.set_shell_job(opts.shell_job);
     o.set_file_locks(opts.file_locks);

@@ -24,7 +24,7 @@ impl Criu {
 
     /// Whether the binary exists (a bare name: somewhere on `PATH`).
     pub fn installed(&self) -> bool {
-        resolve(self.path()).is_some()
+        resolve(self.path()).is_some_and(|p| fs::metadata(p).is_ok_and(|m| m.is_file()))
     }
 
     /// The cached version, if the cache has one for this binary; never runs CRIU.

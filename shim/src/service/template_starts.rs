@@ -11,7 +11,7 @@ use containerd_shim::protos::protobuf::well_known_types::struct_::{Struct, Value
 use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::TtrpcResult;
 
-use super::{err, zygote_err, Service};
+use super::{err, Service};
 use crate::annotations::Annotations;
 use crate::backend::{Backend, Events};
 use crate::config::ShimConfig;
@@ -356,7 +356,7 @@ impl<B: Backend, E: Events> BuildJob<B, E> {
                         ("container_id", id),
                         ("template", &plan.name),
                         ("reason", &reason),
-                        ("error", &zygote_err(e).to_string()),
+                        ("error", &e.to_string()),
                     ]),
                 );
             }

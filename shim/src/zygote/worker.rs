@@ -68,7 +68,11 @@ fn template_reason(e: &anyhow::Error) -> Option<String> {
                 .to_string(),
             );
         }
-        if cause.downcast_ref::<trenv_criu::CriuError>().is_some() {
+        if cause.downcast_ref::<trenv_criu::CriuError>().is_some()
+            || cause
+                .downcast_ref::<trenv_criu::checkpoint::CheckpointError>()
+                .is_some()
+        {
             return Some("criu".to_string());
         }
     }
@@ -347,6 +351,9 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 ext_unix_sk: criu_opts.ext_unix_sk,
                 file_locks: criu_opts.file_locks,
                 manage_cgroups_mode: criu_opts.manage_cgroups_mode,
+                // Requests arriving while the dump runs are the running instance's, not
+                // the template's.
+                skip_in_flight: true,
                 ..Default::default()
             };
             let built = trenv_criu::checkpoint::checkpoint(&mut c, &criu, &o)

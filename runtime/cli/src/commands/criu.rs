@@ -32,6 +32,7 @@ pub fn checkpoint(g: &Global, a: &Checkpoint) -> Result<()> {
         manage_cgroups_mode: f.manage_cgroups_mode.clone(),
         empty_ns: f.empty_ns.clone(),
         auto_dedup: f.auto_dedup,
+        skip_in_flight: false,
     };
     checkpoint::checkpoint(&mut c, &Criu::new(&g.criu), &opts)
         .with_context(|| format!("checkpointing container {}", a.id))

@@ -119,6 +119,8 @@ fn build(g: &Global, a: &TemplateBuild) -> Result<()> {
                 image_path: dir.clone(),
                 leave_running: true,
                 tcp_established: a.tcp_established,
+                // Connections not accepted yet stay with the running container.
+                skip_in_flight: true,
                 ..Default::default()
             };
             let res = trenv_criu::checkpoint::checkpoint(&mut c, &Criu::new(&g.criu), &opts)
