@@ -712,7 +712,9 @@ fn restarts_keep_templates_and_cycles_leave_nothing_behind() {
     event(&events, "/trenv/template/restored", &a);
     remove(&c, &a);
     // The shim restarts (drained, it exits; the next container starts a new one).
+    drop(events);
     c.drain_pool().expect("drain");
+    let events = c.events();
     let b = unique_id("tpl-after-shim");
     run_fn(&c, &b, "auto", PYTHON, &[]);
     event(&events, "/trenv/template/restored", &b);

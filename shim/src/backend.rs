@@ -41,11 +41,56 @@ pub trait Events: Send + Sync + 'static {
     fn publish(&self, topic: &str, namespace: &str, event: Box<dyn MessageDyn>);
 }
 
-impl Events for RemotePublisher {
-    fn publish(&self, topic: &str, namespace: &str, event: Box<dyn MessageDyn>) {
-        if let Err(e) = RemotePublisher::publish(self, Context::default(), topic, namespace, event)
-        {
-            log::warn!("publishing {topic}: {e}");
+/// containerd's event endpoint, reconnected after containerd restarts: containerd-shim's
+/// synchronous publisher keeps its first connection forever, so every event after a
+/// restart of containerd (a long-lived pool shim sees many) would be lost.
+pub struct Publisher {
+    address: String,
+    current: std::sync::Mutex<Option<RemotePublisher>>,
+}
+
+impl Publisher {
+    pub fn new(first: RemotePublisher, address: String) -> Self {
+        Self {
+            address,
+            current: std::sync::Mutex::new(Some(first)),
         }
+    }
+}
+
+impl Events for Publisher {
+    fn publish(&self, topic: &str, namespace: &str, event: Box<dyn MessageDyn>) {
+        // Held while publishing: events keep their order.
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = String::new();
+        for attempt in 0..2 {
+            if current.is_none() {
+                match RemotePublisher::new(&self.address) {
+                    Ok(p) => *current = Some(p),
+                    Err(e) => {
+                        last = format!("connecting to {}: {e}", self.address);
+                        break;
+                    }
+                }
+            }
+            let Some(p) = current.as_ref() else {
+                break;
+            };
+            match p.publish(Context::default(), topic, namespace, event.clone_box()) {
+                Ok(()) => return,
+                Err(e) => {
+                    last = e.to_string();
+                    // A broken connection (containerd restarted): one new one, once.
+                    *current = None;
+                    if attempt == 0 {
+                        log::info!("publishing {topic}: {e}; reconnecting");
+                    }
+                }
+            }
+        }
+        log::warn!("publishing {topic}: {last}");
     }
 }

@@ -128,7 +128,7 @@ fn make_pool(namespace: &str, zygote: service::SharedZygote) -> Option<Arc<pool:
 }
 
 impl containerd_shim::Shim for Shim {
-    type T = service::Service<zygote::Zygote, RemotePublisher>;
+    type T = service::Service<zygote::Zygote, backend::Publisher>;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         let serving = args.action.is_empty();
@@ -240,10 +240,11 @@ impl containerd_shim::Shim for Shim {
         if let Ok(mut slot) = self.pool.lock() {
             slot.clone_from(&pool);
         }
+        let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
         service::Service::new(
             &self.namespace,
             self.zygote.clone(),
-            publisher,
+            backend::Publisher::new(publisher, address),
             self.exit.clone(),
             pool,
             &self.socket,

@@ -35,7 +35,7 @@ pub type SharedZygote = Arc<Zygote>;
 /// The containerd task service: a thin ttrpc adaptor (the `containerd_shim::Task` impl at
 /// the end) over the task/process model, running container operations through a
 /// [`Backend`] and reporting through [`Events`].
-pub struct Service<B: Backend = Zygote, E: Events = containerd_shim::publisher::RemotePublisher> {
+pub struct Service<B: Backend = Zygote, E: Events = crate::backend::Publisher> {
     tasks: Arc<Tasks>,
     backend: Arc<B>,
     events: Arc<E>,
