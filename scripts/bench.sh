@@ -18,3 +18,5 @@ target/release/trenv-bench "$@"
 /usr/bin/python3 integration/bench/pool_bench.py
 # A Python function from a memory template vs cold start and plain CRIU restore.
 /usr/bin/python3 integration/bench/template_bench.py
+# Function starts through the containerd API: template-backed vs cold (runc, pool) vs plain CRIU.
+/usr/bin/python3 integration/bench/function_bench.py
