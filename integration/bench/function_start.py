@@ -181,7 +181,7 @@ class Starter:
         self.start(cid)
         r = self.c.tasks.Checkpoint(T.CheckpointTaskRequest(container_id=cid), metadata=self.c.md)
         for d in r.descriptors:
-            if "criu" in d.media_type or "checkpoint" in d.media_type:
+            if d.media_type.endswith("criu.tar"):
                 self.checkpoint = d
         self.stop(cid)
         if self.checkpoint is None:

@@ -142,7 +142,7 @@ impl Timeouts {
         let secs = match req.name() {
             "checkpoint" | "restore" => self.criu_secs,
             "template restore" => self.template_restore_secs,
-            "build template" => self.template_build_secs,
+            "template dump" | "build template" => self.template_build_secs,
             "create sandbox" | "purge sandbox" | "destroy sandbox" => self.sandbox_secs,
             _ => self.operation_secs,
         };

@@ -238,8 +238,10 @@ impl<B: Backend, E: Events> Service<B, E> {
         Ok((pid, master))
     }
 
-    /// After a cold start reached readiness: builds the task's template in the background,
-    /// unless a build of its key runs already.
+    /// After a cold start reached readiness: takes the task's template. The dump happens
+    /// here, before Start returns, so the template holds the initialised state and nothing
+    /// of a request (another tenant's data must never reach a template); the conversion into
+    /// the store runs in the background at the pool's background priority. One build per key.
     pub(super) fn build_template(&self, id: &str, config: &ShimConfig) {
         let Some(templates) = self.templates.clone() else {
             return;
@@ -260,11 +262,37 @@ impl<B: Backend, E: Events> Service<B, E> {
         let images = cfg
             .store
             .join(format!(".checkpoint-{id}-{}", std::process::id()));
-        let request = Request::Background {
+        let job = BuildJob {
+            backend: self.backend.clone(),
+            events: self.events.clone(),
+            namespace: self.namespace.clone(),
+            templates,
+            pool: self.pool.clone(),
+            tasks: self.tasks.clone(),
+        };
+        let started = Instant::now();
+        let dump = Request::TemplateDump {
+            root,
+            id: id.to_string(),
+            criu: config.criu_path.clone(),
+            images: images.clone(),
+            criu_opts,
+        };
+        if let Err(e) = self
+            .backend
+            .call(&dump, &[], self.timeouts.for_request(&dump))
+        {
+            job.failed(id, &plan, &e);
+            return;
+        }
+        log::info!(
+            "{id}: checkpointed for template {} in {:.1} ms",
+            plan.name,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        let build = Request::Background {
             nice: config.pool.background_nice,
             request: Box::new(Request::BuildTemplate {
-                root,
-                id: id.to_string(),
                 criu: config.criu_path.clone(),
                 store: cfg.store.clone(),
                 name: plan.name.clone(),
@@ -276,22 +304,13 @@ impl<B: Backend, E: Events> Service<B, E> {
                     name: cfg.pool_name.clone(),
                     capacity: cfg.pool_capacity_mib << 20,
                 },
-                criu_opts,
             }),
         };
-        let job = BuildJob {
-            backend: self.backend.clone(),
-            events: self.events.clone(),
-            namespace: self.namespace.clone(),
-            templates,
-            pool: self.pool.clone(),
-            deadline: self.timeouts.for_request(&request),
-            tasks: self.tasks.clone(),
-        };
+        let deadline = self.timeouts.for_request(&build);
         let id = id.to_string();
         let spawned = std::thread::Builder::new()
             .name("template-build".into())
-            .spawn(move || job.run(&id, &plan, &request));
+            .spawn(move || job.run(&id, &plan, &build, deadline, started));
         if let Err(e) = spawned {
             log::warn!("template build thread: {e}");
         }
@@ -305,62 +324,72 @@ struct BuildJob<B: Backend, E: Events> {
     namespace: String,
     templates: Arc<Templates>,
     pool: Option<Arc<Pool>>,
-    deadline: std::time::Duration,
     tasks: Arc<crate::task::Tasks>,
 }
 
 impl<B: Backend, E: Events> BuildJob<B, E> {
-    fn run(&self, id: &str, plan: &Plan, request: &Request) {
-        let started = Instant::now();
+    fn run(
+        &self,
+        id: &str,
+        plan: &Plan,
+        request: &Request,
+        deadline: std::time::Duration,
+        started: Instant,
+    ) {
         log::info!(
             "{id}: building template {} (key {})",
             plan.name,
             &plan.key[..16.min(plan.key.len())]
         );
-        let res = self.backend.call(request, &[], self.deadline);
-        let secs = started.elapsed().as_secs_f64();
-        let secs_text = format!("{secs:.3}");
-        match res {
-            Ok(_) => {
-                self.templates.end_build(&plan.key, Ok(secs));
-                log::info!("{id}: template {} built in {secs:.2}s", plan.name);
-                self.events.publish(
-                    BUILT,
-                    &self.namespace,
-                    event(&[
-                        ("container_id", id),
-                        ("template", &plan.name),
-                        ("seconds", &secs_text),
-                    ]),
-                );
-            }
-            Err(e) => {
-                let reason = e.reason().to_string();
-                self.templates.end_build(&plan.key, Err(&reason));
-                log::warn!(
-                    "{id}: building template {} failed ({reason}): {e}",
-                    plan.name
-                );
-                // A dump killed half-way leaves the container frozen.
-                let paused = self
-                    .tasks
-                    .with_proc(id, "", |t, _| t.paused)
-                    .unwrap_or(true);
-                if !paused {
-                    thaw(&self.tasks, id);
-                }
-                self.events.publish(
-                    BUILD_FAILED,
-                    &self.namespace,
-                    event(&[
-                        ("container_id", id),
-                        ("template", &plan.name),
-                        ("reason", &reason),
-                        ("error", &e.to_string()),
-                    ]),
-                );
-            }
+        if let Err(e) = self.backend.call(request, &[], deadline) {
+            self.failed(id, plan, &e);
+            return;
         }
+        let secs = started.elapsed().as_secs_f64();
+        self.templates.end_build(&plan.key, Ok(secs));
+        log::info!("{id}: template {} built in {secs:.2}s", plan.name);
+        let secs_text = format!("{secs:.3}");
+        self.events.publish(
+            BUILT,
+            &self.namespace,
+            event(&[
+                ("container_id", id),
+                ("template", &plan.name),
+                ("seconds", &secs_text),
+            ]),
+        );
+        self.write_metrics();
+    }
+
+    fn failed(&self, id: &str, plan: &Plan, e: &crate::zygote::ZygoteError) {
+        let reason = e.reason().to_string();
+        self.templates.end_build(&plan.key, Err(&reason));
+        log::warn!(
+            "{id}: building template {} failed ({reason}): {e}",
+            plan.name
+        );
+        // A dump killed half-way leaves the container frozen.
+        let paused = self
+            .tasks
+            .with_proc(id, "", |t, _| t.paused)
+            .unwrap_or(true);
+        if !paused {
+            thaw(&self.tasks, id);
+        }
+        self.events.publish(
+            BUILD_FAILED,
+            &self.namespace,
+            event(&[
+                ("container_id", id),
+                ("template", &plan.name),
+                ("reason", &reason),
+                ("error", &e.to_string()),
+            ]),
+        );
+        self.write_metrics();
+    }
+
+    fn write_metrics(&self) {
         if let Some(pool) = &self.pool {
             pool.write_metrics();
         }

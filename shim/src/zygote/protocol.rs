@@ -98,18 +98,24 @@ pub enum Request {
         systemd: bool,
         criu_opts: CriuAnnotations,
     },
-    /// Checkpoints the running task (left running) into `images` and builds template `name`
-    /// under `key` from it in the memory pool; the images go afterwards.
-    BuildTemplate {
+    /// Checkpoints the running task, left running, into `images`: the moment a template is
+    /// taken.
+    TemplateDump {
         root: PathBuf,
         id: String,
+        criu: PathBuf,
+        images: PathBuf,
+        criu_opts: CriuAnnotations,
+    },
+    /// Builds template `name` under `key` from the checkpoint in `images`, with its memory
+    /// in the memory pool; the images go afterwards, whatever the outcome.
+    BuildTemplate {
         criu: PathBuf,
         store: PathBuf,
         name: String,
         key: String,
         images: PathBuf,
         pool: MemPool,
-        criu_opts: CriuAnnotations,
     },
     Start {
         root: PathBuf,
@@ -163,6 +169,7 @@ impl Request {
             Request::DestroySandbox { .. } => "destroy sandbox",
             Request::Restore { .. } => "restore",
             Request::RestoreTemplate { .. } => "template restore",
+            Request::TemplateDump { .. } => "template dump",
             Request::BuildTemplate { .. } => "build template",
             Request::Start { .. } => "start",
             Request::Exec { .. } => "exec",

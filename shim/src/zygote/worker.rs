@@ -310,39 +310,14 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             }
             Ok(Some(r?.pid))
         }
-        Request::BuildTemplate {
+        Request::TemplateDump {
             root,
             id,
             criu,
-            store,
-            name,
-            key,
             images,
-            pool,
             criu_opts,
         } => {
             use anyhow::Context;
-            let criu = trenv_criu::Criu::new(&criu);
-            let version = criu_version(&criu)?;
-            let store = trenv_template::Store::open(&store)?;
-            match store.check(&name, &version) {
-                // Built meanwhile (another shim, an earlier build): nothing to do.
-                Ok(m) if m.key == key => return Ok(None),
-                Ok(_) => {}
-                Err(e) => {
-                    if matches!(e.reason(), "corrupt" | "stale" | "pool-missing" | "pool") {
-                        // The damaged template goes first, or the build would find its key
-                        // built and only add the name.
-                        log::info!("template {name}: replacing it ({e})");
-                        if let Err(r) = store.remove(&name) {
-                            log::warn!("template {name}: removing it: {r}");
-                        }
-                    }
-                }
-            }
-            let kind: trenv_mempool::PoolKind = pool.kind.parse()?;
-            let mempool =
-                trenv_mempool::FilePool::open(kind, &pool.name, &pool.dir, pool.capacity)?;
             let mut c = load(&root, &id)?;
             let o = trenv_criu::checkpoint::CheckpointOptions {
                 image_path: images.clone(),
@@ -356,13 +331,50 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 skip_in_flight: true,
                 ..Default::default()
             };
-            let built = trenv_criu::checkpoint::checkpoint(&mut c, &criu, &o)
-                .with_context(|| format!("checkpointing {} for template {name}", c.id()))
-                .and_then(|()| {
-                    store
-                        .build(&images, &name, Some(key), &mempool, &version)
-                        .with_context(|| format!("building template {name}"))
-                });
+            let dumped =
+                trenv_criu::checkpoint::checkpoint(&mut c, &trenv_criu::Criu::new(&criu), &o)
+                    .with_context(|| format!("checkpointing {id} for a template"));
+            if dumped.is_err() {
+                let _ = std::fs::remove_dir_all(&images);
+            }
+            dumped?;
+            Ok(None)
+        }
+        Request::BuildTemplate {
+            criu,
+            store,
+            name,
+            key,
+            images,
+            pool,
+        } => {
+            use anyhow::Context;
+            let built = (|| -> anyhow::Result<()> {
+                let version = criu_version(&trenv_criu::Criu::new(&criu))?;
+                let store = trenv_template::Store::open(&store)?;
+                match store.check(&name, &version) {
+                    // Built meanwhile (another shim, an earlier build): nothing to do.
+                    Ok(m) if m.key == key => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => {
+                        if matches!(e.reason(), "corrupt" | "stale" | "pool-missing" | "pool") {
+                            // The damaged template goes first, or the build would find its
+                            // key built and only add the name.
+                            log::info!("template {name}: replacing it ({e})");
+                            if let Err(r) = store.remove(&name) {
+                                log::warn!("template {name}: removing it: {r}");
+                            }
+                        }
+                    }
+                }
+                let kind: trenv_mempool::PoolKind = pool.kind.parse()?;
+                let mempool =
+                    trenv_mempool::FilePool::open(kind, &pool.name, &pool.dir, pool.capacity)?;
+                store
+                    .build(&images, &name, Some(key), &mempool, &version)
+                    .with_context(|| format!("building template {name}"))?;
+                Ok(())
+            })();
             let _ = std::fs::remove_dir_all(&images);
             built?;
             Ok(None)
