@@ -35,12 +35,12 @@ from containerd.services.tasks.v1 import tasks_pb2 as T  # noqa: E402
 PHASES = ("network", "container", "task_create", "task_start", "answer")
 
 
-def count_is_one(ip, deadline):
+def count_is_one(ip, deadline, path=b"/count", want=b"1"):
     import socket
     while time.monotonic() < deadline:
         try:
             with socket.create_connection((ip, 8080), timeout=0.5) as s:
-                s.sendall(b"GET /count HTTP/1.0\r\n\r\n")
+                s.sendall(b"GET " + path + b" HTTP/1.0\r\n\r\n")
                 data = b""
                 while True:
                     chunk = s.recv(4096)
@@ -48,7 +48,7 @@ def count_is_one(ip, deadline):
                         break
                     data += chunk
                 if b" 200 " in data:
-                    return data.rsplit(b"\r\n\r\n", 1)[-1] == b"1"
+                    return data.rsplit(b"\r\n\r\n", 1)[-1] == want
         except OSError:
             pass
         time.sleep(0.0005)
@@ -124,8 +124,9 @@ class Starter:
         spec["annotations"] = ann
         return spec
 
-    def start(self, cid):
-        """Starts one instance; (ip, pid, marks)."""
+    def start(self, cid, fresh=False):
+        """Starts one instance; (ip, pid, marks). `fresh`: wait for an answer that changes
+        no state (the instance a checkpoint is taken of)."""
         spec = self.spec(cid)
         c = self.c
         t0 = time.monotonic()
@@ -158,7 +159,8 @@ class Starter:
         t_run = time.monotonic()
         if ip is None:
             ip = published_ip(self.a.pool_dir, cid)
-        if not count_is_one(ip, t_run + 30):
+        probe = (b"/", b"hello") if fresh else (b"/count", b"1")
+        if not count_is_one(ip, t_run + 30, *probe):
             raise RuntimeError(f"{cid}: no correct answer from {ip}")
         t_answer = time.monotonic()
         return ip, pid, (t0, t_net, t_container, t_task, t_run, t_answer)
@@ -178,7 +180,7 @@ class Starter:
     def take_checkpoint(self):
         """An ordinary checkpoint of one initialised instance, through the API."""
         cid = f"bench-ckpt-{os.getpid()}"
-        self.start(cid)
+        self.start(cid, fresh=True)
         r = self.c.tasks.Checkpoint(T.CheckpointTaskRequest(container_id=cid), metadata=self.c.md)
         for d in r.descriptors:
             if d.media_type.endswith("criu.tar"):
