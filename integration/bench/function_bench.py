@@ -86,8 +86,8 @@ def met(ok):
 
 def render(r):
     lines = ["", "## Function starts through containerd: memory templates", "",
-             "`make bench` (integration/bench/function_bench.py with function_start.py as the "
-             "containerd API client; a private containerd per case; each instance deleted "
+             "Command: `/usr/bin/python3 integration/bench/function_bench.py` (the last part of "
+             "`make bench`; function_start.py is the containerd API client; a private containerd per case; each instance deleted "
              "before the next). Time from the client's first call (snapshot prepare) to the "
              "instance's first correct answer to `GET /count` (\"1\": its own first request) "
              "on its IP from the host. runc: io.containerd.runc.v2 in a network namespace "

@@ -373,10 +373,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// the pool's state and cgroups and the template store and memory pool are this
     /// containerd's own.
     pub fn set_shim_config(&self, top: &str, pool: &str, templates: &str) {
+        let capacity = if templates.contains("pool_capacity_mib") {
+            ""
+        } else {
+            "pool_capacity_mib = 1024\n"
+        };
         let text = format!(
             "{top}\n[pool]\nstate_dir = \"{}\"\ncgroup_parent = \"{}\"\n{pool}\n\
              [templates]\nstore = \"{}\"\npool_dir = \"{}\"\npool_name = \"it\"\n\
-             pool_capacity_mib = 1024\n{templates}\n",
+             {capacity}{templates}\n",
             self.dir.path().join("pool").display(),
             self.pool_cgroup(),
             self.template_store().display(),

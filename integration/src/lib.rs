@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod containerd;
+pub mod isolation;
 pub mod leaks;
 pub mod netns;
 pub mod runtime;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use trenv_integration::containerd::{Containerd, BUSYBOX, PYTHON, TRENV_RUNTIME};
+use trenv_integration::isolation::DIRTY;
 use trenv_integration::{leaks, require_root, unique_id, wait_for};
 
 /// `ctr run -d --runtime trenv FLAGS IMAGE ID ARGS`, waiting until the task runs.
@@ -190,23 +191,6 @@ fn busybox_then_python_share_one_sandbox() {
     c.assert_gone(&a);
     c.assert_gone(&b);
 }
-
-const DIRTY: &str = r#"
-import ctypes, os, socket, subprocess, time
-libc = ctypes.CDLL(None, use_errno=True)
-assert libc.shmget(0x1234, 4096, 0o1666) >= 0
-assert libc.semget(0x1235, 1, 0o1666) >= 0
-assert libc.msgget(0x1236, 0o1666) >= 0
-for p in ["/a-root", "/tmp/a-tmp", "/dev/shm/a-shm"]:
-    open(p, "w").write("secret")
-socket.sethostname("tenant-a")
-s = socket.socket()
-s.bind(("0.0.0.0", 9999))
-s.listen()
-subprocess.Popen(["sleep", "1000"], start_new_session=True)
-open("/tmp/ready", "w").write("1")
-time.sleep(1000)
-"#;
 
 #[test]
 fn purge_leaves_nothing_for_the_next_function() {

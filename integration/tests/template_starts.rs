@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use trenv_integration::containerd::{Containerd, Events, PYTHON, TRENV_RUNTIME};
+use trenv_integration::isolation::DIRTY;
 use trenv_integration::{leaks, require_root, unique_id, wait_for};
 
 const PYTHON_NODE: &str = "docker.io/local/python-node:latest";
@@ -325,25 +326,6 @@ fn sixteen_concurrent_restores_keep_their_own_state() {
     assert_no_template_leftovers(&c);
 }
 
-/// The previous function of the sandbox leaves files, IPC objects, a hostname, a listening
-/// socket and a process; the restored instance placed there next sees none of them.
-const DIRTY: &str = r#"
-import ctypes, socket, subprocess, time
-libc = ctypes.CDLL(None, use_errno=True)
-assert libc.shmget(0x1234, 4096, 0o1666) >= 0
-assert libc.semget(0x1235, 1, 0o1666) >= 0
-assert libc.msgget(0x1236, 0o1666) >= 0
-for p in ["/a-root", "/tmp/a-tmp", "/dev/shm/a-shm"]:
-    open(p, "w").write("secret")
-socket.sethostname("tenant-a")
-s = socket.socket()
-s.bind(("0.0.0.0", 9999))
-s.listen()
-subprocess.Popen(["sleep", "1000"], start_new_session=True)
-open("/tmp/ready", "w").write("1")
-time.sleep(1000)
-"#;
-
 #[test]
 fn a_restored_instance_sees_nothing_of_the_sandbox_previous_function() {
     require_root();
@@ -488,6 +470,14 @@ fn assert_cold_with(c: &Containerd, events: &Events, reason: &str, fallback: boo
     remove(c, &id);
 }
 
+/// The template works again: an instance is restored from it.
+fn assert_restored(c: &Containerd, events: &Events) {
+    let ok = unique_id("tpl-ok");
+    run_fn(c, &ok, "auto", PYTHON, &[]);
+    event(events, "/trenv/template/restored", &ok);
+    remove(c, &ok);
+}
+
 #[test]
 fn template_problems_fall_back_to_cold_starts() {
     require_root();
@@ -532,10 +522,7 @@ fn template_problems_fall_back_to_cold_starts() {
         "trenv_template_builds_total{namespace=\"trenv-it\"}",
         2.0,
     );
-    let ok = unique_id("tpl-ok");
-    run_fn(&c, &ok, "auto", PYTHON, &[]);
-    event(&events, "/trenv/template/restored", &ok);
-    remove(&c, &ok);
+    assert_restored(&c, &events);
 
     // The memory pool gone (its tmpfs unmounted): cold, then rebuilt in a new pool.
     nix::mount::umount2(&c.mempool_dir(), nix::mount::MntFlags::MNT_DETACH).expect("umount");
@@ -563,10 +550,7 @@ fn template_problems_fall_back_to_cold_starts() {
         "trenv_template_builds_total{namespace=\"trenv-it\"}",
         4.0,
     );
-    let ok = unique_id("tpl-ok2");
-    run_fn(&c, &ok, "auto", PYTHON, &[]);
-    event(&events, "/trenv/template/restored", &ok);
-    remove(&c, &ok);
+    assert_restored(&c, &events);
 
     // No CRIU: nothing tried, cold start.
     c.set_shim_config(
@@ -576,6 +560,37 @@ fn template_problems_fall_back_to_cold_starts() {
     );
     assert_cold_with(&c, &events, "criu-missing", false, false);
     c.set_shim_config("", "min_idle = 1\nmax_idle = 4", "");
+    assert_no_template_leftovers(&c);
+}
+
+/// A template that does not fit the memory pool fails its build, not the instance: it keeps
+/// serving, the next instance starts cold, and nothing is left in the pool or the store.
+#[test]
+fn a_full_memory_pool_fails_the_build_not_the_instance() {
+    require_root();
+    let c = Containerd::start();
+    c.set_shim_config("", "min_idle = 1\nmax_idle = 4", "pool_capacity_mib = 4");
+    c.import_busybox();
+    c.import_python();
+    let events = c.events();
+    let a = unique_id("tpl-full");
+    run_fn(&c, &a, "tiny", PYTHON, &[]);
+    let ev = event(&events, "/trenv/template/build-failed", &a);
+    assert!(ev.contains("pool-full"), "{ev}");
+    wait_metric(
+        &c,
+        "trenv_template_build_failures_total{namespace=\"trenv-it\",reason=\"pool-full\"}",
+        1.0,
+    );
+    assert_eq!(get(&ip(&c, &a), "/"), "fn=f1 count=1 state=16777216");
+    let b = unique_id("tpl-full2");
+    run_fn(&c, &b, "tiny", PYTHON, &[]);
+    assert!(get(&ip(&c, &b), "/").contains("count=1"));
+    assert!(templates(&c).is_empty(), "{:?}", templates(&c));
+    assert_eq!(mempool_used(&c), 0, "pool space left");
+    for id in [&a, &b] {
+        remove(&c, id);
+    }
     assert_no_template_leftovers(&c);
 }
 

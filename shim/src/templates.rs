@@ -9,9 +9,10 @@
 //! back to a cold start in the same Start. A cold start with `io.trenv.ready` builds the
 //! template once the instance is ready, in the background, one build per key at a time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use containerd_shim::protos::api::Mount;
 use trenv_template::key::KeySource;
@@ -40,6 +41,10 @@ impl Plan {
         self.miss.is_none()
     }
 }
+
+/// How long a key whose build failed is not built again (a full pool would otherwise cost
+/// every cold start of the function a dump).
+const BUILD_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Reasons after which a rebuild would give the same unusable template.
 const NO_REBUILD: [&str; 4] = ["criu-missing", "terminal", "restore-failed", "no-image"];
@@ -79,6 +84,8 @@ struct State {
     failed: HashSet<String>,
     /// Template names by container they were restored into.
     instances: BTreeMap<String, String>,
+    /// When the last build of a key failed.
+    build_failed: HashMap<String, Instant>,
 }
 
 /// The shim's view of templates.
@@ -134,9 +141,15 @@ impl Templates {
         let key = KeySource::from_spec(spec, &image).key();
         let name = name_of(&key);
         let miss = self.miss(&name, &key, criu, terminal);
-        let build = miss
-            .as_deref()
-            .is_some_and(|m| !NO_REBUILD.contains(&m) && m != "building");
+        let backoff = self
+            .lock()
+            .build_failed
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < BUILD_BACKOFF);
+        let build = !backoff
+            && miss
+                .as_deref()
+                .is_some_and(|m| !NO_REBUILD.contains(&m) && m != "building");
         Some(Plan {
             name,
             key,
@@ -233,8 +246,10 @@ impl Templates {
                 g.counters.builds += 1;
                 g.counters.build_seconds += secs;
                 g.failed.remove(key);
+                g.build_failed.remove(key);
             }
             Err(reason) => {
+                g.build_failed.insert(key.to_string(), Instant::now());
                 *g.counters
                     .build_failures
                     .entry(reason.to_string())
@@ -401,6 +416,12 @@ mod tests {
         assert_eq!(during.miss.as_deref(), Some("building"));
         assert!(!during.build);
         t.end_build(&p.key, Err("criu"));
+        // A failed build is not retried at once.
+        let retry = t
+            .plan(&annotations("auto"), &spec, &[overlay("/a")], sh, false)
+            .unwrap();
+        assert_eq!(retry.miss.as_deref(), Some("missing"));
+        assert!(!retry.build);
         // A template CRIU failed to restore is not tried again.
         t.fell_back(&p.key, "criu");
         let after = t

@@ -316,6 +316,18 @@ impl<B: Backend, E: Events> Service<B, E> {
                 .map_err(|e| err(Code::INTERNAL, format!("terminal I/O: {e}")))?;
             return Ok((pid, Some(master)));
         }
+        let (stdio, fds) = self.open_stdio(id, p, config)?;
+        let pid = self.call(&request(None, stdio), &fds)?;
+        Ok((pid, None))
+    }
+
+    /// containerd's FIFOs (or log URIs) of a process without a terminal, opened for it.
+    fn open_stdio(
+        &self,
+        id: &str,
+        p: &Proc,
+        config: &ShimConfig,
+    ) -> TtrpcResult<(Stdio, Vec<OwnedFd>)> {
         let streams = crate::stdio::Streams {
             id,
             namespace: &self.namespace,
@@ -324,10 +336,8 @@ impl<B: Backend, E: Events> Service<B, E> {
             stderr: &p.stderr,
             owner: (config.io_uid, config.io_gid),
         };
-        let (stdio, fds) = crate::stdio::open(&streams)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("opening stdio: {e}")))?;
-        let pid = self.call(&request(None, stdio), &fds)?;
-        Ok((pid, None))
+        crate::stdio::open(&streams)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("opening stdio: {e}")))
     }
 
     /// Records exits reported by the reaper and publishes TaskExit.

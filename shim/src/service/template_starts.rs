@@ -115,16 +115,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             self.with_proc(id, "", |t, _| (t.bundle.clone(), t.criu.clone()))?;
         let started = Instant::now();
         // Templates are for containers without a terminal: the stdio are containerd's FIFOs.
-        let streams = crate::stdio::Streams {
-            id,
-            namespace: &self.namespace,
-            stdin: &p.stdin,
-            stdout: &p.stdout,
-            stderr: &p.stderr,
-            owner: (config.io_uid, config.io_gid),
-        };
-        let (stdio, fds) = crate::stdio::open(&streams)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("opening stdio: {e}")))?;
+        let (stdio, fds) = self.open_stdio(id, p, config)?;
         let request = Request::RestoreTemplate {
             root: root.clone(),
             id: id.to_string(),
@@ -202,7 +193,12 @@ impl<B: Backend, E: Events> Service<B, E> {
         if let Err(e) = self.call(&undo, &[]) {
             log::warn!("{id}: cleaning up after a failed template restore: {e}");
         }
-        let _ = std::fs::remove_dir_all(Templates::work_dir(&root, id));
+        // A restore killed during CRIU left its staged tmpfs mounts behind.
+        let work = Templates::work_dir(&root, id);
+        for m in trenv_template::restore::sweep(&work) {
+            log::info!("{id}: removed {} left by the killed restore", m.display());
+        }
+        let _ = std::fs::remove_dir_all(&work);
         // Only a damaged or outdated template is worth rebuilding: after a CRIU failure or
         // timeout the same template would fail again.
         let rebuild = matches!(
