@@ -73,11 +73,23 @@ def run_case(function, case, a):
         stop_containerd(p, d)
         subprocess.run(["umount", "-l", f"{d}/mempool"], capture_output=True)
         subprocess.run(["rm", "-rf", d])
+        remove_bench_cgroups()
     res = {"first_answer": stats(r["ms"]),
            "phases": {k: stats(v) for k, v in r["phases_ms"].items()},
            "memory16": r["memory"], "errors": r["errors"], "acquire_mean_ms": acquire}
     print(f"function_bench: {function}: {case}: " + json.dumps(res), file=sys.stderr)
     return res
+
+
+def remove_bench_cgroups():
+    """The drained pool's parent cgroups (empty by now), in every hierarchy."""
+    roots = [os.path.join("/sys/fs/cgroup", h) for h in os.listdir("/sys/fs/cgroup")]
+    for root in roots + ["/sys/fs/cgroup"]:
+        for rel in (f"trenv-bench/{NS}", "trenv-bench"):
+            try:
+                os.rmdir(os.path.join(root, rel))
+            except OSError:
+                pass
 
 
 def met(ok):
