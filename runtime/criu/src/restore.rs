@@ -101,6 +101,8 @@ pub struct RestoreOptions {
     /// (default: the caller's 0, 1 and 2). A shim hands the new container's pipes over
     /// this way without giving up its own stdio.
     pub stdio: Option<[RawFd; 3]>,
+    /// Restore connected TCP sockets closed (`--tcp-close`) instead of failing on them.
+    pub tcp_close: bool,
 }
 
 /// A restored container: its init pid (a child of the calling process) and its state.
@@ -503,6 +505,9 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
     o.set_notify_scripts(true);
     o.set_orphan_pts_master(true);
     o.set_tcp_established(opts.tcp_established);
+    if opts.tcp_close {
+        o.set_tcp_close(true);
+    }
     if !opts.tcp_established {
         // CRIU locks a restored network namespace so that connections it puts back in
         // repair mode see no traffic; without established connections there are none, and

@@ -67,6 +67,9 @@ impl Restoring {
         }
         // Dedup would punch holes into the template's shared images.
         opts.auto_dedup = false;
+        // A connection the template caught (the readiness probe's, its server side closing
+        // while the dump ran) belongs to nobody in a new instance: it comes back closed.
+        opts.tcp_close = true;
     }
 }
 
