@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pool_start  # noqa: E402  (the shared containerd API client)
-from pool_start import Client, bridge_conf, cni, published_ip, teardown  # noqa: E402
+from pool_start import Client, attach_netns, published_ip, release_netns, teardown  # noqa: E402
 
 import grpc  # noqa: E402
 from google.protobuf import any_pb2  # noqa: E402
@@ -133,15 +133,8 @@ class Starter:
         ip = None
         if self.a.case == "runc":
             ns = f"trenv-bench-{cid}"
-            subprocess.run(["ip", "netns", "add", ns], check=True)
             self.netns[cid] = ns
-            path = f"/var/run/netns/{ns}"
-            cni("ADD", "loopback", {"type": "loopback"}, cid, path, "lo")
-            res = cni("ADD", "bridge", bridge_conf(self.a.subnet), cid, path, "eth0")
-            ip = res["ips"][0]["address"].split("/")[0]
-            for n in spec["linux"]["namespaces"]:
-                if n["type"] == "network":
-                    n["path"] = path
+            ip = attach_netns(ns, cid, self.a.subnet, spec)
         t_net = time.monotonic()
         mounts = c.snapshots.Prepare(S.PrepareSnapshotRequest(
             snapshotter="overlayfs", key=cid, parent=self.chain), metadata=c.md).mounts
@@ -169,13 +162,7 @@ class Starter:
         teardown(self.c, cid)
         ns = self.netns.pop(cid, None)
         if ns:
-            path = f"/var/run/netns/{ns}"
-            try:
-                cni("DEL", "bridge", bridge_conf(self.a.subnet), cid, path, "eth0")
-                cni("DEL", "loopback", {"type": "loopback"}, cid, path, "lo")
-            except RuntimeError as e:
-                print(f"function_start: {e}", file=sys.stderr)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+            release_netns(ns, cid, self.a.subnet)
 
     def take_checkpoint(self):
         """An ordinary checkpoint of one initialised instance, through the API."""

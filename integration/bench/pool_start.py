@@ -58,6 +58,29 @@ def bridge_conf(subnet):
                      "routes": [{"dst": "0.0.0.0/0"}]}}
 
 
+def attach_netns(netns, cid, subnet, spec):
+    """A new named network namespace with lo and eth0 attached by CNI, as a platform's CNI
+    integration makes for runc; points the spec at it and returns eth0's IP."""
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    path = f"/var/run/netns/{netns}"
+    cni("ADD", "loopback", {"type": "loopback"}, cid, path, "lo")
+    res = cni("ADD", "bridge", bridge_conf(subnet), cid, path, "eth0")
+    for n in spec["linux"]["namespaces"]:
+        if n["type"] == "network":
+            n["path"] = path
+    return res["ips"][0]["address"].split("/")[0]
+
+
+def release_netns(netns, cid, subnet):
+    path = f"/var/run/netns/{netns}"
+    try:
+        cni("DEL", "bridge", bridge_conf(subnet), cid, path, "eth0")
+        cni("DEL", "loopback", {"type": "loopback"}, cid, path, "lo")
+    except RuntimeError as e:
+        print(f"bench: {e}", file=sys.stderr)
+    subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
 class Client:
     def __init__(self, address, namespace):
         self.ch = grpc.insecure_channel("unix://" + address)
@@ -150,14 +173,7 @@ def main():
             t0 = time.monotonic()
             if a.case == "runc":
                 netns = f"trenv-bench-{cid}"
-                subprocess.run(["ip", "netns", "add", netns], check=True)
-                path = f"/var/run/netns/{netns}"
-                cni("ADD", "loopback", {"type": "loopback"}, cid, path, "lo")
-                res = cni("ADD", "bridge", bridge_conf(a.subnet), cid, path, "eth0")
-                ip = res["ips"][0]["address"].split("/")[0]
-                for n in spec["linux"]["namespaces"]:
-                    if n["type"] == "network":
-                        n["path"] = path
+                ip = attach_netns(netns, cid, a.subnet, spec)
             t_net = time.monotonic()
             mounts = c.snapshots.Prepare(S.PrepareSnapshotRequest(
                 snapshotter="overlayfs", key=cid, parent=chain), metadata=c.md).mounts
@@ -187,13 +203,7 @@ def main():
         finally:
             teardown(c, cid)
             if netns:
-                path = f"/var/run/netns/{netns}"
-                try:
-                    cni("DEL", "bridge", bridge_conf(a.subnet), cid, path, "eth0")
-                    cni("DEL", "loopback", {"type": "loopback"}, cid, path, "lo")
-                except RuntimeError as e:
-                    print(f"pool_start: {e}", file=sys.stderr)
-                subprocess.run(["ip", "netns", "del", netns], check=False)
+                release_netns(netns, cid, a.subnet)
         if (i + 1) % 50 == 0:
             print(f"pool_start: {a.case}: {i + 1}/{a.warmup + a.runs}", file=sys.stderr)
     c.snapshots.Remove(S.RemoveSnapshotRequest(snapshotter="overlayfs", key=keeper),

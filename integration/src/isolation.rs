@@ -19,3 +19,18 @@ subprocess.Popen(["sleep", "1000"], start_new_session=True)
 open("/tmp/ready", "w").write("1")
 time.sleep(1000)
 "#;
+
+/// Asserts that the instance `check` runs shell commands in sees none of [`DIRTY`]'s System V
+/// objects (only the three header lines of /proc/sysvipc) and none of its files.
+pub fn assert_no_dirty_ipc_or_files(check: impl Fn(&str) -> String) {
+    assert_eq!(
+        check("cat /proc/sysvipc/shm /proc/sysvipc/sem /proc/sysvipc/msg | wc -l").trim(),
+        "3",
+        "System V objects left"
+    );
+    assert_eq!(
+        check("ls /a-root /tmp/a-tmp /dev/shm/a-shm 2>/dev/null | wc -l").trim(),
+        "0",
+        "files left"
+    );
+}

@@ -12,7 +12,7 @@ use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::TtrpcResult;
 
 use super::{err, Service};
-use crate::annotations::Annotations;
+use crate::annotations::{Annotations, TemplateMode};
 use crate::backend::{Backend, Events};
 use crate::config::ShimConfig;
 use crate::pool::Pool;
@@ -47,7 +47,8 @@ impl<B: Backend, E: Events> Service<B, E> {
         config: &ShimConfig,
     ) -> Option<Plan> {
         let templates = self.templates.as_ref()?;
-        if !req.checkpoint.is_empty() {
+        // Most containers ask for no template: they pay nothing here.
+        if annotations.template == TemplateMode::Off || !req.checkpoint.is_empty() {
             return None;
         }
         let path = bundle.join("config.json");

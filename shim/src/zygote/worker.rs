@@ -105,6 +105,30 @@ fn raw3(fds: &[OwnedFd]) -> Option<[std::os::fd::RawFd; 3]> {
     }
 }
 
+/// What every restore of a task's init asks of CRIU: the task, its bundle, the container's
+/// CRIU annotations and its new stdio.
+fn restore_options(
+    id: String,
+    state_root: std::path::PathBuf,
+    bundle: std::path::PathBuf,
+    systemd: bool,
+    criu_opts: super::protocol::CriuAnnotations,
+    stdio: &[OwnedFd],
+) -> trenv_criu::restore::RestoreOptions {
+    trenv_criu::restore::RestoreOptions {
+        id,
+        state_root,
+        bundle,
+        systemd_cgroup: systemd,
+        tcp_established: criu_opts.tcp_established,
+        ext_unix_sk: criu_opts.ext_unix_sk,
+        file_locks: criu_opts.file_locks,
+        manage_cgroups_mode: criu_opts.manage_cgroups_mode,
+        stdio: raw3(stdio),
+        ..Default::default()
+    }
+}
+
 /// The installed CRIU's version as templates record it ("4.2.1").
 fn criu_version(criu: &trenv_criu::Criu) -> anyhow::Result<String> {
     let (a, b, c) = criu.cached_version()?;
@@ -246,20 +270,11 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
         } => {
             let stdio = restore_stdio(stdio, fds)?;
             let opts = trenv_criu::restore::RestoreOptions {
-                id,
-                state_root: root,
-                bundle,
                 image_path,
                 work_path,
                 shell_job: console_socket.is_some(),
                 console_socket,
-                systemd_cgroup: systemd,
-                tcp_established: criu_opts.tcp_established,
-                ext_unix_sk: criu_opts.ext_unix_sk,
-                file_locks: criu_opts.file_locks,
-                manage_cgroups_mode: criu_opts.manage_cgroups_mode,
-                stdio: raw3(&stdio),
-                ..Default::default()
+                ..restore_options(id, root, bundle, systemd, criu_opts, &stdio)
             };
             let r = trenv_criu::restore::restore(&trenv_criu::Criu::new(&criu), &opts)?;
             Ok(Some(r.pid))
@@ -288,18 +303,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             }
             let restoring =
                 trenv_template::restore::Restoring::prepare(&store, &template, &version, &work)?;
-            let mut opts = trenv_criu::restore::RestoreOptions {
-                id,
-                state_root: root,
-                bundle,
-                systemd_cgroup: systemd,
-                tcp_established: criu_opts.tcp_established,
-                ext_unix_sk: criu_opts.ext_unix_sk,
-                file_locks: criu_opts.file_locks,
-                manage_cgroups_mode: criu_opts.manage_cgroups_mode,
-                stdio: raw3(&stdio),
-                ..Default::default()
-            };
+            let mut opts = restore_options(id, root, bundle, systemd, criu_opts, &stdio);
             restoring.apply(&mut opts);
             let r = trenv_criu::restore::restore(&criu, &opts)
                 .with_context(|| format!("restoring from template {template}"));
