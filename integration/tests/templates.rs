@@ -267,6 +267,17 @@ fn make_template(s: &Setup, name: &str) -> String {
     let pid = pid_of(&s.rt, &id);
     let sum =
         wait_for(Duration::from_secs(60), || get(pid, "/sum")).expect("server never answered");
+    // The server closes its side of the probe's connection after answering; a dump before
+    // that would meet a connected socket.
+    let settled = wait_for(Duration::from_secs(10), || {
+        let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+        let open = tcp
+            .lines()
+            .skip(1)
+            .any(|l| matches!(l.split_whitespace().nth(3), Some("01" | "08")));
+        (!open).then_some(())
+    });
+    assert!(settled.is_some(), "the probe's connection never closed");
     let images = s.path(&format!("ckpt-{name}"));
     s.rt.ok(&["checkpoint", "--image-path", &images.to_string_lossy(), &id]);
     assert_container_gone(&s.rt, &id);
