@@ -46,45 +46,67 @@ pub trait Events: Send + Sync + 'static {
 /// restart of containerd (a long-lived pool shim sees many) would be lost.
 pub struct Publisher {
     address: String,
-    current: std::sync::Mutex<Option<RemotePublisher>>,
+    current: std::sync::Mutex<Option<std::sync::Arc<RemotePublisher>>>,
 }
 
 impl Publisher {
     pub fn new(first: RemotePublisher, address: String) -> Self {
         Self {
             address,
-            current: std::sync::Mutex::new(Some(first)),
+            current: std::sync::Mutex::new(Some(std::sync::Arc::new(first))),
+        }
+    }
+
+    /// The current connection, made anew when there is none. The lock is held only for
+    /// this: events of different tasks are published side by side, as before.
+    fn connection(&self) -> Result<std::sync::Arc<RemotePublisher>, String> {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = current.as_ref() {
+            return Ok(p.clone());
+        }
+        let p = std::sync::Arc::new(
+            RemotePublisher::new(&self.address)
+                .map_err(|e| format!("connecting to {}: {e}", self.address))?,
+        );
+        *current = Some(p.clone());
+        Ok(p)
+    }
+
+    /// Drops `broken` (unless another caller replaced it already).
+    fn forget(&self, broken: &std::sync::Arc<RemotePublisher>) {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current
+            .as_ref()
+            .is_some_and(|c| std::sync::Arc::ptr_eq(c, broken))
+        {
+            *current = None;
         }
     }
 }
 
 impl Events for Publisher {
     fn publish(&self, topic: &str, namespace: &str, event: Box<dyn MessageDyn>) {
-        // Held while publishing: events keep their order.
-        let mut current = self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut last = String::new();
         for attempt in 0..2 {
-            if current.is_none() {
-                match RemotePublisher::new(&self.address) {
-                    Ok(p) => *current = Some(p),
-                    Err(e) => {
-                        last = format!("connecting to {}: {e}", self.address);
-                        break;
-                    }
+            let p = match self.connection() {
+                Ok(p) => p,
+                Err(e) => {
+                    last = e;
+                    break;
                 }
-            }
-            let Some(p) = current.as_ref() else {
-                break;
             };
             match p.publish(Context::default(), topic, namespace, event.clone_box()) {
                 Ok(()) => return,
                 Err(e) => {
                     last = e.to_string();
                     // A broken connection (containerd restarted): one new one, once.
-                    *current = None;
+                    self.forget(&p);
                     if attempt == 0 {
                         log::info!("publishing {topic}: {e}; reconnecting");
                     }
