@@ -54,9 +54,30 @@ fn template_containerd_with(pool: &str, top: &str, templates: &str) -> Container
     c
 }
 
+/// Containers each test's containerd ran, by its pool cgroup: tests run side by side and
+/// share the namespace's state directory, so a leftover check looks only at its own.
+static STARTED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn record_started(c: &Containerd, id: &str) {
+    STARTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((c.pool_cgroup(), id.to_string()));
+}
+
+fn started_by(c: &Containerd, name: &str) -> bool {
+    let me = c.pool_cgroup();
+    STARTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|(owner, id)| *owner == me && name.contains(id.as_str()))
+}
+
 /// `ctr run -d` of the function with `io.trenv.template=MODE`, until the task runs; how
 /// long `ctr run` took.
 fn run_fn(c: &Containerd, id: &str, mode: &str, image: &str, flags: &[&str]) -> Duration {
+    record_started(c, id);
     let template = format!("io.trenv.template={mode}");
     let mut all = vec![
         "run",
@@ -192,6 +213,7 @@ fn assert_no_template_leftovers(c: &Containerd) {
         .flatten()
         .flatten()
         .map(|e| e.path())
+        .filter(|p| started_by(c, &p.to_string_lossy()))
         .collect();
     assert!(left.is_empty(), "restore work directories left: {left:?}");
     let store = c.template_store();
@@ -206,7 +228,10 @@ fn assert_no_template_leftovers(c: &Containerd) {
         checkpoints.is_empty(),
         "build checkpoints left: {checkpoints:?}"
     );
-    let staged = leaks::mounts_with(".tmpfs-");
+    let staged: Vec<_> = leaks::mounts_with(".tmpfs-")
+        .into_iter()
+        .filter(|m| started_by(c, m))
+        .collect();
     assert!(staged.is_empty(), "staged tmpfs mounts left: {staged:?}");
 }
 
@@ -340,6 +365,7 @@ fn a_restored_instance_sees_nothing_of_the_sandbox_previous_function() {
     let first = build_first(&c, &events, "auto", PYTHON);
     remove(&c, &first);
     let a = unique_id("tpl-dirty");
+    record_started(&c, &a);
     c.ctr_ok(&[
         "run",
         "-d",
