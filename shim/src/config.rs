@@ -89,6 +89,9 @@ pub struct TemplatesConfig {
     /// Pool capacity; a build that does not fit fails (`pool-full`) and later instances
     /// start cold.
     pub pool_capacity_mib: u64,
+    /// Spare instances kept per template in use: restored ahead of demand into pooled
+    /// sandboxes and frozen, so that a start only hands one over. 0 = restore at Start.
+    pub spares: usize,
 }
 
 impl Default for TemplatesConfig {
@@ -100,6 +103,7 @@ impl Default for TemplatesConfig {
             pool_dir: PathBuf::from("/run/trenv/mempool/default"),
             pool_name: "default".into(),
             pool_capacity_mib: 4096,
+            spares: 0,
         }
     }
 }

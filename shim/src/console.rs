@@ -1,12 +1,13 @@
 //! Terminals: the console socket libcontainer sends a pty master to, and the copy loops
 //! between that master and containerd's FIFOs.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 /// A listening console socket at a short path (socket paths are limited to 108 bytes, and
 /// containerd's bundle paths can be longer). Removed on drop.
@@ -59,12 +60,58 @@ impl Drop for ConsoleSocket {
     }
 }
 
+/// Output copiers still running, by the stream (containerd's stdout/stderr string) they
+/// deliver: a process's exit is reported once its output is delivered.
+fn copying() -> &'static (Mutex<HashMap<String, usize>>, Condvar) {
+    static COPYING: OnceLock<(Mutex<HashMap<String, usize>>, Condvar)> = OnceLock::new();
+    COPYING.get_or_init(|| (Mutex::new(HashMap::new()), Condvar::new()))
+}
+
+/// Counts one running copier of a stream until dropped.
+pub struct Copying(String);
+
+impl Copying {
+    pub fn new(stream: &str) -> Self {
+        let (m, _) = copying();
+        *m.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(stream.to_string())
+            .or_default() += 1;
+        Self(stream.to_string())
+    }
+}
+
+impl Drop for Copying {
+    fn drop(&mut self) {
+        let (m, cv) = copying();
+        let mut g = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = g.get_mut(&self.0) {
+            *n -= 1;
+            if *n == 0 {
+                g.remove(&self.0);
+            }
+        }
+        cv.notify_all();
+    }
+}
+
+/// Waits up to `timeout` until no copier of `streams` runs; whether none does.
+pub fn wait_copied(streams: &[&str], timeout: std::time::Duration) -> bool {
+    let (m, cv) = copying();
+    let g = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let busy = |g: &mut HashMap<String, usize>| streams.iter().any(|s| g.contains_key(*s));
+    let (mut g, _) = cv
+        .wait_timeout_while(g, timeout, |g| busy(g))
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    !busy(&mut g)
+}
+
 /// Copies `from` into the FIFO at `fifo` until `from` ends, then closes the FIFO so its
 /// reader sees EOF. The FIFO is opened for writing here, before the process can write, when
 /// its reader is there already (containerd opens the reading ends before it creates the
 /// task): a reader that finds no writer yet would take that for the end of the output.
 /// Otherwise the thread opens it, which waits for a reader.
-pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String) {
+pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String, guard: Option<Copying>) {
     use std::os::unix::fs::OpenOptionsExt;
     let early = OpenOptions::new()
         .write(true)
@@ -81,6 +128,7 @@ pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String) {
         })
         .ok();
     std::thread::spawn(move || {
+        let _guard = guard;
         let out = match early {
             Some(f) => Ok(f),
             None => OpenOptions::new().write(true).open(&fifo),
@@ -100,8 +148,9 @@ pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String) {
 }
 
 /// Copies `from` into an open file (a `file://` log) until `from` ends.
-pub fn copy_to_file(mut from: impl Read + Send + 'static, mut to: File) {
+pub fn copy_to_file(mut from: impl Read + Send + 'static, mut to: File, guard: Option<Copying>) {
     std::thread::spawn(move || {
+        let _guard = guard;
         let _ = std::io::copy(&mut from, &mut to);
     });
 }
@@ -166,7 +215,7 @@ pub fn release_stdin(fifo: &str) {
 /// Copies stdin FIFO -> master and master -> stdout FIFO until the terminal closes.
 pub fn spawn_copy(master: Arc<File>, stdin: &str, stdout: &str) -> std::io::Result<()> {
     if !stdout.is_empty() {
-        copy_out(master.try_clone()?, stdout.to_string());
+        copy_out(master.try_clone()?, stdout.to_string(), None);
     }
     if !stdin.is_empty() {
         copy_in(stdin.to_string(), master.try_clone()?);

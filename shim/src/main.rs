@@ -13,6 +13,7 @@ mod pool;
 mod readiness;
 mod rootfs;
 mod service;
+mod spares;
 mod stdio;
 mod task;
 mod teardown;

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use nix::fcntl::OFlag;
 use nix::unistd::{fchown, pipe2, Gid, Uid};
 
-use crate::console::{copy_in, copy_out, copy_to_file};
+use crate::console::{copy_in, copy_out, copy_to_file, Copying};
 use crate::zygote::Stdio;
 
 /// Where a process's output goes, from containerd's stdout/stderr strings.
@@ -94,30 +94,84 @@ fn other(e: impl std::fmt::Display) -> std::io::Error {
 /// Opens the process ends of the streams and starts the copying; returns which streams the
 /// descriptors are for, in stdin, stdout, stderr order.
 pub fn open(s: &Streams) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
-    let mut stdio = Stdio::default();
-    let mut fds = Vec::new();
-    if !s.stdin.is_empty() {
-        let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
-        chown(&r, s.owner)?;
-        copy_in(s.stdin.to_string(), File::from(w));
-        fds.push(r);
-        stdio.stdin = true;
-    }
     let out = parse(s.stdout).map_err(other)?;
     let err = parse(s.stderr).map_err(other)?;
-    // Read ends of the output pipes, for the copying set up below.
-    let mut readers = Vec::new();
-    for (o, flag) in [(&out, &mut stdio.stdout), (&err, &mut stdio.stderr)] {
-        if *o != Output::None {
+    let stdio = Stdio {
+        stdin: !s.stdin.is_empty(),
+        stdout: out != Output::None,
+        stderr: err != Output::None,
+    };
+    let (process, shim) = pipes(stdio, s.owner)?;
+    wire(s, shim, out, err)?;
+    Ok((stdio, process))
+}
+
+/// The shim's ends of a process's stdio pipes, not connected to anything yet.
+#[derive(Debug, Default)]
+pub struct ShimEnds {
+    /// Write end of stdin.
+    pub stdin: Option<OwnedFd>,
+    /// Read ends of stdout and stderr.
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Pipes for the wanted streams: the process's ends (stdin, stdout, stderr order) and the
+/// shim's.
+pub fn pipes(wanted: Stdio, owner: (u32, u32)) -> std::io::Result<(Vec<OwnedFd>, ShimEnds)> {
+    let mut process = Vec::new();
+    let mut shim = ShimEnds::default();
+    if wanted.stdin {
+        let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
+        chown(&r, owner)?;
+        process.push(r);
+        shim.stdin = Some(w);
+    }
+    for (want, end) in [
+        (wanted.stdout, &mut shim.stdout),
+        (wanted.stderr, &mut shim.stderr),
+    ] {
+        if want {
             let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
-            chown(&w, s.owner)?;
-            fds.push(w);
-            readers.push(r);
-            *flag = true;
+            chown(&w, owner)?;
+            process.push(w);
+            *end = Some(r);
         }
+    }
+    Ok((process, shim))
+}
+
+/// Connects pipes made earlier (a spare instance's) to a container's streams. A stream the
+/// container does not have behaves as it would for a process started without it: stdin
+/// reads EOF, output is discarded.
+pub fn attach(s: &Streams, mut shim: ShimEnds) -> std::io::Result<()> {
+    let out = parse(s.stdout).map_err(other)?;
+    let err = parse(s.stderr).map_err(other)?;
+    if s.stdin.is_empty() {
+        shim.stdin = None;
+    }
+    for (o, end) in [(&out, &mut shim.stdout), (&err, &mut shim.stderr)] {
+        if *o == Output::None {
+            if let Some(r) = end.take() {
+                copy_to_file(
+                    File::from(r),
+                    OpenOptions::new().write(true).open("/dev/null")?,
+                    None,
+                );
+            }
+        }
+    }
+    wire(s, shim, out, err)
+}
+
+/// Starts the copying between the shim's ends and containerd's side of the streams.
+fn wire(s: &Streams, shim: ShimEnds, out: Output, err: Output) -> std::io::Result<()> {
+    if let Some(w) = shim.stdin {
+        copy_in(s.stdin.to_string(), File::from(w));
     }
     match (&out, &err) {
         (Output::Binary { path, args }, _) => {
+            let readers = [shim.stdout, shim.stderr].into_iter().flatten().collect();
             spawn_logger(path, args, s, readers)?;
         }
         (Output::File(path), _) => {
@@ -125,20 +179,22 @@ pub fn open(s: &Streams) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
                 std::fs::create_dir_all(dir)?;
             }
             let file = OpenOptions::new().create(true).append(true).open(path)?;
-            for r in readers {
-                copy_to_file(File::from(r), file.try_clone()?);
+            for (r, name) in [(shim.stdout, s.stdout), (shim.stderr, s.stderr)] {
+                if let Some(r) = r {
+                    copy_to_file(File::from(r), file.try_clone()?, Some(Copying::new(name)));
+                }
             }
         }
         _ => {
-            let mut readers = readers.into_iter();
-            for o in [out, err] {
-                if let (Output::Fifo(fifo), Some(r)) = (&o, readers.next()) {
-                    copy_out(File::from(r), fifo.clone());
+            // Paired by stream: a stream without output has no reader.
+            for (o, r, name) in [(out, shim.stdout, s.stdout), (err, shim.stderr, s.stderr)] {
+                if let (Output::Fifo(fifo), Some(r)) = (o, r) {
+                    copy_out(File::from(r), fifo, Some(Copying::new(name)));
                 }
             }
         }
     }
-    Ok((stdio, fds))
+    Ok(())
 }
 
 const LOGGER_READY_MS: u16 = 10_000;

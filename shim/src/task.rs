@@ -72,6 +72,9 @@ pub struct Task {
     pub ready: Option<crate::readiness::Ready>,
     /// `io.trenv.template`: what the task does with its template.
     pub template: Option<TemplateTask>,
+    /// The task took over a spare instance, whose directory this is: Start thaws the
+    /// init, Delete removes the directory.
+    pub spare: Option<PathBuf>,
 }
 
 /// A task with `io.trenv.template`.
@@ -86,6 +89,8 @@ pub struct TemplateTask {
     pub build: bool,
     /// The sandbox's UTS namespace, for a cold create after a failed restore.
     pub sandbox_uts: Option<crate::zygote::SandboxUts>,
+    /// What another instance like this one is restored from, when spares are on.
+    pub spare_source: Option<Arc<crate::spares::Source>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -295,6 +300,17 @@ impl Tasks {
         }
         self.changed.notify_all();
         publish
+    }
+
+    /// The output streams (stdout, stderr as containerd named them) of the running process
+    /// `pid`, if it is a task's and has no terminal.
+    pub fn streams_of(&self, pid: i32) -> Option<(String, String)> {
+        let st = self.lock();
+        st.tasks
+            .values()
+            .flat_map(|t| t.procs.values())
+            .find(|p| p.pid == pid && p.exit.is_none() && !p.terminal)
+            .map(|p| (p.stdout.clone(), p.stderr.clone()))
     }
 
     /// Waits until the process has exited (or was deleted) and returns how it ended.

@@ -129,6 +129,8 @@ pub struct Pool {
     /// the shim cannot retire between handing out its address and the task's Create.
     lease: Mutex<(bool, Instant)>,
     extra_metrics: Mutex<Option<ExtraMetrics>>,
+    /// Run when a drain begins: what holds sandboxes without a container (spares) lets go.
+    on_drain: Mutex<Option<OnEmpty>>,
 }
 
 /// How long a control client may take to send its command or read the answer.
@@ -176,6 +178,7 @@ impl Pool {
             owner: Mutex::new(None),
             lease: Mutex::new((false, Instant::now())),
             extra_metrics: Mutex::new(None),
+            on_drain: Mutex::new(None),
         }))
     }
 
@@ -388,6 +391,38 @@ impl Pool {
         }
     }
 
+    /// What a drain runs first (once).
+    pub fn set_on_drain(&self, f: OnEmpty) {
+        *self
+            .on_drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+    }
+
+    /// Hands the sandbox of `from` (a spare instance) to container `to`, with its address.
+    pub fn transfer(&self, from: &str, to: &str) -> Result<(), String> {
+        let sb = {
+            let mut g = self.lock();
+            if g.in_use.contains_key(to) {
+                return Err(format!("container {to} has a sandbox already"));
+            }
+            let mut u = g
+                .in_use
+                .remove(from)
+                .ok_or_else(|| format!("{from} has no sandbox"))?;
+            u.sandbox.container = Some(to.to_string());
+            let sb = u.sandbox.clone();
+            g.in_use.insert(to.to_string(), u);
+            sb
+        };
+        if let Err(e) = self.store.save(&sb) {
+            log::warn!("{e}");
+        }
+        let _ = std::fs::remove_file(self.store.container_file(from));
+        self.publish_address(to, &sb);
+        Ok(())
+    }
+
     /// More metrics appended to the pool's (the shim's template counters).
     pub fn set_extra_metrics(&self, f: ExtraMetrics) {
         *self
@@ -413,6 +448,14 @@ impl Pool {
     /// Destroys every idle sandbox now and every other one when its container is gone;
     /// the pool stays empty for the rest of this shim's life. Returns how many it destroyed.
     pub fn drain(&self) -> usize {
+        let hook = self
+            .on_drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(f) = hook {
+            f();
+        }
         let idle: Vec<Sandbox> = {
             let mut g = self.lock();
             g.draining = true;

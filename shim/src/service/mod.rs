@@ -45,8 +45,11 @@ pub struct Service<B: Backend = Zygote, E: Events = crate::backend::Publisher> {
     timeouts: crate::config::Timeouts,
     /// Template-backed starts (`[templates]`); None in unit tests.
     templates: Option<Arc<Templates>>,
+    /// Spare instances (`[templates] spares`); None when off or without a pool.
+    spare_filler: Option<Arc<spare_starts::Filler<B>>>,
 }
 
+mod spare_starts;
 mod template_starts;
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
@@ -122,12 +125,43 @@ impl<E: Events> Clone for ExitSink<E> {
     }
 }
 
-impl<E: Events> ExitSink<E> {
+/// How long an exit waits for the process's output to be delivered (as runc's shim waits
+/// for its I/O at Delete).
+const OUTPUT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl<E: Events + 'static> ExitSink<E> {
     /// The process `pid` exited with `code` (0-255, 128 + signal when killed).
+    ///
+    /// The exit counts (Wait returns, TaskExit goes out) once the shim has copied all the
+    /// process's output into containerd's FIFOs: a client that deletes the task when it
+    /// learns of the exit (`ctr run --rm`) stops reading, and output copied after that is
+    /// lost.
     pub fn exited(&self, pid: i32, code: u32) {
+        let at = now();
+        if let Some((out, err)) = self.tasks.streams_of(pid) {
+            if !crate::console::wait_copied(&[&out, &err], std::time::Duration::ZERO) {
+                let me = self.clone();
+                let when = at.clone();
+                let waited = std::thread::Builder::new()
+                    .name("exit-output".into())
+                    .spawn(move || {
+                        if !crate::console::wait_copied(&[&out, &err], OUTPUT_GRACE) {
+                            log::warn!("pid {pid} exited; its output is still being copied");
+                        }
+                        me.record(pid, code, when);
+                    });
+                match waited {
+                    Ok(_) => return,
+                    Err(e) => log::warn!("exit thread: {e}"),
+                }
+            }
+        }
+        self.record(pid, code, at);
+    }
+
+    fn record(&self, pid: i32, code: u32, at: Timestamp) {
         // Unknown pids (an exit before create returned, holders, loggers) are kept by the
         // task model for a later claim; exits during a Start are published after it.
-        let at = now();
         if let Some((tid, eid)) = self.tasks.exited(pid, (code, at.clone())) {
             self.publish_exit(&tid, &eid, pid, (code, at));
         }
@@ -171,8 +205,31 @@ impl<B: Backend, E: Events> Service<B, E> {
         );
         let templates = Arc::new(Templates::new(file.templates));
         if let Some(pool) = &s.pool {
-            let (t, ns) = (templates.clone(), namespace.to_string());
-            pool.set_extra_metrics(Box::new(move || t.metrics(&ns)));
+            let filler = (templates.config().spares > 0).then(|| {
+                spare_starts::Filler::new(
+                    s.backend.clone(),
+                    pool.clone(),
+                    templates.clone(),
+                    s.timeouts.clone(),
+                )
+            });
+            let (t, ns, spares) = (
+                templates.clone(),
+                namespace.to_string(),
+                filler.as_ref().map(|f| f.spares.clone()),
+            );
+            pool.set_extra_metrics(Box::new(move || {
+                let mut m = t.metrics(&ns);
+                if let Some(s) = &spares {
+                    m.push_str(&s.metrics(&ns));
+                }
+                m
+            }));
+            if let Some(f) = &filler {
+                let f = f.clone();
+                pool.set_on_drain(Box::new(move || f.discard_all(true)));
+            }
+            s.spare_filler = filler;
         }
         s.templates = Some(templates);
         s.watch_exits();
@@ -202,6 +259,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             lifetime,
             timeouts,
             templates: None,
+            spare_filler: None,
         }
     }
 
@@ -461,6 +519,21 @@ impl<B: Backend, E: Events> Service<B, E> {
         // Keyed by the spec as containerd wrote it, before placement rewrites it.
         let plan = self.template_plan(&req, &bundle, &annotations, &config);
         let restore = plan.as_ref().is_some_and(|p| p.restore());
+        let spare_source =
+            self.spare_source(&req, &bundle, &annotations, &config, plan.as_ref(), &root);
+        if let Some(plan) = plan.as_ref().filter(|_| spare_source.is_some()) {
+            let taken = self.create_from_spare(
+                &req,
+                &config,
+                &annotations,
+                plan,
+                spare_source.clone(),
+                &root,
+            )?;
+            if let Some(pid) = taken {
+                return Ok(self.created(&req, pid));
+            }
+        }
         // Mounting the rootfs (an overlay mount, the larger part) and taking a sandbox
         // are independent: done side by side, a pool hit waits for the longer of the two.
         let (mounted, placed) = std::thread::scope(|s| {
@@ -568,6 +641,7 @@ impl<B: Backend, E: Events> Service<B, E> {
                     plan: Some(plan),
                     restored: None,
                     sandbox_uts: sandbox_uts.clone(),
+                    spare_source,
                 }),
                 ..Default::default()
             };
@@ -578,6 +652,11 @@ impl<B: Backend, E: Events> Service<B, E> {
         if pid != 0 {
             self.watch_oom(&req.id);
         }
+        Ok(self.created(&req, pid))
+    }
+
+    /// Publishes TaskCreate for a created task; the answer to containerd.
+    fn created(&self, req: &api::CreateTaskRequest, pid: i32) -> api::CreateTaskResponse {
         let ev = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -595,10 +674,10 @@ impl<B: Backend, E: Events> Service<B, E> {
             ..Default::default()
         };
         self.publish(ev.topic(), Box::new(ev));
-        Ok(api::CreateTaskResponse {
+        api::CreateTaskResponse {
             pid: api_pid(pid),
             ..Default::default()
-        })
+        }
     }
 
     pub fn start(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
@@ -678,9 +757,17 @@ impl<B: Backend, E: Events> Service<B, E> {
         p: &Proc,
     ) -> TtrpcResult<(i32, Option<Arc<std::fs::File>>)> {
         let launched = if req.exec_id.is_empty() {
-            let (bundle, checkpoint, template) = self.with_proc(&req.id, "", |t, _| {
-                (t.bundle.clone(), t.checkpoint.clone(), t.template.clone())
+            let (bundle, checkpoint, template, spare) = self.with_proc(&req.id, "", |t, _| {
+                (
+                    t.bundle.clone(),
+                    t.checkpoint.clone(),
+                    t.template.clone(),
+                    t.spare.is_some(),
+                )
             })?;
+            if spare {
+                return Ok((self.start_spare(&req.id, p.pid)?, None));
+            }
             if let Some(tt) = template.filter(|t| t.restore && checkpoint.is_none()) {
                 return self.start_from_template(&req.id, root, config, p, tt);
             }
@@ -967,6 +1054,9 @@ impl<B: Backend, E: Events> Service<B, E> {
             if let Some(t) = self.tasks.remove(&req.id, now()) {
                 if t.rootfs_mounted {
                     crate::rootfs::unmount_bundle(&t.bundle);
+                }
+                if let Some(dir) = &t.spare {
+                    crate::spares::remove_dir(dir);
                 }
                 if t.pooled {
                     self.release_sandbox(&req.id);

@@ -90,7 +90,7 @@ impl<B: Backend, E: Events> Service<B, E> {
         }
     }
 
-    fn publish_template(&self, topic: &str, fields: &[(&str, &str)]) {
+    pub(super) fn publish_template(&self, topic: &str, fields: &[(&str, &str)]) {
         self.events.publish(topic, &self.namespace, event(fields));
     }
 
@@ -163,6 +163,7 @@ impl<B: Backend, E: Events> Service<B, E> {
                         ("pid", &pid_text),
                     ],
                 );
+                self.refill_spares(tt.spare_source.as_ref());
                 return Ok((pid, None));
             }
             Ok(None) => ("restore".to_string(), "restore returned no pid".to_string()),
@@ -260,6 +261,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             .store
             .join(format!(".checkpoint-{id}-{}", std::process::id()));
         let job = BuildJob {
+            spares: self.spare_filler.clone().zip(tt.spare_source.clone()),
             backend: self.backend.clone(),
             events: self.events.clone(),
             namespace: self.namespace.clone(),
@@ -316,6 +318,11 @@ impl<B: Backend, E: Events> Service<B, E> {
 
 /// A background build and what it reports to.
 struct BuildJob<B: Backend, E: Events> {
+    /// Where a spare of the new template goes, and what it is restored like.
+    spares: Option<(
+        Arc<super::spare_starts::Filler<B>>,
+        Arc<crate::spares::Source>,
+    )>,
     backend: Arc<B>,
     events: Arc<E>,
     namespace: String,
@@ -356,6 +363,9 @@ impl<B: Backend, E: Events> BuildJob<B, E> {
             ]),
         );
         self.write_metrics();
+        if let Some((filler, source)) = &self.spares {
+            filler.refill(source.clone());
+        }
     }
 
     fn failed(&self, id: &str, plan: &Plan, e: &crate::zygote::ZygoteError) {

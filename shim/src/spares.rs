@@ -1,0 +1,377 @@
+//! Spare instances: template-backed instances restored ahead of demand.
+//!
+//! A restore costs a start ~20 ms even when every page is mapped from the template: CRIU's
+//! start-up, the process tree, namespaces, files and mounts. With `[templates] spares = N`
+//! the shim keeps up to N instances of each template in use restored in pooled sandboxes,
+//! frozen (cgroup freezer: the process cannot tell), with stdio pipes whose other ends the
+//! shim holds. Create of a container with the same key takes one over: the sandbox and the
+//! runtime state are renamed to the container, its limits applied and its streams connected;
+//! Start thaws it. The taken spare is replaced in the background.
+//!
+//! A spare runs on a rootfs of its own: an overlay of the same image layers (the same lower
+//! directories containerd mounts for the container) with a private upper directory, since
+//! a process cannot be moved to another root once it runs. Its writes land there and are
+//! discarded with it, not in the container's snapshot (documented). Only overlay rootfs
+//! mounts can be re-made that way; other snapshotters get no spares.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use containerd_shim::protos::api::Mount;
+
+use crate::stdio::ShimEnds;
+use crate::templates::Plan;
+use crate::zygote::SandboxUts;
+
+/// Directory (under the state root) of spares' bundles, rootfs and upper directories.
+pub const DIR: &str = ".template-spares";
+/// Runtime ids of spares start with this, then the shim's pid and a counter.
+pub const PREFIX: &str = "trenv-spare-";
+
+/// What it takes to restore another instance like a container: its spec before placement
+/// and its rootfs mounts, with what Create knew about it.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub plan: Plan,
+    pub spec: serde_json::Value,
+    pub rootfs: Vec<Mount>,
+    pub annotations: crate::annotations::Annotations,
+    pub config: crate::config::ShimConfig,
+    pub root: PathBuf,
+}
+
+/// A restored, frozen instance waiting for a container.
+#[derive(Debug)]
+pub struct Spare {
+    /// Its runtime id (and pool claim) until a container takes it over.
+    pub id: String,
+    pub template: String,
+    pub pid: i32,
+    /// Holds `bundle/` (config.json and the rootfs mount point), `upper/` and `work/`.
+    pub dir: PathBuf,
+    /// libcontainer state root it was restored under.
+    pub root: PathBuf,
+    pub ends: ShimEnds,
+    pub sandbox_uts: Option<SandboxUts>,
+}
+
+impl Spare {
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+
+    /// The process is still there (not killed, not a zombie waiting for the reaper).
+    pub fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .ok()
+            .and_then(|s| {
+                // The state follows the command, which is in parentheses and may hold any
+                // character.
+                let after = &s[s.rfind(')')? + 1..];
+                after.split_whitespace().next().map(|st| st != "Z")
+            })
+            .unwrap_or(false)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    made: u64,
+    taken: u64,
+    discarded: u64,
+    failed: u64,
+}
+
+#[derive(Default)]
+struct State {
+    ready: HashMap<String, Vec<Spare>>,
+    /// Keys a fill runs for.
+    filling: HashSet<String>,
+    /// Set by a drain: no more spares.
+    closed: bool,
+    counters: Counters,
+}
+
+/// The shim's spares, by template key.
+pub struct Spares {
+    target: usize,
+    state: Mutex<State>,
+}
+
+impl Spares {
+    pub fn new(target: usize) -> Self {
+        Self {
+            target,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.target > 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Lists and counters only: a panicking holder leaves nothing half-written.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A spare for `key`, if one is ready.
+    pub fn take(&self, key: &str) -> Option<Spare> {
+        let mut g = self.lock();
+        let spare = g.ready.get_mut(key)?.pop()?;
+        g.counters.taken += 1;
+        Some(spare)
+    }
+
+    /// Claims the next fill of `key`; false when one runs, enough are ready or spares are
+    /// closed.
+    pub fn begin_fill(&self, key: &str) -> bool {
+        let mut g = self.lock();
+        let have = g.ready.get(key).map_or(0, Vec::len);
+        if g.closed || self.target == 0 || have >= self.target || g.filling.contains(key) {
+            return false;
+        }
+        g.filling.insert(key.to_string())
+    }
+
+    /// Ends a fill of `key`. A spare made after a drain closed the spares comes back for
+    /// the caller to discard; so does one beyond the target.
+    pub fn end_fill(&self, key: &str, made: Result<Spare, ()>) -> Option<Spare> {
+        let mut g = self.lock();
+        g.filling.remove(key);
+        match made {
+            Err(()) => {
+                g.counters.failed += 1;
+                None
+            }
+            Ok(spare) => {
+                let have = g.ready.get(key).map_or(0, Vec::len);
+                if g.closed || have >= self.target {
+                    return Some(spare);
+                }
+                g.counters.made += 1;
+                g.ready.entry(key.to_string()).or_default().push(spare);
+                None
+            }
+        }
+    }
+
+    /// Whether `key` could use another spare.
+    pub fn wanted(&self, key: &str) -> bool {
+        let g = self.lock();
+        !g.closed && g.ready.get(key).map_or(0, Vec::len) < self.target
+    }
+
+    pub fn discarded(&self, n: usize) {
+        self.lock().counters.discarded += n as u64;
+    }
+
+    /// Every ready spare, for discarding; with `close`, no spare is made from now on.
+    pub fn take_all(&self, close: bool) -> Vec<Spare> {
+        let mut g = self.lock();
+        g.closed |= close;
+        g.ready.drain().flat_map(|(_, v)| v).collect()
+    }
+
+    /// Prometheus text for the pool's metrics file.
+    pub fn metrics(&self, ns: &str) -> String {
+        let g = self.lock();
+        let ready: usize = g.ready.values().map(Vec::len).sum();
+        let c = &g.counters;
+        let mut t = format!(
+            "# HELP trenv_template_spares Spare instances ready (restored, frozen).\n\
+             # TYPE trenv_template_spares gauge\n\
+             trenv_template_spares{{namespace=\"{ns}\"}} {ready}\n"
+        );
+        for (name, help, v) in [
+            ("made", "Spare instances restored.", c.made),
+            ("taken", "Starts served by a spare instance.", c.taken),
+            (
+                "discarded",
+                "Spare instances discarded (dead, drained, not needed).",
+                c.discarded,
+            ),
+            ("failed", "Spare restores that failed.", c.failed),
+        ] {
+            t.push_str(&format!(
+                "# HELP trenv_template_spares_{name}_total {help}\n\
+                 # TYPE trenv_template_spares_{name}_total counter\n\
+                 trenv_template_spares_{name}_total{{namespace=\"{ns}\"}} {v}\n"
+            ));
+        }
+        t
+    }
+}
+
+/// The container's rootfs mounts with a private upper and work directory under `dir`:
+/// the same image, a writable layer of the spare's own. None for anything but one overlay.
+pub fn private_rootfs(mounts: &[Mount], dir: &Path) -> Option<Vec<Mount>> {
+    let [m] = mounts else {
+        return None;
+    };
+    if m.type_ != "overlay" {
+        return None;
+    }
+    let mut options: Vec<String> = m
+        .options
+        .iter()
+        .filter(|o| !o.starts_with("upperdir=") && !o.starts_with("workdir="))
+        .cloned()
+        .collect();
+    if !options.iter().any(|o| o.starts_with("lowerdir=")) {
+        return None;
+    }
+    // A read-only view has no upper directory; the spare's stays read-only too.
+    if m.options.iter().any(|o| o.starts_with("upperdir=")) {
+        options.push(format!("upperdir={}", dir.join("upper").display()));
+        options.push(format!("workdir={}", dir.join("work").display()));
+    }
+    let mut out = m.clone();
+    out.options = options;
+    Some(vec![out])
+}
+
+/// Hands the runtime state of spare `from` to container `to`: libcontainer keeps a
+/// container's state in `<root>/<id>/state.json`, which names the id.
+pub fn rename_state(root: &Path, from: &str, to: &str) -> std::io::Result<()> {
+    let (src, dst) = (root.join(from), root.join(to));
+    // A container's own state is never replaced.
+    std::fs::create_dir(&dst)?;
+    std::fs::remove_dir(&dst)?;
+    let path = src.join("state.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+    state["id"] = serde_json::Value::String(to.to_string());
+    let bytes = serde_json::to_vec(&state).map_err(std::io::Error::other)?;
+    std::fs::write(&path, bytes)?;
+    std::fs::rename(&src, &dst)
+}
+
+/// Unmounts and removes what a spare had on disk.
+pub fn remove_dir(dir: &Path) {
+    let rootfs = dir.join("bundle").join("rootfs");
+    // Not mounted (a failed fill) is fine.
+    let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("removing spare directory {}: {e}", dir.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(t: &str, o: &[&str]) -> Mount {
+        Mount {
+            type_: t.into(),
+            source: "overlay".into(),
+            options: o.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_private_rootfs_keeps_the_layers_and_replaces_the_writable_one() {
+        let m = mount(
+            "overlay",
+            &[
+                "index=off",
+                "workdir=/s/7/work",
+                "upperdir=/s/7/fs",
+                "lowerdir=/s/2/fs:/s/1/fs",
+            ],
+        );
+        let got = private_rootfs(&[m], Path::new("/spare")).expect("overlay");
+        assert_eq!(
+            got[0].options,
+            [
+                "index=off",
+                "lowerdir=/s/2/fs:/s/1/fs",
+                "upperdir=/spare/upper",
+                "workdir=/spare/work"
+            ]
+        );
+        let ro = mount("overlay", &["lowerdir=/s/2/fs:/s/1/fs"]);
+        let got = private_rootfs(&[ro], Path::new("/spare")).expect("read-only view");
+        assert_eq!(got[0].options, ["lowerdir=/s/2/fs:/s/1/fs"]);
+        assert!(private_rootfs(&[mount("bind", &["rbind"])], Path::new("/x")).is_none());
+        assert!(private_rootfs(&[], Path::new("/x")).is_none());
+        let two = [
+            mount("overlay", &["lowerdir=/a"]),
+            mount("overlay", &["lowerdir=/b"]),
+        ];
+        assert!(private_rootfs(&two, Path::new("/x")).is_none());
+    }
+
+    #[test]
+    fn renaming_state_moves_it_and_never_replaces_a_container() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let from = d.path().join("trenv-spare-1");
+        std::fs::create_dir(&from).expect("mkdir");
+        std::fs::write(from.join("state.json"), r#"{"id":"trenv-spare-1","pid":7}"#)
+            .expect("state");
+        std::fs::create_dir(d.path().join("taken")).expect("mkdir");
+        assert!(rename_state(d.path(), "trenv-spare-1", "taken").is_err());
+        rename_state(d.path(), "trenv-spare-1", "c1").expect("rename");
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join("c1/state.json")).expect("read"))
+                .expect("json");
+        assert_eq!(v["id"], "c1");
+        assert_eq!(v["pid"], 7);
+        assert!(!from.exists());
+    }
+
+    fn spare(id: &str) -> Spare {
+        Spare {
+            id: id.into(),
+            template: "t".into(),
+            pid: 1,
+            dir: PathBuf::from("/nonexistent"),
+            root: PathBuf::from("/nonexistent"),
+            ends: ShimEnds::default(),
+            sandbox_uts: None,
+        }
+    }
+
+    #[test]
+    fn fills_stop_at_the_target_and_after_a_drain() {
+        let s = Spares::new(1);
+        assert!(s.begin_fill("k"));
+        assert!(!s.begin_fill("k"), "one fill per key at a time");
+        assert!(s.end_fill("k", Ok(spare("a"))).is_none());
+        assert!(!s.begin_fill("k"), "target reached");
+        assert!(s.wanted("other"));
+        assert_eq!(s.take("k").map(|x| x.id), Some("a".into()));
+        assert!(s.take("k").is_none());
+        assert!(s.begin_fill("k"));
+        assert!(s.end_fill("k", Err(())).is_none());
+        assert!(s.begin_fill("k"));
+        assert_eq!(s.take_all(true).len(), 0);
+        let back = s.end_fill("k", Ok(spare("b")));
+        assert_eq!(
+            back.map(|x| x.id),
+            Some("b".into()),
+            "closed: back to discard"
+        );
+        assert!(!s.begin_fill("k"));
+        assert!(!Spares::new(0).begin_fill("k"));
+        let m = s.metrics("ns");
+        assert!(
+            m.contains("trenv_template_spares{namespace=\"ns\"} 0"),
+            "{m}"
+        );
+        assert!(
+            m.contains("trenv_template_spares_taken_total{namespace=\"ns\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("trenv_template_spares_failed_total{namespace=\"ns\"} 1"),
+            "{m}"
+        );
+    }
+}
