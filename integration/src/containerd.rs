@@ -200,7 +200,17 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             Some(()) => Ok(()),
             None => Err(format!(
                 "after drain: shim processes {:?}, pool dir exists: {}",
-                leaks::processes_with(&socket),
+                leaks::processes_with(&socket)
+                    .iter()
+                    .map(|p| {
+                        let cmd = std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                            .unwrap_or_default()
+                            .replace('\0', " ");
+                        let wchan =
+                            std::fs::read_to_string(format!("/proc/{p}/wchan")).unwrap_or_default();
+                        format!("{p} ({cmd}; waiting in {wchan})")
+                    })
+                    .collect::<Vec<_>>(),
                 self.pool_dir().exists()
             )),
         }

@@ -791,3 +791,121 @@ fn restarts_keep_templates_and_cycles_leave_nothing_behind() {
     let list: Vec<Value> = serde_json::from_slice(&sandboxes.stdout).expect("ls");
     assert!(list.len() <= 5, "{} sandboxes", list.len());
 }
+
+/// Cgroup directories of this containerd's sandboxes that hold a spare (their sandbox
+/// records name a `trenv-spare-` container).
+fn spare_cgroups(c: &Containerd) -> Vec<String> {
+    let out = c.sandbox_cmd(&["ls", "--format", "json"]);
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).expect("sandbox ls");
+    list.iter()
+        .filter(|s| {
+            s["container"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("trenv-spare-"))
+        })
+        .filter_map(|s| s["cgroup"].as_str())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether a cgroup is frozen (cgroup v2's cgroup.events, or v1's freezer).
+fn frozen(cg: &str) -> bool {
+    leaks::cgroup_dirs(cg).iter().any(|d| {
+        std::fs::read_to_string(d.join("cgroup.events")).is_ok_and(|t| t.contains("frozen 1"))
+            || std::fs::read_to_string(d.join("freezer.state")).is_ok_and(|t| t.trim() == "FROZEN")
+    })
+}
+
+/// SIGKILL to every process of a cgroup.
+fn kill_cgroup(cg: &str) {
+    for d in leaks::cgroup_dirs(cg) {
+        let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[test]
+fn spares_serve_starts_and_dead_ones_are_replaced_by_a_restore() {
+    require_root();
+    let c = template_containerd_with("min_idle = 1\nmax_idle = 4", "", "spares = 1");
+    let events = c.events();
+    let spares = "trenv_template_spares{namespace=\"trenv-it\"}";
+    let first = build_first(&c, &events, "auto", PYTHON);
+    // The build makes a spare, frozen in a sandbox of its own.
+    wait_metric(&c, spares, 1.0);
+    let held = spare_cgroups(&c);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(frozen(&held[0]), "{} is not frozen", held[0]);
+
+    // The next start takes it over: its own sandbox IP, fresh state, exec works.
+    let a = unique_id("tpl-spare");
+    let took = run_fn(&c, &a, "auto", PYTHON, &[]);
+    let line = event(&events, "/trenv/template/restored", &a);
+    assert!(line.contains("\"spare\""), "{line}");
+    let a_ip = ip(&c, &a);
+    assert_ne!(a_ip, ip(&c, &first));
+    assert_eq!(get(&a_ip, "/"), "fn=f1 count=1 state=16777216");
+    assert_eq!(get(&a_ip, "/"), "fn=f1 count=2 state=16777216");
+    assert_eq!(
+        c.exec_ok(
+            &a,
+            "x",
+            &["sh", "-c", "echo $FN; cat /proc/1/cmdline | head -c 7"]
+        ),
+        "f1\npython3"
+    );
+    assert_eq!(c.task_status(&a).as_deref(), Some("RUNNING"));
+    eprintln!("spare start: ctr run -d took {took:?}");
+
+    // A spare that died is discarded; the start restores instead.
+    wait_metric(&c, spares, 1.0);
+    // Frozen, it dies only once thawed (cgroup v1): the kill is pending.
+    for cg in spare_cgroups(&c) {
+        kill_cgroup(&cg);
+    }
+    let b = unique_id("tpl-nospare");
+    run_fn(&c, &b, "auto", PYTHON, &[]);
+    let line = event(&events, "/trenv/template/restored", &b);
+    assert!(!line.contains("\"spare\""), "{line}");
+    assert_eq!(get(&ip(&c, &b), "/"), "fn=f1 count=1 state=16777216");
+    wait_metric(
+        &c,
+        "trenv_template_spares_discarded_total{namespace=\"trenv-it\"}",
+        1.0,
+    );
+
+    for id in [&first, &a, &b] {
+        remove(&c, id);
+    }
+    // A drain discards the spares with everything else.
+    wait_metric(&c, spares, 1.0);
+    drop(events);
+    c.drain_pool().expect("drain");
+    let root = PathBuf::from(format!(
+        "/run/containerd/trenv/{}",
+        trenv_integration::containerd::NAMESPACE
+    ));
+    let left: Vec<_> = std::fs::read_dir(root.join(".template-spares"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .chain(
+            std::fs::read_dir(&root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("trenv-spare-"))
+                .map(|e| e.path()),
+        )
+        .collect();
+    assert!(left.is_empty(), "spares left: {left:?}");
+    let mounts = leaks::mounts_with(".template-spares");
+    assert!(mounts.is_empty(), "spare mounts left: {mounts:?}");
+    assert_no_template_leftovers(&c);
+}

@@ -61,17 +61,24 @@ impl Spare {
         self.dir.join("bundle")
     }
 
-    /// The process is still there (not killed, not a zombie waiting for the reaper).
+    /// The process is still there: not gone, not a zombie waiting for the reaper, and no
+    /// SIGKILL pending (cgroup v1's freezer holds a kill until the thaw).
     pub fn alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .ok()
-            .and_then(|s| {
-                // The state follows the command, which is in parentheses and may hold any
-                // character.
-                let after = &s[s.rfind(')')? + 1..];
-                after.split_whitespace().next().map(|st| st != "Z")
-            })
-            .unwrap_or(false)
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
+            return false;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let killed = |mask: String| {
+            u64::from_str_radix(&mask, 16).is_ok_and(|m| m & (1 << (libc::SIGKILL - 1)) != 0)
+        };
+        !field("State:").starts_with('Z') && !killed(field("SigPnd:")) && !killed(field("ShdPnd:"))
     }
 }
 

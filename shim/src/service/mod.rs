@@ -1035,6 +1035,13 @@ impl<B: Backend, E: Events> Service<B, E> {
         } else {
             let (root, _) = self.task_root(&req.id)?;
             let exited = p.exit.is_some();
+            // A spare never started is frozen, and cgroup v1's freezer holds even SIGKILL.
+            let frozen_spare = self.with_proc(&req.id, "", |t, _| t.spare.is_some())? && !p.started;
+            if frozen_spare && !exited {
+                if let Err(e) = self.start_spare(&req.id, p.pid) {
+                    log::warn!("{}: thawing before the delete: {e}", req.id);
+                }
+            }
             if !(exited && crate::teardown::delete_stopped(&root.join(&req.id))) {
                 let bundle = self.with_proc(&req.id, "", |t, _| t.bundle.clone())?;
                 self.call(

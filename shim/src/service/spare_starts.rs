@@ -222,6 +222,16 @@ impl<B: Backend> Filler<B> {
     /// staged mounts of its restore, its sandbox, its rootfs and directory.
     fn undo(&self, root: &Path, id: &str, dir: &Path, acquired: bool, restoring: bool) {
         if restoring {
+            // cgroup v1's freezer holds even SIGKILL until the thaw.
+            let config = dir.join("bundle").join("config.json");
+            if config.exists() {
+                if let Err(e) = cgroup_of(&config, false, id).and_then(|m| {
+                    m.freeze(libcgroups::common::FreezerState::Thawed)
+                        .map_err(|e| e.to_string())
+                }) {
+                    log::debug!("{id}: thawing the spare: {e}");
+                }
+            }
             let delete = Request::Delete {
                 root: root.to_path_buf(),
                 id: id.to_string(),
