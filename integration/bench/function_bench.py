@@ -27,7 +27,7 @@ FUNCTIONS = {
     "python": ("python", "docker.io/local/python:latest", "template_server.py"),
     "numpy": ("python-numpy", "docker.io/local/python-numpy:latest", "template_server_numpy.py"),
 }
-CASES = ("runc", "pool", "template", "criu")
+CASES = ("runc", "pool", "template", "spare", "criu")
 MEMORY_CASES = ("runc", "template")
 GOAL_P50_MS, GOAL_P99_MS, GOAL_SPEEDUP, GOAL_MEMORY = 10.0, 20.0, 10.0, 60.0
 
@@ -38,7 +38,8 @@ def run_case(function, case, a):
     subprocess.run([f"{ROOT}/target/release/trenv", "spec", "--bundle", d], check=True)
     pool = ("min_idle = 4\nmax_idle = 8" if case != "runc" else "enabled = false") + (
         f'\n[templates]\nstore = "{d}/templates"\npool_dir = "{d}/mempool"\n'
-        'pool_name = "bench"\npool_capacity_mib = 2048\n')
+        'pool_name = "bench"\npool_capacity_mib = 2048\n'
+        + ("spares = 1\n" if case == "spare" else ""))
     print(f"function_bench: {function}: {case}: {a.runs} starts (+{a.warmup} warm-up)",
           file=sys.stderr)
     p = start_containerd(d, pool)
@@ -76,7 +77,8 @@ def run_case(function, case, a):
         remove_bench_cgroups()
     res = {"first_answer": stats(r["ms"]),
            "phases": {k: stats(v) for k, v in r["phases_ms"].items()},
-           "memory16": r["memory"], "errors": r["errors"], "acquire_mean_ms": acquire}
+           "memory16": r["memory"], "errors": r["errors"], "acquire_mean_ms": acquire,
+           "spares_taken": r.get("spares_taken")}
     print(f"function_bench: {function}: {case}: " + json.dumps(res), file=sys.stderr)
     return res
 
@@ -105,7 +107,10 @@ def render(r):
              "on its IP from the host. runc: io.containerd.runc.v2 in a network namespace "
              "attached by the same CNI plugins; pool: trenv, warm sandbox, cold function "
              "init; template: trenv, `io.trenv.template=auto` + `io.trenv.ready`, restored "
-             "into a warm sandbox; criu: trenv, task created from an ordinary checkpoint "
+             "into a warm sandbox; spare: template with `[templates] spares = 1`, the start "
+             "takes over an instance restored ahead and frozen in its own sandbox (the client "
+             "waits, untimed, for the replacement before each start); criu: trenv, task "
+             "created from an ordinary checkpoint "
              "(pages copied). Run on "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {r['runs']} starts per "
              "case.", ""]
@@ -119,20 +124,25 @@ def render(r):
             f = x["first_answer"]
             lines.append(f"| {case} | {f['p50_ms']} | {f['p99_ms']} | {f['mean_ms']} | "
                          f"{x['errors']} |")
-        t, base = fr.get("template"), fr.get("runc")
-        if t and base and t["first_answer"] and base["first_answer"]:
+        base = fr.get("runc")
+        for case in ("template", "spare"):
+            t = fr.get(case)
+            if not (t and base and t["first_answer"] and base["first_answer"]):
+                continue
             tf, bf = t["first_answer"], base["first_answer"]
             sp50 = round(bf["p50_ms"] / tf["p50_ms"], 1)
             sp99 = round(bf["p99_ms"] / tf["p99_ms"], 1)
-            lines += ["", f"- template vs runc: {sp50}x at P50, {sp99}x at P99 "
+            lines += ["", f"- {case} vs runc: {sp50}x at P50, {sp99}x at P99 "
                       f"(goal ≥ {GOAL_SPEEDUP:.0f}x: {met(min(sp50, sp99) >= GOAL_SPEEDUP)}); "
-                      f"template P50 {tf['p50_ms']} ms (goal ≤ {GOAL_P50_MS:.0f}: "
+                      f"{case} P50 {tf['p50_ms']} ms (goal ≤ {GOAL_P50_MS:.0f}: "
                       f"{met(tf['p50_ms'] <= GOAL_P50_MS)}), P99 {tf['p99_ms']} ms (goal ≤ "
                       f"{GOAL_P99_MS:.0f}: {met(tf['p99_ms'] <= GOAL_P99_MS)})."]
             ph = ", ".join(f"{k} {v['p50_ms']}" for k, v in t["phases"].items() if v)
-            lines.append(f"- template, P50 per phase (ms): {ph}; the pool's acquisition "
-                         f"(inside task_create) averaged {t['acquire_mean_ms']} ms; "
-                         "task_start is the restore.")
+            what = ("task_start is the restore" if case == "template" else
+                    f"task_create takes the spare over, task_start thaws it; "
+                    f"{t.get('spares_taken')} starts (warm-up included) were served by a spare")
+            lines.append(f"- {case}, P50 per phase (ms): {ph}; the pool's acquisition "
+                         f"(inside task_create) averaged {t['acquire_mean_ms']} ms; {what}.")
         mem = {c: fr[c]["memory16"] for c in MEMORY_CASES if fr.get(c) and fr[c]["memory16"]}
         if mem:
             lines += ["", "16 live instances:", "",
@@ -158,11 +168,12 @@ def draw(r, out_base):
         print("function_bench: matplotlib missing, no chart", file=sys.stderr)
         return []
     names = list(r["functions"])
-    colors = {"runc": "#9e9e9e", "pool": "#7cb07c", "template": "#e07b39", "criu": "#5b8cc9"}
+    colors = {"runc": "#9e9e9e", "pool": "#7cb07c", "template": "#e07b39", "spare": "#b03a2e",
+              "criu": "#5b8cc9"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    width = 0.2
+    width = 0.16
     for j, case in enumerate(CASES):
-        xs = [i + (j - 1.5) * width for i in range(len(names))]
+        xs = [i + (j - (len(CASES) - 1) / 2) * width for i in range(len(names))]
         got = [r["functions"][n].get(case) for n in names]
         p50 = [g["first_answer"]["p50_ms"] if g and g["first_answer"] else 0 for g in got]
         p99 = [g["first_answer"]["p99_ms"] if g and g["first_answer"] else 0 for g in got]

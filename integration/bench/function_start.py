@@ -7,6 +7,9 @@ One case per run of this script (the function is a Python HTTP server, see funct
   pool      trenv shim, pooled sandbox, no template: cold function init in a warm sandbox
   template  trenv shim with io.trenv.template=auto (+ io.trenv.ready): restored from the
             function's template into a pooled sandbox; the first warm-up start builds it
+  spare     as template, with [templates] spares = 1: the start takes over an instance
+            restored ahead (frozen in its own sandbox); before each start the client waits,
+            untimed, until the replacement spare is ready (a platform between bursts)
   criu      trenv shim, task created from an ordinary CRIU checkpoint of the function (taken
             through the API once): a plain restore, every page copied
 Each start: snapshot prepare + container create, task create, task start, then GETs of
@@ -86,7 +89,7 @@ def cgroup_kib(pid):
         return 0
 
 
-def wait_metric(path, name, at_least, timeout):
+def wait_metric(path, name, at_least, timeout, poll=0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -95,7 +98,7 @@ def wait_metric(path, name, at_least, timeout):
                     return True
         except OSError:
             pass
-        time.sleep(0.2)
+        time.sleep(poll)
     return False
 
 
@@ -118,7 +121,7 @@ class Starter:
         spec["linux"]["cgroupsPath"] = f"/{self.a.namespace}/{cid}"
         spec["linux"].setdefault("resources", {})["memory"] = {"limit": 512 << 20}
         ann = {"io.trenv.function": self.a.function}
-        if self.a.case == "template":
+        if self.a.case in ("template", "spare"):
             ann["io.trenv.template"] = "auto"
             ann["io.trenv.ready"] = "http:8080/"
         spec["annotations"] = ann
@@ -181,7 +184,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--address", required=True)
     ap.add_argument("--namespace", default="trenv-bench")
-    ap.add_argument("--case", choices=["runc", "pool", "template", "criu"], required=True)
+    ap.add_argument("--case", choices=["runc", "pool", "template", "spare", "criu"], required=True)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--memory", type=int, default=0, help="live instances to measure")
@@ -202,8 +205,12 @@ def main():
     result = {"ms": [], "errors": 0, "phases_ms": {k: [] for k in PHASES}, "memory": None}
     if a.case == "criu":
         s.take_checkpoint()
+    metrics = os.path.join(a.pool_dir or "", "metrics.prom")
     for i in range(a.warmup + a.runs):
         cid = f"bench-{a.case}-{os.getpid()}-{i}"
+        if a.case == "spare" and i > 0 and not wait_metric(
+                metrics, "trenv_template_spares{", 1, 10, poll=0.01):
+            print("function_start: no spare ready", file=sys.stderr)
         try:
             _, _, marks = s.start(cid)
             if i >= a.warmup:
@@ -215,9 +222,8 @@ def main():
             print(f"function_start: {e}", file=sys.stderr)
         finally:
             s.stop(cid)
-        if i == 0 and a.case == "template":
+        if i == 0 and a.case in ("template", "spare"):
             # The first instance's template is built in the background once it is ready.
-            metrics = os.path.join(a.pool_dir, "metrics.prom")
             if not wait_metric(metrics, "trenv_template_builds_total", 1, 120):
                 print("function_start: template not built", file=sys.stderr)
         if (i + 1) % 50 == 0:
@@ -243,6 +249,12 @@ def main():
         finally:
             for x in live:
                 s.stop(x[0] if isinstance(x, tuple) else x)
+    try:
+        for line in open(metrics):
+            if line.startswith("trenv_template_spares_taken_total"):
+                result["spares_taken"] = int(float(line.split()[-1]))
+    except OSError:
+        pass
     s.c.snapshots.Remove(S.RemoveSnapshotRequest(snapshotter="overlayfs", key=keeper),
                          metadata=s.c.md)
     s.c.leases.Delete(pool_start.L.DeleteRequest(id=s.c.lease), metadata=s.c.md[:1])
