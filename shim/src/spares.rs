@@ -54,6 +54,8 @@ pub struct Spare {
     pub root: PathBuf,
     pub ends: ShimEnds,
     pub sandbox_uts: Option<SandboxUts>,
+    /// The freezer file that thaws it, and what to write there.
+    pub thaw: Option<(PathBuf, &'static str)>,
 }
 
 impl Spare {
@@ -257,6 +259,68 @@ pub fn rename_state(root: &Path, from: &str, to: &str) -> std::io::Result<()> {
     std::fs::rename(&src, &dst)
 }
 
+/// The file that thaws a placed spec's cgroup, and the value: cgroup v2's `cgroup.freeze`
+/// or v1's freezer. None for a systemd-style path or an unknown layout.
+pub fn thaw_file(spec: &serde_json::Value) -> Option<(PathBuf, &'static str)> {
+    let path = spec["linux"]["cgroupsPath"].as_str()?;
+    if !path.starts_with('/') {
+        return None;
+    }
+    let rel = path.trim_start_matches('/');
+    let v2 = Path::new("/sys/fs/cgroup").join(rel).join("cgroup.freeze");
+    let v1 = Path::new("/sys/fs/cgroup/freezer")
+        .join(rel)
+        .join("freezer.state");
+    if v1.exists() {
+        Some((v1, "THAWED"))
+    } else if v2.exists() {
+        Some((v2, "0"))
+    } else {
+        None
+    }
+}
+
+/// Reads every readable mapping of a (frozen) process through `/proc/<pid>/mem`, so that
+/// its page tables map the template's pages before it runs: the first request of a restored
+/// instance otherwise takes a fault per page it touches (~2 ms for a Python server). Reads
+/// never copy a page (private file pages stay shared) and change nothing the process can
+/// see. Returns the bytes read.
+pub fn prefault(pid: i32) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let name = line.split_whitespace().nth(5).unwrap_or_default();
+        // The kernel's own pages, and device memory, are left alone.
+        if !perms.starts_with('r') || name.starts_with("[v") || name.starts_with("/dev/") {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(mut at), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        while at < end {
+            let n = usize::try_from(end - at).map_or(buf.len(), |left| left.min(buf.len()));
+            match mem.read_at(&mut buf[..n], at) {
+                Ok(0) | Err(_) => break,
+                Ok(got) => {
+                    total += got as u64;
+                    at += got as u64;
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// Unmounts and removes what a spare had on disk.
 pub fn remove_dir(dir: &Path) {
     let rootfs = dir.join("bundle").join("rootfs");
@@ -342,6 +406,7 @@ mod tests {
             root: PathBuf::from("/nonexistent"),
             ends: ShimEnds::default(),
             sandbox_uts: None,
+            thaw: None,
         }
     }
 

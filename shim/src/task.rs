@@ -75,6 +75,8 @@ pub struct Task {
     /// The task took over a spare instance, whose directory this is: Start thaws the
     /// init, Delete removes the directory.
     pub spare: Option<PathBuf>,
+    /// The freezer file (and the value) that thaws the spare.
+    pub spare_thaw: Option<(PathBuf, &'static str)>,
 }
 
 /// A task with `io.trenv.template`.

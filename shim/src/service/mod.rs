@@ -732,9 +732,17 @@ impl<B: Backend, E: Events> Service<B, E> {
     /// the reason is logged. Only this request waits; the shim serves others meanwhile.
     /// Whether the init became ready (false without `io.trenv.ready`).
     fn wait_ready(&self, id: &str, pid: i32, config: &ShimConfig) -> bool {
-        let Ok(Some(ready)) = self.with_proc(id, "", |t, _| t.ready.clone()) else {
+        let Ok((Some(ready), restored)) = self.with_proc(id, "", |t, _| {
+            let restored = t.template.as_ref().is_some_and(|tt| tt.restored.is_some());
+            (t.ready.clone(), restored)
+        }) else {
             return false;
         };
+        // A template is taken once its instance is ready, so an instance restored from one
+        // is ready when it runs (a restored listening socket queues connections at once).
+        if restored {
+            return false;
+        }
         let timeout = std::time::Duration::from_secs(config.timeouts.ready_secs.max(1));
         match ready.wait(pid, timeout) {
             Ok(took) => {
@@ -1038,7 +1046,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             // A spare never started is frozen, and cgroup v1's freezer holds even SIGKILL.
             let frozen_spare = self.with_proc(&req.id, "", |t, _| t.spare.is_some())? && !p.started;
             if frozen_spare && !exited {
-                if let Err(e) = self.start_spare(&req.id, p.pid) {
+                if let Err(e) = self.thaw_spare(&req.id) {
                     log::warn!("{}: thawing before the delete: {e}", req.id);
                 }
             }

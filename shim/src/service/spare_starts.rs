@@ -23,6 +23,9 @@ use crate::task::{Proc, Task, TemplateTask};
 use crate::templates::{Plan, Templates};
 use crate::zygote::{Request, SandboxUts, Stdio};
 
+/// How long after a start its replacement spare's restore begins.
+const REFILL_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Fills and discards spares; shared with the threads that do it.
 pub struct Filler<B: Backend> {
     backend: Arc<B>,
@@ -78,6 +81,12 @@ impl<B: Backend> Filler<B> {
     /// Makes another spare like `source` in the background, unless one is being made or
     /// enough are ready.
     pub fn refill(self: &Arc<Self>, source: Arc<Source>) {
+        self.refill_after(source, std::time::Duration::ZERO);
+    }
+
+    /// The same, after `delay`: a restore started at once would compete with the start
+    /// that just took a spare (CPU, and the kernel's cgroup and mount locks).
+    pub fn refill_after(self: &Arc<Self>, source: Arc<Source>, delay: std::time::Duration) {
         if !self.spares.begin_fill(&source.plan.key) {
             return;
         }
@@ -86,6 +95,7 @@ impl<B: Backend> Filler<B> {
         let spawned = std::thread::Builder::new()
             .name("template-spare".into())
             .spawn(move || {
+                std::thread::sleep(delay);
                 let key = source.plan.key.clone();
                 let started = Instant::now();
                 let made = me.make(&source).map_err(|e| {
@@ -202,8 +212,13 @@ impl<B: Backend> Filler<B> {
                     .map_err(|e| e.to_string())
             })
             .map_err(|e| format!("freezing: {e}"))?;
+        if let Err(e) = spares::prefault(pid) {
+            log::debug!("{id}: prefaulting: {e}");
+        }
         self.pool.mark_template(id, &source.plan.name);
+        let thaw = spares::thaw_file(&spec);
         Ok(Spare {
+            thaw,
             id: id.to_string(),
             template: source.plan.name.clone(),
             pid,
@@ -333,11 +348,12 @@ impl<B: Backend, E: Events> Service<B, E> {
         }))
     }
 
-    /// Starts making a spare like this task's instance, when it has a usable template.
+    /// Starts making a spare like this task's instance, when it has a usable template: in
+    /// a while, so that the restore does not slow down the start that just happened.
     pub(super) fn refill_spares(&self, source: Option<&Arc<Source>>) {
         if let (Some(filler), Some(source)) = (&self.spare_filler, source) {
             if filler.spares.wanted(&source.plan.key) {
-                filler.refill(source.clone());
+                filler.refill_after(source.clone(), REFILL_DELAY);
             }
         }
     }
@@ -370,6 +386,12 @@ impl<B: Backend, E: Events> Service<B, E> {
             log::warn!("spare {} (pid {}) is gone; discarded", s.id, s.pid);
             filler.discard(s);
         };
+        // The gauge drops now (a platform waiting for a spare must not see this one), but
+        // the file is written off the start's path.
+        let pool = filler.pool.clone();
+        let _ = std::thread::Builder::new()
+            .name("spare-metrics".into())
+            .spawn(move || pool.write_metrics());
         let id = req.id.as_str();
         if let Err(e) = self.take_over(req, config, &spare) {
             log::warn!(
@@ -386,6 +408,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             dir,
             ends,
             sandbox_uts,
+            thaw,
             ..
         } = spare;
         let streams = crate::stdio::Streams {
@@ -422,6 +445,7 @@ impl<B: Backend, E: Events> Service<B, E> {
                 ..Default::default()
             }),
             spare: Some(dir),
+            spare_thaw: thaw,
             ..Default::default()
         };
         task.procs.insert(String::new(), p);
@@ -445,8 +469,6 @@ impl<B: Backend, E: Events> Service<B, E> {
                 ("spare", "true"),
             ],
         );
-        self.refill_spares(source.as_ref());
-        self.write_metrics();
         Ok(Some(pid))
     }
 
@@ -463,15 +485,18 @@ impl<B: Backend, E: Events> Service<B, E> {
         let renamed = spares::rename_state(&spare.root, &spare.id, &req.id)
             .map_err(|e| format!("runtime state: {e}"));
         let limited = renamed.and_then(|()| {
-            let spec = libcontainer::oci_spec::runtime::Spec::load(
-                Path::new(&req.bundle).join("config.json"),
-            )
-            .map_err(|e| format!("the container's spec: {e}"))?;
-            let resources = spec
-                .linux()
-                .as_ref()
-                .and_then(|l| l.resources().clone())
-                .unwrap_or_default();
+            let resources_of = |path: &Path| {
+                libcontainer::oci_spec::runtime::Spec::load(path)
+                    .map(|s| s.linux().as_ref().and_then(|l| l.resources().clone()))
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            };
+            let wanted = resources_of(&Path::new(&req.bundle).join("config.json"))?;
+            // The same limits as the spare's (the usual case: the memory limit is part of
+            // the key) need no cgroup writes.
+            if wanted == resources_of(&spare.bundle().join("config.json"))? {
+                return Ok(());
+            }
+            let resources = wanted.unwrap_or_default();
             cgroup_of(
                 &spare.bundle().join("config.json"),
                 config.systemd_cgroup,
@@ -494,11 +519,28 @@ impl<B: Backend, E: Events> Service<B, E> {
         Ok(())
     }
 
-    /// Start of a task that took over a spare: thaws it.
+    /// Start of a task that took over a spare: thaws it, then has the spare replaced (the
+    /// replacement's fill writes the metrics when it ends).
     pub(super) fn start_spare(&self, id: &str, pid: i32) -> TtrpcResult<i32> {
+        self.thaw_spare(id)?;
+        let source = self.with_proc(id, "", |t, _| {
+            t.template.as_ref().and_then(|tt| tt.spare_source.clone())
+        })?;
+        self.refill_spares(source.as_ref());
+        Ok(pid)
+    }
+
+    /// Thaws the cgroup of a task that took over a spare: one write to the freezer file
+    /// found when the spare was frozen, else through libcgroups.
+    pub(super) fn thaw_spare(&self, id: &str) -> TtrpcResult<()> {
+        let file = self.with_proc(id, "", |t, _| t.spare_thaw.clone())?;
+        if let Some((path, value)) = file {
+            if std::fs::write(&path, value).is_ok() {
+                return Ok(());
+            }
+        }
         self.cgroup(id)?
             .freeze(libcgroups::common::FreezerState::Thawed)
-            .map_err(|e| err(Code::INTERNAL, format!("thawing: {e}")))?;
-        Ok(pid)
+            .map_err(|e| err(Code::INTERNAL, format!("thawing: {e}")))
     }
 }
