@@ -33,6 +33,8 @@ pub const PREFIX: &str = "trenv-spare-";
 /// and its rootfs mounts, with what Create knew about it.
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// Spares are kept by this: the template key and the [`fingerprint`] of the spec.
+    pub key: String,
     pub plan: Plan,
     pub spec: serde_json::Value,
     pub rootfs: Vec<Mount>,
@@ -127,7 +129,7 @@ impl Spares {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A spare for `key`, if one is ready.
+    /// A spare for `key` (a [`Source::key`]), if one is ready.
     pub fn take(&self, key: &str) -> Option<Spare> {
         let mut g = self.lock();
         let spare = g.ready.get_mut(key)?.pop()?;
@@ -213,6 +215,28 @@ impl Spares {
         }
         t
     }
+}
+
+/// What of a container's spec (before placement) a spare must have been restored for: all
+/// of it but the cgroup path (named after the container) and the resources (applied when
+/// the spare is taken over). Mounts, capabilities, devices, security profiles must match:
+/// a restore re-creates them from the spare's spec, not the container's.
+pub fn fingerprint(spec: &serde_json::Value) -> serde_json::Value {
+    let mut v = spec.clone();
+    if let Some(linux) = v.get_mut("linux").and_then(|l| l.as_object_mut()) {
+        linux.remove("cgroupsPath");
+        linux.remove("resources");
+    }
+    v
+}
+
+/// The key spares of a container are kept under: its template key and a hash of its spec's
+/// [`fingerprint`] (within one shim: the hash need not be stable across builds).
+pub fn key_of(template_key: &str, spec: &serde_json::Value) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    fingerprint(spec).to_string().hash(&mut h);
+    format!("{template_key}:{:016x}", h.finish())
 }
 
 /// The container's rootfs mounts with a private upper and work directory under `dir`:
@@ -377,6 +401,20 @@ mod tests {
             mount("overlay", &["lowerdir=/b"]),
         ];
         assert!(private_rootfs(&two, Path::new("/x")).is_none());
+    }
+
+    #[test]
+    fn fingerprints_ignore_the_cgroup_path_and_limits_only() {
+        let a = serde_json::json!({"process": {"args": ["f"]}, "mounts": [{"destination": "/d"}],
+            "linux": {"cgroupsPath": "/ns/a", "resources": {"cpu": {"shares": 2}}}});
+        let mut b = a.clone();
+        b["linux"]["cgroupsPath"] = "/ns/b".into();
+        b["linux"]["resources"] = serde_json::json!({"cpu": {"shares": 9}});
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_eq!(key_of("k", &a), key_of("k", &b));
+        b["mounts"][0]["source"] = "/other-tenant".into();
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(key_of("k", &a), key_of("k", &b));
     }
 
     #[test]

@@ -87,16 +87,16 @@ impl<B: Backend> Filler<B> {
     /// The same, after `delay`: a restore started at once would compete with the start
     /// that just took a spare (CPU, and the kernel's cgroup and mount locks).
     pub fn refill_after(self: &Arc<Self>, source: Arc<Source>, delay: std::time::Duration) {
-        if !self.spares.begin_fill(&source.plan.key) {
+        if !self.spares.begin_fill(&source.key) {
             return;
         }
         let me = self.clone();
-        let key = source.plan.key.clone();
+        let key = source.key.clone();
         let spawned = std::thread::Builder::new()
             .name("template-spare".into())
             .spawn(move || {
                 std::thread::sleep(delay);
-                let key = source.plan.key.clone();
+                let key = source.key.clone();
                 let started = Instant::now();
                 let made = me.make(&source).map_err(|e| {
                     log::warn!("spare of template {}: {e}", source.plan.name);
@@ -219,6 +219,7 @@ impl<B: Backend> Filler<B> {
         let thaw = spares::thaw_file(&spec);
         Ok(Spare {
             thaw,
+
             id: id.to_string(),
             template: source.plan.name.clone(),
             pid,
@@ -339,6 +340,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())?;
         Some(Arc::new(Source {
+            key: spares::key_of(&plan.key, &spec),
             plan: plan.clone(),
             spec,
             rootfs: req.rootfs.to_vec(),
@@ -352,7 +354,7 @@ impl<B: Backend, E: Events> Service<B, E> {
     /// a while, so that the restore does not slow down the start that just happened.
     pub(super) fn refill_spares(&self, source: Option<&Arc<Source>>) {
         if let (Some(filler), Some(source)) = (&self.spare_filler, source) {
-            if filler.spares.wanted(&source.plan.key) {
+            if filler.spares.wanted(&source.key) {
                 filler.refill_after(source.clone(), REFILL_DELAY);
             }
         }
@@ -376,8 +378,11 @@ impl<B: Backend, E: Events> Service<B, E> {
             return Ok(None);
         }
         let started = Instant::now();
+        let Some(key) = source.as_ref().map(|s| s.key.clone()) else {
+            return Ok(None);
+        };
         let spare = loop {
-            let Some(s) = filler.spares.take(&plan.key) else {
+            let Some(s) = filler.spares.take(&key) else {
                 return Ok(None);
             };
             if s.alive() && s.root == root {
@@ -485,17 +490,20 @@ impl<B: Backend, E: Events> Service<B, E> {
         let renamed = spares::rename_state(&spare.root, &spare.id, &req.id)
             .map_err(|e| format!("runtime state: {e}"));
         let limited = renamed.and_then(|()| {
-            let resources_of = |path: &Path| {
-                libcontainer::oci_spec::runtime::Spec::load(path)
-                    .map(|s| s.linux().as_ref().and_then(|l| l.resources().clone()))
-                    .map_err(|e| format!("{}: {e}", path.display()))
+            // The same limits as the spare's (the usual case: the memory limit is part of
+            // the key) need no cgroup writes; compared as JSON, cheaper than parsing specs.
+            let resources_of = |path: &Path| -> Result<serde_json::Value, String> {
+                let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let spec: serde_json::Value = serde_json::from_slice(&text)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(spec["linux"]["resources"].clone())
             };
             let wanted = resources_of(&Path::new(&req.bundle).join("config.json"))?;
-            // The same limits as the spare's (the usual case: the memory limit is part of
-            // the key) need no cgroup writes.
             if wanted == resources_of(&spare.bundle().join("config.json"))? {
                 return Ok(());
             }
+            let wanted: Option<libcontainer::oci_spec::runtime::LinuxResources> =
+                serde_json::from_value(wanted).map_err(|e| format!("resources: {e}"))?;
             let resources = wanted.unwrap_or_default();
             cgroup_of(
                 &spare.bundle().join("config.json"),
