@@ -424,9 +424,14 @@ impl<B: Backend, E: Events> Service<B, E> {
             stderr: &req.stderr,
             owner: (config.io_uid, config.io_gid),
         };
-        // The process is the container's now: a failure from here on is the container's.
+        // The process is the container's now: a failure from here on fails the Create, and
+        // the instance goes with everything it holds under the container's name.
+        let fail = |e: containerd_shim::protos::ttrpc::Error| {
+            filler.undo(root, id, &dir, true, true);
+            e
+        };
         crate::stdio::attach(&streams, ends)
-            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("opening stdio: {e}")))?;
+            .map_err(|e| fail(err(Code::INVALID_ARGUMENT, format!("opening stdio: {e}"))))?;
         let p = Proc {
             pid,
             stdin: req.stdin.clone(),
@@ -449,12 +454,14 @@ impl<B: Backend, E: Events> Service<B, E> {
                 spare_source: source.clone(),
                 ..Default::default()
             }),
-            spare: Some(dir),
+            spare: Some(dir.clone()),
             spare_thaw: thaw,
             ..Default::default()
         };
         task.procs.insert(String::new(), p);
-        self.tasks.insert(id, task).map_err(super::task_err)?;
+        self.tasks
+            .insert(id, task)
+            .map_err(|e| fail(super::task_err(e)))?;
         let secs = started.elapsed().as_secs_f64();
         if let Some(t) = &self.templates {
             t.restored(id, &template, secs);
