@@ -205,6 +205,10 @@ impl containerd_shim::Shim for Shim {
         if let Some(p) = &pool {
             p.stop();
         }
+        // The last events (a TaskDelete, a TaskExit) are still queued.
+        if !backend::flush_events(Duration::from_secs(5)) {
+            log::warn!("exiting with events not sent to containerd");
+        }
         // Reaped here rather than left to init, so no zombie outlives the shim.
         for z in [&self.zygote, &self.pool_zygote] {
             z.shutdown();

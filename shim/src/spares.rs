@@ -58,6 +58,9 @@ pub struct Spare {
     pub sandbox_uts: Option<SandboxUts>,
     /// The freezer file that thaws it, and what to write there.
     pub thaw: Option<(PathBuf, &'static str)>,
+    /// The limits (`linux.resources`) and cgroup path of its placed spec.
+    pub resources: serde_json::Value,
+    pub cgroup: PathBuf,
 }
 
 impl Spare {
@@ -445,6 +448,8 @@ mod tests {
             ends: ShimEnds::default(),
             sandbox_uts: None,
             thaw: None,
+            resources: serde_json::Value::Null,
+            cgroup: PathBuf::new(),
         }
     }
 

@@ -444,10 +444,15 @@ impl<B: Backend, E: Events> Service<B, E> {
                 return;
             }
         };
+        self.watch_oom_at(id, &path);
+    }
+
+    /// The same, for a cgroup path known already.
+    fn watch_oom_at(&self, id: &str, path: &Path) {
         let events = self.events.clone();
         let ns = self.namespace.clone();
         let container_id = id.to_string();
-        let res = crate::oom::watch(&path, move || {
+        let res = crate::oom::watch(path, move || {
             let ev = TaskOOM {
                 container_id: container_id.clone(),
                 ..Default::default()

@@ -219,6 +219,8 @@ impl<B: Backend> Filler<B> {
         let thaw = spares::thaw_file(&spec);
         Ok(Spare {
             thaw,
+            resources: spec["linux"]["resources"].clone(),
+            cgroup: std::path::PathBuf::from(spec["linux"]["cgroupsPath"].as_str().unwrap_or_default()),
 
             id: id.to_string(),
             template: source.plan.name.clone(),
@@ -378,9 +380,10 @@ impl<B: Backend, E: Events> Service<B, E> {
             return Ok(None);
         }
         let started = Instant::now();
-        let Some(key) = source.as_ref().map(|s| s.key.clone()) else {
+        let Some(source) = source else {
             return Ok(None);
         };
+        let key = source.key.clone();
         let spare = loop {
             let Some(s) = filler.spares.take(&key) else {
                 return Ok(None);
@@ -398,7 +401,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             .name("spare-metrics".into())
             .spawn(move || pool.write_metrics());
         let id = req.id.as_str();
-        if let Err(e) = self.take_over(req, config, &spare) {
+        if let Err(e) = self.take_over(req, config, &source, &spare) {
             log::warn!(
                 "{id}: taking over spare {}: {e}; restoring instead",
                 spare.id
@@ -414,6 +417,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             ends,
             sandbox_uts,
             thaw,
+            cgroup,
             ..
         } = spare;
         let streams = crate::stdio::Streams {
@@ -451,7 +455,7 @@ impl<B: Backend, E: Events> Service<B, E> {
                 plan: Some(plan.clone()),
                 restored: Some(template.clone()),
                 sandbox_uts,
-                spare_source: source.clone(),
+                spare_source: Some(source.clone()),
                 ..Default::default()
             }),
             spare: Some(dir.clone()),
@@ -466,7 +470,7 @@ impl<B: Backend, E: Events> Service<B, E> {
         if let Some(t) = &self.templates {
             t.restored(id, &template, secs);
         }
-        self.watch_oom(id);
+        self.watch_oom_at(id, &cgroup);
         log::info!(
             "{id}: took over spare {spare_id} of template {template} in {:.2} ms",
             secs * 1e3
@@ -490,6 +494,7 @@ impl<B: Backend, E: Events> Service<B, E> {
         &self,
         req: &api::CreateTaskRequest,
         config: &ShimConfig,
+        source: &Source,
         spare: &Spare,
     ) -> Result<(), String> {
         let pool = self.pool.as_ref().ok_or("no pool")?;
@@ -498,19 +503,13 @@ impl<B: Backend, E: Events> Service<B, E> {
             .map_err(|e| format!("runtime state: {e}"));
         let limited = renamed.and_then(|()| {
             // The same limits as the spare's (the usual case: the memory limit is part of
-            // the key) need no cgroup writes; compared as JSON, cheaper than parsing specs.
-            let resources_of = |path: &Path| -> Result<serde_json::Value, String> {
-                let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let spec: serde_json::Value = serde_json::from_slice(&text)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                Ok(spec["linux"]["resources"].clone())
-            };
-            let wanted = resources_of(&Path::new(&req.bundle).join("config.json"))?;
-            if wanted == resources_of(&spare.bundle().join("config.json"))? {
+            // the key) need no cgroup writes.
+            let wanted = &source.spec["linux"]["resources"];
+            if *wanted == spare.resources {
                 return Ok(());
             }
             let wanted: Option<libcontainer::oci_spec::runtime::LinuxResources> =
-                serde_json::from_value(wanted).map_err(|e| format!("resources: {e}"))?;
+                serde_json::from_value(wanted.clone()).map_err(|e| format!("resources: {e}"))?;
             let resources = wanted.unwrap_or_default();
             cgroup_of(
                 &spare.bundle().join("config.json"),

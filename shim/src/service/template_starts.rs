@@ -90,21 +90,10 @@ impl<B: Backend, E: Events> Service<B, E> {
         }
     }
 
-    /// Publishes a template event from a thread of its own: a publish is a round trip to
-    /// containerd, which the start it reports on need not wait for.
+    /// Publishes a template event (queued, like every event: the start it reports on does
+    /// not wait for containerd).
     pub(super) fn publish_template(&self, topic: &str, fields: &[(&str, &str)]) {
-        let (events, ns, topic, ev) = (
-            self.events.clone(),
-            self.namespace.clone(),
-            topic.to_string(),
-            event(fields),
-        );
-        let spawned = std::thread::Builder::new()
-            .name("template-event".into())
-            .spawn(move || events.publish(&topic, &ns, ev));
-        if let Err(e) = spawned {
-            log::warn!("template event thread: {e}");
-        }
+        self.events.publish(topic, &self.namespace, event(fields));
     }
 
     /// Restores the init of `id` from its template; on any failure, undoes what the restore
