@@ -156,3 +156,47 @@ fn file_and_binary_log_uris() {
     read("meta", &format!("/{id} mode test"));
     c.assert_gone(&id);
 }
+
+/// A detached container (`ctr run -d`: ctr's FIFO readers go when it exits) keeps running
+/// while it writes: its output is dropped, it neither dies of EPIPE nor blocks on a full
+/// pipe.
+#[test]
+fn output_without_a_reader_is_dropped_not_fatal() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("io-detached");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        // 400 KB to each stream, more than a pipe and a FIFO hold, by writers that fail on
+        // a write error (head exits non-zero on EPIPE).
+        "sleep 1; yes stdout-line | head -c 400000 && yes stderr-line | head -c 400000 >&2 \
+         && touch /done; sleep 100",
+    ]);
+    let done = wait_for(Duration::from_secs(20), || {
+        c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "check",
+            &id,
+            "test",
+            "-e",
+            "/done",
+        ])
+        .status
+        .success()
+        .then_some(())
+    });
+    assert!(done.is_some(), "the writer did not finish");
+    assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
+    c.kill_and_remove(&id);
+    c.assert_gone(&id);
+}

@@ -29,6 +29,7 @@ class H(BaseHTTPRequestHandler):
         global count
         if self.path == "/":
             count += 1
+            print("served %d" % count, flush=True)
         body = ("fn=%s count=%d state=%d\n" % (os.environ.get("FN", "?"), count, sum(len(b) for b in STATE))).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -842,15 +843,28 @@ fn spares_serve_starts_and_dead_ones_are_replaced_by_a_restore() {
     assert_eq!(held.len(), 1, "{held:?}");
     assert!(frozen(&held[0]), "{} is not frozen", held[0]);
 
-    // The next start takes it over: its own sandbox IP, fresh state, exec works.
+    // The next start takes it over: its own sandbox IP, fresh state, its output in the
+    // container's log, exec, pause and resume work.
     let a = unique_id("tpl-spare");
-    let took = run_fn(&c, &a, "auto", PYTHON, &[]);
+    let log = c.dir().join(format!("{a}.log"));
+    let log_uri = format!("file://{}", log.display());
+    let took = run_fn(&c, &a, "auto", PYTHON, &["--log-uri", &log_uri]);
     let line = event(&events, "/trenv/template/restored", &a);
     assert!(line.contains("\"spare\""), "{line}");
     let a_ip = ip(&c, &a);
     assert_ne!(a_ip, ip(&c, &first));
     assert_eq!(get(&a_ip, "/"), "fn=f1 count=1 state=16777216");
     assert_eq!(get(&a_ip, "/"), "fn=f1 count=2 state=16777216");
+    let logged = wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("served 2"))
+    });
+    assert_eq!(logged.as_deref(), Some("served 1\nserved 2\n"));
+    c.ctr_ok(&["task", "pause", &a]);
+    assert_eq!(c.task_status(&a).as_deref(), Some("PAUSED"));
+    c.ctr_ok(&["task", "resume", &a]);
+    assert_eq!(get(&a_ip, "/"), "fn=f1 count=3 state=16777216");
     assert_eq!(
         c.exec_ok(
             &a,

@@ -112,13 +112,51 @@ pub fn wait_copied(streams: &[&str], timeout: std::time::Duration) -> bool {
 /// task): a reader that finds no writer yet would take that for the end of the output.
 /// Otherwise the thread opens it, which waits for a reader.
 pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String, guard: Option<Copying>) {
+    let early = writer_if_read(&fifo);
+    std::thread::spawn(move || {
+        let _guard = guard;
+        let out = match early {
+            Some(f) => Ok(f),
+            None => OpenOptions::new().write(true).open(&fifo),
+        };
+        let mut out = match out {
+            Ok(f) => Some(f),
+            Err(e) => {
+                log::warn!("cannot open output FIFO {fifo}: {e}");
+                None
+            }
+        };
+        let mut buf = [0u8; 8192];
+        // A terminal master fails with EIO once every slave is closed: also the end.
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            // Without a reader (`ctr run -d` exited), the output is dropped, but the pipe
+            // is still read: the process neither dies of EPIPE nor blocks on a full pipe.
+            // A reader that comes back (`ctr task attach`) gets what follows.
+            if out.is_none() {
+                out = writer_if_read(&fifo);
+            }
+            if out
+                .as_mut()
+                .is_some_and(|o| o.write_all(&buf[..n]).is_err())
+            {
+                out = None;
+            }
+        }
+    });
+}
+
+/// The FIFO opened for writing if it has a reader now (None otherwise), in blocking mode:
+/// the copier waits for a slow reader instead of failing.
+fn writer_if_read(fifo: &str) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let early = OpenOptions::new()
+    OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
-        .open(&fifo)
+        .open(fifo)
         .and_then(|f| {
-            // Writes block again: the copier waits for a slow reader instead of failing.
             let fd = std::os::fd::AsFd::as_fd(&f);
             let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::F_GETFL)?;
             let flags =
@@ -126,25 +164,7 @@ pub fn copy_out(mut from: impl Read + Send + 'static, fifo: String, guard: Optio
             nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::F_SETFL(flags))?;
             Ok(f)
         })
-        .ok();
-    std::thread::spawn(move || {
-        let _guard = guard;
-        let out = match early {
-            Some(f) => Ok(f),
-            None => OpenOptions::new().write(true).open(&fifo),
-        };
-        let Ok(mut out) = out else {
-            log::warn!("cannot open output FIFO {fifo}");
-            return;
-        };
-        let mut buf = [0u8; 8192];
-        // A terminal master fails with EIO once every slave is closed: also the end.
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || out.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-    });
+        .ok()
 }
 
 /// Copies `from` into an open file (a `file://` log) until `from` ends.

@@ -74,6 +74,10 @@ pub struct Streams<'a> {
     pub stderr: &'a str,
     /// Owner of the pipes the process gets.
     pub owner: (u32, u32),
+    /// Pipes for all three streams, even those the container does not have: a template
+    /// taken from the process then has pipes that later instances' streams replace
+    /// (a checkpointed /dev/null stays /dev/null in every restored instance).
+    pub pipe_all: bool,
 }
 
 fn chown(fd: &OwnedFd, owner: (u32, u32)) -> std::io::Result<()> {
@@ -97,12 +101,12 @@ pub fn open(s: &Streams) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
     let out = parse(s.stdout).map_err(other)?;
     let err = parse(s.stderr).map_err(other)?;
     let stdio = Stdio {
-        stdin: !s.stdin.is_empty(),
-        stdout: out != Output::None,
-        stderr: err != Output::None,
+        stdin: !s.stdin.is_empty() || s.pipe_all,
+        stdout: out != Output::None || s.pipe_all,
+        stderr: err != Output::None || s.pipe_all,
     };
     let (process, shim) = pipes(stdio, s.owner)?;
-    wire(s, shim, out, err)?;
+    attach(s, shim)?;
     Ok((stdio, process))
 }
 
@@ -141,9 +145,9 @@ pub fn pipes(wanted: Stdio, owner: (u32, u32)) -> std::io::Result<(Vec<OwnedFd>,
     Ok((process, shim))
 }
 
-/// Connects pipes made earlier (a spare instance's) to a container's streams. A stream the
-/// container does not have behaves as it would for a process started without it: stdin
-/// reads EOF, output is discarded.
+/// Connects the shim's ends of a process's pipes (made now, or earlier for a spare
+/// instance) to a container's streams. A stream the container does not have behaves as
+/// /dev/null would: stdin reads EOF, output is discarded.
 pub fn attach(s: &Streams, mut shim: ShimEnds) -> std::io::Result<()> {
     let out = parse(s.stdout).map_err(other)?;
     let err = parse(s.stderr).map_err(other)?;

@@ -32,6 +32,8 @@ pub struct Proc {
     pub starting: bool,
     /// An exit recorded while starting, not published yet.
     pub exit_held: bool,
+    /// Gets pipes for all three streams (see [`crate::stdio::Streams::pipe_all`]).
+    pub pipe_all: bool,
 }
 
 /// What containerd sees of a process.

@@ -393,6 +393,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             stdout: &p.stdout,
             stderr: &p.stderr,
             owner: (config.io_uid, config.io_gid),
+            pipe_all: p.pipe_all,
         };
         crate::stdio::open(&streams)
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("opening stdio: {e}")))
@@ -572,6 +573,8 @@ impl<B: Backend, E: Events> Service<B, E> {
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
+            // A template may be taken from this init, or it is restored from one.
+            pipe_all: plan.is_some(),
             ..Default::default()
         };
         // A task from a checkpoint is restored by Start, as runc's shim does: until then it

@@ -220,7 +220,9 @@ impl<B: Backend> Filler<B> {
         Ok(Spare {
             thaw,
             resources: spec["linux"]["resources"].clone(),
-            cgroup: std::path::PathBuf::from(spec["linux"]["cgroupsPath"].as_str().unwrap_or_default()),
+            cgroup: std::path::PathBuf::from(
+                spec["linux"]["cgroupsPath"].as_str().unwrap_or_default(),
+            ),
 
             id: id.to_string(),
             template: source.plan.name.clone(),
@@ -427,6 +429,7 @@ impl<B: Backend, E: Events> Service<B, E> {
             stdout: &req.stdout,
             stderr: &req.stderr,
             owner: (config.io_uid, config.io_gid),
+            pipe_all: false,
         };
         // The process is the container's now: a failure from here on fails the Create, and
         // the instance goes with everything it holds under the container's name.
