@@ -193,7 +193,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             ));
         }
         let socket = self.socket().to_string_lossy().into_owned();
-        let done = wait_for(Duration::from_secs(10), || {
+        // A sandbox being created or destroyed finishes first: with a CNI plugin that hangs
+        // until `cni_timeout_secs`, on a loaded machine, that takes several seconds.
+        let done = wait_for(Duration::from_secs(30), || {
             (leaks::processes_with(&socket).is_empty() && !self.pool_dir().exists()).then_some(())
         });
         match done {
