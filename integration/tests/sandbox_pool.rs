@@ -479,13 +479,11 @@ fn shim_and_containerd_restarts_keep_the_pool() {
     let mut c = pool_containerd("min_idle = 1\nmax_idle = 2");
     let first = unique_id("first");
     run_rm(&c, &first);
-    let idle = wait_for(Duration::from_secs(10), || {
-        let ids: Vec<Value> = sandboxes(&c)
-            .into_iter()
-            .filter(|s| s["state"] == "idle")
-            .map(|s| s["id"].clone())
-            .collect();
-        (!ids.is_empty()).then_some(ids)
+    wait_for(Duration::from_secs(10), || {
+        sandboxes(&c)
+            .iter()
+            .any(|s| s["state"] == "idle")
+            .then_some(())
     })
     .expect("idle sandboxes");
     // The shim dies (with its zygotes); the next container starts a new one, which adopts
@@ -500,6 +498,13 @@ fn shim_and_containerd_restarts_keep_the_pool() {
         .is_empty()
         .then_some(()))
     .is_some());
+    // What the killed shim left idle (a purge may have finished since the first look).
+    let idle: Vec<Value> = sandboxes(&c)
+        .into_iter()
+        .filter(|s| s["state"] == "idle")
+        .map(|s| s["id"].clone())
+        .collect();
+    assert!(!idle.is_empty(), "no idle sandbox left by the killed shim");
     let after = unique_id("after-shim");
     run(&c, &[], BUSYBOX, &after, &["sleep", "1000"]);
     let sb = published(&c, &after)["sandbox"].clone();
