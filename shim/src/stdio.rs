@@ -106,7 +106,7 @@ pub fn open(s: &Streams) -> std::io::Result<(Stdio, Vec<OwnedFd>)> {
         stderr: err != Output::None || s.pipe_all,
     };
     let (process, shim) = pipes(stdio, s.owner)?;
-    attach(s, shim)?;
+    connect(s, shim, out, err)?;
     Ok((stdio, process))
 }
 
@@ -148,9 +148,13 @@ pub fn pipes(wanted: Stdio, owner: (u32, u32)) -> std::io::Result<(Vec<OwnedFd>,
 /// Connects the shim's ends of a process's pipes (made now, or earlier for a spare
 /// instance) to a container's streams. A stream the container does not have behaves as
 /// /dev/null would: stdin reads EOF, output is discarded.
-pub fn attach(s: &Streams, mut shim: ShimEnds) -> std::io::Result<()> {
+pub fn attach(s: &Streams, shim: ShimEnds) -> std::io::Result<()> {
     let out = parse(s.stdout).map_err(other)?;
     let err = parse(s.stderr).map_err(other)?;
+    connect(s, shim, out, err)
+}
+
+fn connect(s: &Streams, mut shim: ShimEnds, out: Output, err: Output) -> std::io::Result<()> {
     if s.stdin.is_empty() {
         shim.stdin = None;
     }
