@@ -5,7 +5,7 @@ TRENV_BIN := target/release/trenv
 export TRENV_CACHE := $(CACHE)
 export PATH := /usr/local/sbin:/usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup build images demo test unit integration lint bench leak-check clean
+.PHONY: all setup build images demo demo-runtime test unit integration lint bench bench-micro leak-check clean
 
 all: build
 
@@ -20,9 +20,15 @@ images:
 	bash examples/busybox/build.sh $(CACHE)/images/busybox
 	bash examples/python/build.sh $(CACHE)/images/python
 	bash examples/python/build.sh $(CACHE)/images/python-node nodejs
+	bash examples/functions/build.sh $(CACHE)/images/functions
 
-demo: setup images
+# The main job: functions under a bursty workload, runc vs trenv, side by side.
+demo: setup images build
 	bash examples/demo.sh
+
+# The runtime on its own: a container through containerd with trenv, checkpoint and restore.
+demo-runtime: setup images
+	bash examples/runtime-demo.sh
 
 unit:
 	cargo test --release --workspace --exclude trenv-integration
@@ -42,10 +48,17 @@ test: setup images
 	$(MAKE) integration
 	$(MAKE) leak-check
 
-# The heavy-import function of the template benchmark has an image of its own.
+# The function suite under W1, W2 and an Azure-like trace in all four modes (about 20 min);
+# regenerates docs/benchmarks.md. BENCH_ARGS adds trenv-bench flags.
 bench: setup images build
+	target/release/trenv-bench --modes runc,criu,trenv-pool,trenv --workloads w1,w2,azure \
+	  --duration-secs 60 --docs docs/benchmarks.md $(BENCH_ARGS)
+
+# Micro-benchmarks of single starts and restores (docs/benchmarks-micro.md). The heavy-import
+# function of the template benchmark has an image of its own.
+bench-micro: setup images build
 	bash examples/python/build.sh $(CACHE)/images/python-numpy python3-numpy
-	bash scripts/bench.sh
+	bash scripts/bench-micro.sh
 
 clean:
 	cargo clean

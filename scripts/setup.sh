@@ -26,8 +26,9 @@ APT_PACKAGES=(
   libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev
   # tests and tooling; the benchmark's containerd API client (python3-grpcio)
   jq xz-utils curl psmisc procps util-linux python3-grpcio
-  # benchmark charts (PNG + SVG)
-  python3-matplotlib
+  # benchmark charts (PNG + SVG): matplotlib for the micro-benchmarks, the DejaVu font for
+  # trenv-bench's plots; summary.json's schema check in the tests
+  python3-matplotlib fonts-dejavu-core python3-jsonschema
 )
 
 missing_packages() {

@@ -7,7 +7,7 @@ pool (trenv pool hit, cold function init), template (trenv, restored from the fu
 memory template into a pool hit), criu (trenv, plain restore of an ordinary checkpoint) —
 starts a private containerd, measures Create -> first correct answer over --runs starts,
 and for runc and template the memory of 16 live instances. Appends the results to
-docs/benchmarks.md, writes target/bench/function.json and docs/img/function-bench.{png,svg}.
+docs/benchmarks-micro.md, writes target/bench/function.json and docs/img/function-bench.{png,svg}.
 """
 
 import argparse
@@ -235,7 +235,7 @@ def main():
     md = render(r)
     if draw(r, chart):
         md += "\n![function bench](img/function-bench.svg)\n"
-    with open(os.path.join(ROOT, "docs/benchmarks.md"), "a") as f:
+    with open(os.path.join(ROOT, "docs/benchmarks-micro.md"), "a") as f:
         f.write(md)
     print(md)
 

@@ -9,7 +9,7 @@ Starts private containerd instances and, with pool_start.py as the API client, m
              pool hits while another task of the same shim is checkpointed over and over,
              each checkpoint taking over 2 s (CRIU behind a 2 s delay): independent tasks
              must not wait for each other (goal: P99 within 2x of plain pool hits)
-in the same run, and appends the results to docs/benchmarks.md and target/bench/pool.json.
+in the same run, and appends the results to docs/benchmarks-micro.md and target/bench/pool.json.
 """
 
 import argparse
@@ -263,7 +263,7 @@ def main():
     ap.add_argument("--hosts", default="default,favordynmods",
                     help="host settings to run every case under")
     ap.add_argument("--no-report", action="store_true",
-                    help="print the results only; leave docs/benchmarks.md alone")
+                    help="print the results only; leave docs/benchmarks-micro.md alone")
     a = ap.parse_args()
     if not os.path.isdir(PYLIB):
         sys.exit(f"pool_bench: {PYLIB} missing: run `make setup`")
@@ -290,7 +290,7 @@ def main():
     with open(os.path.join(ROOT, "target/bench/pool.json"), "w") as f:
         json.dump(summary, f, indent=2)
     md = render(summary)
-    with open(os.path.join(ROOT, "docs/benchmarks.md"), "a") as f:
+    with open(os.path.join(ROOT, "docs/benchmarks-micro.md"), "a") as f:
         f.write(md)
     print(md)
 

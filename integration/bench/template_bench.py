@@ -17,7 +17,7 @@ template restore's time goes comes from CRIU's restore.log of every timed run. T
 instances per mode, each in a network namespace of its own: the sum of their PSS and of their
 cgroups' memory.
 
-Appends its section to docs/benchmarks.md and writes target/bench/template.json.
+Appends its section to docs/benchmarks-micro.md and writes target/bench/template.json.
 """
 
 import argparse
@@ -480,7 +480,7 @@ def main():
     md = render(r)
     if draw(r, chart):
         md += "\n![template bench](img/template-bench.svg)\n"
-    with open(os.path.join(ROOT, "docs/benchmarks.md"), "a") as f:
+    with open(os.path.join(ROOT, "docs/benchmarks-micro.md"), "a") as f:
         f.write(md)
     print(md)
 

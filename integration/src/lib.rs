@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod containerd;
 pub mod isolation;
 pub mod leaks;
+pub mod loadgen;
 pub mod netns;
 pub mod runtime;
 

@@ -351,7 +351,7 @@ impl Pool {
         if let Err(e) = self.store.save(&sb) {
             log::warn!("{e}");
         }
-        self.publish_address(claim.container, &sb);
+        self.publish_address(claim.container, &sb, Some(how));
         let elapsed = started.elapsed().as_secs_f64();
         let mut g = self.lock();
         let c = &mut g.counters;
@@ -419,7 +419,7 @@ impl Pool {
             log::warn!("{e}");
         }
         let _ = std::fs::remove_file(self.store.container_file(from));
-        self.publish_address(to, &sb);
+        self.publish_address(to, &sb, None);
         Ok(())
     }
 
@@ -757,15 +757,20 @@ impl Pool {
         }
     }
 
-    /// Publishes where a platform reaches the container: `<pool dir>/containers/<id>`.
-    fn publish_address(&self, container: &str, sb: &Sandbox) {
+    /// Publishes where a platform reaches the container: `<pool dir>/containers/<id>`,
+    /// with how its sandbox was had (`placement`: hit, repurpose, miss; absent for a
+    /// sandbox handed over from a spare instance), which a platform may count.
+    fn publish_address(&self, container: &str, sb: &Sandbox, how: Option<Acquisition>) {
         let path = self.store.container_file(container);
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "sandbox": sb.id,
             "ip": sb.attachment.ip,
             "cidr": sb.attachment.cidr,
             "network": sb.network,
         });
+        if let Some(how) = how {
+            body["placement"] = how.label().into();
+        }
         let write = || -> std::io::Result<()> {
             if let Some(d) = path.parent() {
                 std::fs::create_dir_all(d)?;

@@ -10,25 +10,27 @@ use libcontainer::workload::default::DefaultExecutor;
 
 use super::protocol::{Answer, Failure, FailureKind, Request, SandboxUts, Stdio};
 
-fn take_stdio(builder: ContainerBuilder, stdio: Stdio, fds: Vec<OwnedFd>) -> ContainerBuilder {
-    let mut fds = fds.into_iter();
-    let mut b = builder;
-    if stdio.stdin {
-        if let Some(fd) = fds.next() {
-            b = b.with_stdin(fd);
-        }
+/// Gives the new process all three streams: those that came with the request and /dev/null
+/// for the others, as runc does. A stream left out would be whatever the worker has there,
+/// or closed, and a process whose stdout is closed may write its output into the first
+/// socket it opens.
+fn take_stdio(
+    builder: ContainerBuilder,
+    stdio: Stdio,
+    fds: Vec<OwnedFd>,
+    terminal: bool,
+) -> anyhow::Result<ContainerBuilder> {
+    // A terminal's pty is all three streams.
+    if terminal {
+        return Ok(builder);
     }
-    if stdio.stdout {
-        if let Some(fd) = fds.next() {
-            b = b.with_stdout(fd);
-        }
-    }
-    if stdio.stderr {
-        if let Some(fd) = fds.next() {
-            b = b.with_stderr(fd);
-        }
-    }
-    b
+    let [stdin, stdout, stderr]: [OwnedFd; 3] = full_stdio(stdio, fds)?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("stdio: three descriptors expected"))?;
+    Ok(builder
+        .with_stdin(stdin)
+        .with_stdout(stdout)
+        .with_stderr(stderr))
 }
 
 /// Performs `req` and says how it went, with the kind of a failure classified for the
@@ -79,9 +81,10 @@ fn template_reason(e: &anyhow::Error) -> Option<String> {
     None
 }
 
-/// The three stdio descriptors a restored init gets: those that came with the request, and
-/// /dev/null for the ones that did not (CRIU needs one for every checkpointed pipe).
-fn restore_stdio(stdio: Stdio, fds: Vec<OwnedFd>) -> anyhow::Result<Vec<OwnedFd>> {
+/// The three stdio descriptors a new or restored process gets: those that came with the
+/// request, and /dev/null for the ones that did not (CRIU needs one for every checkpointed
+/// pipe).
+fn full_stdio(stdio: Stdio, fds: Vec<OwnedFd>) -> anyhow::Result<Vec<OwnedFd>> {
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(3);
     for wanted in [stdio.stdin, stdio.stdout, stdio.stderr] {
@@ -242,7 +245,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 .with_executor(DefaultExecutor {})
                 .with_root_path(root)?
                 .with_console_socket(console_socket.as_ref());
-            let c = take_stdio(b, stdio, fds)
+            let c = take_stdio(b, stdio, fds, console_socket.is_some())?
                 .validate_id()?
                 .as_init(bundle)
                 .with_systemd(systemd)
@@ -268,7 +271,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             systemd,
             criu_opts,
         } => {
-            let stdio = restore_stdio(stdio, fds)?;
+            let stdio = full_stdio(stdio, fds)?;
             let opts = trenv_criu::restore::RestoreOptions {
                 image_path,
                 work_path,
@@ -292,7 +295,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             criu_opts,
         } => {
             use anyhow::Context;
-            let stdio = restore_stdio(stdio, fds)?;
+            let stdio = full_stdio(stdio, fds)?;
             let criu = trenv_criu::Criu::new(&criu);
             let version = criu_version(&criu)?;
             let store = trenv_template::Store::open(&store)?;
@@ -398,7 +401,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 .with_executor(DefaultExecutor {})
                 .with_root_path(root)?
                 .with_console_socket(console_socket.as_ref());
-            let pid = take_stdio(b, stdio, fds)
+            let pid = take_stdio(b, stdio, fds, console_socket.is_some())?
                 .validate_id()?
                 .as_tenant()
                 .with_detach(true)

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Runs the trenv vs runc benchmark (`make bench`); arguments go to trenv-bench (e.g. --runs 10).
-# Expects release binaries (the Makefile builds them first) and builds them only if missing.
-# Writes target/bench/summary.json and docs/benchmarks.md. Needs root, runc and criu.
+# The micro-benchmarks (`make bench-micro`): the runtime CLI and shim against runc, networked
+# starts with the sandbox pool, template restores and single function starts. Arguments go to
+# trenv-microbench (e.g. --runs 10). Writes target/bench/micro-summary.json and
+# docs/benchmarks-micro.md. Needs root, runc and criu.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
-if [ ! -x target/release/trenv ] || [ ! -x target/release/trenv-bench ]; then
+if [ ! -x target/release/trenv ] || [ ! -x target/release/trenv-microbench ]; then
   echo "bench: release binaries missing, building them" >&2
   cargo build --release --workspace --bins
 fi
 
 export TRENV_BIN=target/release/trenv
-target/release/trenv-bench "$@"
+target/release/trenv-microbench "$@"
 # Networked starts through the containerd API: pool hit / miss vs runc.v2 with CNI.
 /usr/bin/python3 integration/bench/pool_bench.py
 # A Python function from a memory template vs cold start and plain CRIU restore.
