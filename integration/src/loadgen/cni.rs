@@ -118,6 +118,6 @@ impl Cni {
             .args(["link", "del", &self.bridge])
             .stderr(Stdio::null())
             .status();
-        let _ = std::fs::remove_dir_all(format!("/var/lib/cni/networks/trenv-bench"));
+        let _ = std::fs::remove_dir_all("/var/lib/cni/networks/trenv-bench");
     }
 }

@@ -742,9 +742,8 @@ impl Controller {
             .filter_map(|l| {
                 l.split_whitespace()
                     .last()
-                    .and_then(|v| v.parse::<f64>().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
             })
-            .map(|v| if v > 0.0 { v.round() as u64 } else { 0 })
             .sum()
     }
 
@@ -778,7 +777,7 @@ impl Controller {
         // Without a terminal, a line every 5 s (and the last one).
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let second = t.max(0.0) as u64;
-        if !tty && !last && second % 5 != 0 {
+        if !tty && !last && !second.is_multiple_of(5) {
             return;
         }
         let done = self.progress.done.load(Ordering::Relaxed);
@@ -819,6 +818,13 @@ impl Controller {
     ) -> (Vec<Invocation>, Vec<MemorySample>) {
         let t0 = Instant::now();
         let total = arrivals.len();
+        self.progress.done.store(0, Ordering::Relaxed);
+        self.progress.errors.store(0, Ordering::Relaxed);
+        self.progress
+            .e2e
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         let stop = Arc::new(tokio::sync::Notify::new());
         let samples = Arc::new(Mutex::new(Vec::new()));
         let ticker = {

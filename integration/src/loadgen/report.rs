@@ -370,6 +370,12 @@ pub fn goals_table(goals: &[Goal]) -> String {
 }
 
 #[cfg(test)]
+// Test arithmetic on small, known values.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)]
 mod tests {
     use super::*;
 

@@ -393,6 +393,12 @@ impl Workload {
 }
 
 #[cfg(test)]
+// Test arithmetic on small, known values.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)]
 mod tests {
     use super::*;
 
@@ -431,7 +437,8 @@ mod tests {
         let mut per_minute = vec![0u64; spec.minutes as usize];
         for a in &arrivals {
             let m = (a.at.as_secs_f64() / minute).floor() as usize;
-            per_minute[m.min(per_minute.len() - 1)] += 1;
+            let last = per_minute.len() - 1;
+            per_minute[m.min(last)] += 1;
         }
         let spec_totals: Vec<u64> = (0..spec.minutes).map(|m| spec.minute_total(m)).collect();
         assert_eq!(per_minute, spec_totals);
