@@ -12,6 +12,16 @@ use trenv_integration::leaks::{mounts_with, processes_with};
 use trenv_integration::loadgen::manifest::Manifest;
 use trenv_integration::{cache_dir, require_root, workspace};
 
+/// One run at a time: each test checks that its run left nothing, which another run in
+/// progress would look like.
+static ONE_RUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_run() -> std::sync::MutexGuard<'static, ()> {
+    ONE_RUN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_trenv-bench"))
         .current_dir(workspace())
@@ -126,6 +136,7 @@ fn validate_schema(summary: &Path) {
 #[test]
 fn every_function_answers_under_every_mode() {
     require_root();
+    let _one = one_run();
     let manifest = Manifest::load(&workspace().join("examples/functions/functions.toml")).unwrap();
     let n = manifest.functions.len();
     let out = tempfile::tempdir().unwrap();
@@ -228,6 +239,7 @@ fn assert_nothing_left_of_any_run() {
 #[test]
 fn a_missing_image_or_a_crashing_function_fails_its_requests_not_the_run() {
     require_root();
+    let _one = one_run();
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("functions.toml");
     std::fs::write(

@@ -112,8 +112,18 @@ impl Cni {
         let _ = Command::new("ip").args(["netns", "del", name]).status();
     }
 
-    /// Removes the bridge (and host-local's leases) once no namespace uses it.
+    /// Removes the bridge (and host-local's leases) once no namespace uses it: another run
+    /// on the host may still have instances on it.
     pub fn cleanup(&self) {
+        let in_use = std::fs::read_dir("/var/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("trenv-bench-"))
+            })
+            .unwrap_or(false);
+        if in_use {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .stderr(Stdio::null())

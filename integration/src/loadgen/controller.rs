@@ -320,7 +320,14 @@ impl Controller {
 
     fn new_id(&self, f: &FunctionState) -> String {
         let n = self.seq.fetch_add(1, Ordering::SeqCst);
-        format!("{}-{}-{n}", self.mode.name(), f.spec.name)
+        // The pid keeps ids (and the runc instances' network namespaces, named after them)
+        // apart between runs on one host.
+        format!(
+            "{}-{}-{}-{n}",
+            self.mode.name(),
+            f.spec.name,
+            std::process::id()
+        )
     }
 
     /// The address and placement the pool published for a container.
