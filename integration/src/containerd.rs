@@ -570,14 +570,6 @@ impl Drop for Containerd {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        let dir = self.dir.path().to_string_lossy().into_owned();
-        let mut mounts: Vec<String> = leaks::mounts_with(&dir)
-            .iter()
-            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        leaks::unmount_under(&self.dir.path().to_string_lossy());
     }
 }

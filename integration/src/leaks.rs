@@ -31,6 +31,18 @@ pub fn mounts_with(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// Detaches every mount whose path or source mentions `dir`, deepest first.
+pub fn unmount_under(dir: &str) {
+    let mut mounts: Vec<String> = mounts_with(dir)
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Pids whose command line mentions `needle`.
 pub fn processes_with(needle: &str) -> Vec<i32> {
     let me = nix::unistd::getpid().as_raw();

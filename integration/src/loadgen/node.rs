@@ -190,15 +190,7 @@ impl Node {
             );
             let _ = c.wait();
         }
-        let dir = self.dir.to_string_lossy().into_owned();
-        let mut mounts: Vec<String> = crate::leaks::mounts_with(&dir)
-            .iter()
-            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        crate::leaks::unmount_under(&self.dir.to_string_lossy());
         remove_cgroup_tree(&self.cgroup_parent);
         let left = crate::leaks::cgroup_dirs(&self.cgroup_parent);
         if !left.is_empty() {
