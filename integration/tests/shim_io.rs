@@ -200,3 +200,43 @@ fn output_without_a_reader_is_dropped_not_fatal() {
     c.kill_and_remove(&id);
     c.assert_gone(&id);
 }
+
+/// A container started without streams (`ctr run --null-io`) can still write to its stdout
+/// and stderr, through trenv's shim and through runc's shim driving the trenv binary: writes
+/// are discarded, not refused (a process whose output is a read-only /dev/null fails on
+/// its first write, and Python exits 120).
+#[test]
+fn a_container_without_streams_writes_into_nothing() {
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let trenv = trenv_integration::runtime::trenv_bin();
+    let runc_shim = ["--runc-binary", trenv.to_str().expect("utf-8 path")];
+    for (name, runtime) in [
+        ("trenv-shim", &["--runtime", RUNTIME][..]),
+        ("runc-shim", &runc_shim[..]),
+    ] {
+        let id = unique_id(&format!("io-null-{name}"));
+        let mut args = vec!["run", "-d", "--null-io"];
+        args.extend_from_slice(runtime);
+        args.extend_from_slice(&[
+            BUSYBOX,
+            &id,
+            "sh",
+            "-c",
+            "echo out && echo err >&2 && touch /done; sleep 100",
+        ]);
+        c.ctr_ok(&args);
+        c.wait_task(&id, "RUNNING");
+        let done = wait_for(Duration::from_secs(10), || {
+            c.ctr(&["task", "exec", "--exec-id", "check", &id, "test", "-e", "/done"])
+                .status
+                .success()
+                .then_some(())
+        });
+        let fds = c.exec_ok(&id, "fds", &["ls", "-l", "/proc/1/fd/"]);
+        assert!(done.is_some(), "{name}: a write failed; the init's fds: {fds}");
+        c.kill_and_remove(&id);
+        c.assert_gone(&id);
+    }
+}

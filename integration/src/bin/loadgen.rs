@@ -396,11 +396,13 @@ fn docs_section(summary: &Summary, plots: &[PathBuf]) -> String {
             s.push_str(&format!("- **{w}**: {}\n", r.workload_description));
         }
     }
-    s.push_str("\nStart = time to obtain an instance (0 for a warm reuse); e2e = arrival to correct answer. Memory = Σ PSS of every process of the run plus the template memory pool (template pages mapped by instances are counted twice: conservative for trenv).\n\n");
+    s.push_str("\nStart = time to obtain an instance (0 for a warm reuse); e2e = arrival to correct answer. Memory = Σ PSS of every process of the run plus the template memory pool, each template page counted once (in the pool, whole; instances add only their copy-on-write copies).\n\n");
     s.push_str(&report::table(&summary.runs));
     if !summary.goals.is_empty() {
         s.push_str("\n### Goals\n\n");
         s.push_str(&report::goals_table(&summary.goals));
+        s.push_str("\n### Per function\n\n");
+        s.push_str(&report::function_table(&summary.runs));
     }
     let notes: Vec<String> = summary
         .runs
@@ -514,6 +516,9 @@ fn real_main(a: Args) -> Result<ExitCode> {
     println!("\n{}", report::table(&summary.runs));
     if !summary.goals.is_empty() {
         println!("{}", report::goals_table(&summary.goals));
+        if !a.quiet {
+            println!("{}", report::function_table(&summary.runs));
+        }
     }
     for r in &summary.runs {
         for e in &r.error_samples {

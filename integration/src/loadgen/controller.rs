@@ -755,12 +755,15 @@ impl Controller {
     }
 
     fn sample(&self, t: f64) -> MemorySample {
-        let (pss, usage, _) = super::memory::under(&self.cgroup_parent);
         let pool = if self.mode == Mode::Trenv {
             super::memory::used_kib(&self.mempool_dir)
         } else {
             0
         };
+        let device = (pool > 0)
+            .then(|| super::memory::smaps_device(&self.mempool_dir))
+            .flatten();
+        let (pss, usage, _) = super::memory::under(&self.cgroup_parent, device.as_deref());
         let instances = {
             let g = self.lock();
             g.live.len() as u64 + g.starting

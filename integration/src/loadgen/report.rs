@@ -148,6 +148,8 @@ pub struct MemorySummary {
 pub struct FunctionSummary {
     pub requests: u64,
     pub errors: u64,
+    pub start_ms: Dist,
+    pub exec_ms: Dist,
     pub e2e_ms: Dist,
 }
 
@@ -239,18 +241,23 @@ impl RunSummary {
         }
         for f in &s.functions.clone() {
             let mine: Vec<&Invocation> = invocations.iter().filter(|i| &i.function == f).collect();
+            let of = |field: fn(&Invocation) -> f64| {
+                Dist::of(
+                    &mine
+                        .iter()
+                        .filter(|i| i.ok)
+                        .map(|i| field(i))
+                        .collect::<Vec<_>>(),
+                )
+            };
             s.per_function.insert(
                 f.clone(),
                 FunctionSummary {
                     requests: mine.len() as u64,
                     errors: mine.iter().filter(|i| !i.ok).count() as u64,
-                    e2e_ms: Dist::of(
-                        &mine
-                            .iter()
-                            .filter(|i| i.ok)
-                            .map(|i| i.e2e_ms)
-                            .collect::<Vec<_>>(),
-                    ),
+                    start_ms: of(|i| i.start_ms),
+                    exec_ms: of(|i| i.exec_ms),
+                    e2e_ms: of(|i| i.e2e_ms),
                 },
             );
         }
@@ -347,6 +354,51 @@ pub fn table(runs: &[RunSummary]) -> String {
             r.memory.peak_instances,
             paths.join(", ")
         );
+    }
+    t
+}
+
+/// Per workload and function: P99 end-to-end in every mode, trenv's ratios against the
+/// baselines, and the function's own run time (P50 under trenv), which bounds what a faster
+/// start can win.
+pub fn function_table(runs: &[RunSummary]) -> String {
+    const MODES: [&str; 4] = ["runc", "criu", "trenv-pool", "trenv"];
+    let mut t = String::from(
+        "| workload | function | e2e P99 ms: runc / criu / trenv-pool / trenv | runc ÷ trenv | criu ÷ trenv | trenv start P99 ms | trenv run P50 ms |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let mut workloads: Vec<&str> = runs.iter().map(|r| r.workload.as_str()).collect();
+    workloads.dedup();
+    for w in workloads {
+        let of = |mode: &str, f: &str| {
+            runs.iter()
+                .find(|r| r.mode == mode && r.workload == w)
+                .and_then(|r| r.per_function.get(f))
+                .filter(|s| s.e2e_ms.n > 0)
+        };
+        let Some(functions) = runs.iter().find(|r| r.workload == w).map(|r| &r.functions) else {
+            continue;
+        };
+        for f in functions {
+            let p99: Vec<String> = MODES
+                .iter()
+                .map(|m| of(m, f).map_or_else(|| "—".to_string(), |s| ms(s.e2e_ms.p99)))
+                .collect();
+            let ratio = |base: &str| match (of(base, f), of("trenv", f)) {
+                (Some(b), Some(t)) => format!("{:.2}", b.e2e_ms.p99 / t.e2e_ms.p99.max(0.01)),
+                _ => "—".to_string(),
+            };
+            let trenv = of("trenv", f);
+            let _ = writeln!(
+                t,
+                "| {w} | {f} | {} | {} | {} | {} | {} |",
+                p99.join(" / "),
+                ratio("runc"),
+                ratio("criu"),
+                trenv.map_or_else(|| "—".to_string(), |s| ms(s.start_ms.p99)),
+                trenv.map_or_else(|| "—".to_string(), |s| ms(s.exec_ms.p50)),
+            );
+        }
     }
     t
 }

@@ -4,3 +4,4 @@
 pub mod bundle;
 pub mod fdpass;
 pub mod lifecycle;
+pub mod null_io;
