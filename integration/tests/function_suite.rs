@@ -155,6 +155,8 @@ fn every_function_answers_under_every_mode() {
         "2",
         "--keep-alive-secs",
         "0",
+        "--template-keep-alive-secs",
+        "0",
         "--out",
         &o,
         "--fail-on-errors",

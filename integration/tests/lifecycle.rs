@@ -383,3 +383,35 @@ fn disable_oom_killer_is_applied() {
     assert!(text.contains("oom_kill_disable 1"), "{text}");
     assert_container_gone(&rt, &id);
 }
+
+/// A process given by path runs without `PATH` in its environment (pause, distroless and
+/// scratch images set none), as under runc; a bare name without `PATH` is refused clearly.
+#[test]
+fn a_process_given_by_path_needs_no_path_variable() {
+    require_root();
+    for rt in [Runtime::trenv(), Runtime::runc()] {
+        let id = unique_id("no-path");
+        let b = Bundle::new(&id, &["/bin/sh", "-c", "echo ran; exit 3"]);
+        b.edit(|c| c["process"]["env"] = serde_json::json!(["TERM=xterm"]));
+        let out = rt.run(&["run", "--bundle", &b.path().to_string_lossy(), &id]);
+        assert_eq!(
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).as_ref()
+            ),
+            (Some(3), "ran\n"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_container_gone(&rt, &id);
+    }
+    let rt = Runtime::trenv();
+    let id = unique_id("no-path-bare");
+    let b = Bundle::new(&id, &["sh", "-c", "exit 0"]);
+    b.edit(|c| c["process"]["env"] = serde_json::json!(["TERM=xterm"]));
+    let out = rt.run(&["run", "--bundle", &b.path().to_string_lossy(), &id]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("PATH"), "{err}");
+    assert_container_gone(&rt, &id);
+}

@@ -229,13 +229,25 @@ fn a_container_without_streams_writes_into_nothing() {
         c.ctr_ok(&args);
         c.wait_task(&id, "RUNNING");
         let done = wait_for(Duration::from_secs(10), || {
-            c.ctr(&["task", "exec", "--exec-id", "check", &id, "test", "-e", "/done"])
-                .status
-                .success()
-                .then_some(())
+            c.ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                "check",
+                &id,
+                "test",
+                "-e",
+                "/done",
+            ])
+            .status
+            .success()
+            .then_some(())
         });
         let fds = c.exec_ok(&id, "fds", &["ls", "-l", "/proc/1/fd/"]);
-        assert!(done.is_some(), "{name}: a write failed; the init's fds: {fds}");
+        assert!(
+            done.is_some(),
+            "{name}: a write failed; the init's fds: {fds}"
+        );
         c.kill_and_remove(&id);
         c.assert_gone(&id);
     }

@@ -79,9 +79,14 @@ struct Args {
     /// Rounds of the `func` workload.
     #[arg(long, default_value_t = 1)]
     func_rounds: u32,
-    /// Idle instances are removed after this long.
+    /// Idle instances are removed after this long (runc, criu and trenv-pool: modes whose
+    /// starts cost a cold start or a full restore).
     #[arg(long, default_value_t = 30.0)]
     keep_alive_secs: f64,
+    /// Keep-alive of the `trenv` mode, whose starts are template restores: what keep-alive
+    /// buys (not paying a start) is worth less there, and idle instances are memory.
+    #[arg(long, default_value_t = 5.0)]
+    template_keep_alive_secs: f64,
     /// Node memory bound: Σ declared memory limits of live instances, MiB.
     #[arg(long, default_value_t = 6144)]
     node_memory_mib: u64,
@@ -91,8 +96,14 @@ struct Args {
     start_timeout_secs: f64,
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
-    /// Spare instances per template (trenv mode).
-    #[arg(long, default_value_t = 1)]
+    /// Instance starts under way at once, in every mode (0: no bound; default: twice the
+    /// CPUs). Requests beyond it wait for a start to finish or an instance to come free.
+    #[arg(long)]
+    max_starts: Option<u64>,
+    /// Spare instances per template (trenv mode). Off by default: restoring and prefaulting
+    /// a replacement after every start takes CPU from the functions, which costs more than
+    /// it saves when the node's cores are busy (docs/benchmarks.md).
+    #[arg(long, default_value_t = 0)]
     spares: usize,
     /// Idle sandboxes the pool keeps (trenv modes and criu).
     #[arg(long, default_value_t = 8)]
@@ -289,12 +300,23 @@ async fn run_mode(
             bridge: "trenvb0".into(),
             subnet: "10.231.0.0/16".into(),
         });
+        let keep_alive = Duration::from_secs_f64(
+            if mode == Mode::Trenv {
+                a.template_keep_alive_secs
+            } else {
+                a.keep_alive_secs
+            }
+            .max(0.0),
+        );
         let opts = Options {
-            keep_alive: Duration::from_secs_f64(a.keep_alive_secs.max(0.0)),
+            keep_alive,
             node_memory_mib: a.node_memory_mib,
             request_timeout: Duration::from_secs_f64(a.request_timeout_secs.max(1.0)),
             start_timeout: Duration::from_secs_f64(a.start_timeout_secs.max(1.0)),
             max_in_flight: a.max_in_flight,
+            max_starts: a.max_starts.unwrap_or_else(|| {
+                2 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+            }),
             progress,
             spares: shim.spares,
         };
@@ -343,6 +365,7 @@ async fn run_mode(
                 functions: selected.iter().map(|f| f.name.clone()).collect(),
                 duration_s: report::round2(started.elapsed().as_secs_f64()),
                 setup_s: report::round2(setup_s),
+                keep_alive_s: report::round2(keep_alive.as_secs_f64()),
                 notes: notes.clone(),
                 ..RunSummary::default()
             };

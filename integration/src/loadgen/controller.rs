@@ -73,6 +73,11 @@ pub struct Options {
     pub start_timeout: Duration,
     /// Requests in flight at most; later arrivals queue (and their latency shows it).
     pub max_in_flight: usize,
+    /// Instance starts under way at once (0: no bound). Requests beyond it wait for a start
+    /// to finish or an instance of their function to come free: without the bound, a node
+    /// whose starts slow down under load starts ever more instances for the requests that
+    /// queue meanwhile, and collapses.
+    pub max_starts: u64,
     /// Print a live progress line.
     pub progress: bool,
     /// Spare instances per template the shim keeps (trenv mode).
@@ -556,6 +561,10 @@ impl Controller {
                 if let Some((id, inst)) = idle {
                     inst.busy = true;
                     Some(Got::Warm(id.clone(), inst.ip))
+                } else if self.opts.max_starts > 0 && g.starting >= self.opts.max_starts {
+                    // Starts already fill the node: wait for one of them, or for an instance
+                    // of the function to come free, whichever is first.
+                    None
                 } else {
                     // Evict least recently used idle instances until the new one fits.
                     while g.reserved_mib + need > self.opts.node_memory_mib {
@@ -589,9 +598,10 @@ impl Controller {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
                 bail!(
-                    "no room for an instance within {:?} (node memory bound {} MiB)",
+                    "no room for an instance within {:?} (node memory bound {} MiB, at most {} starts at once)",
                     self.opts.request_timeout,
-                    self.opts.node_memory_mib
+                    self.opts.node_memory_mib,
+                    self.opts.max_starts
                 );
             }
         }
@@ -647,6 +657,8 @@ impl Controller {
                     let r = self.start(a.function, &id, self.mode == Mode::Trenv).await;
                     let mut g = self.lock();
                     g.starting -= 1;
+                    // A start slot came free.
+                    self.freed.notify_waiters();
                     match r {
                         Ok((ip, _pid, phases, p, netns)) => {
                             g.live.insert(

@@ -64,9 +64,12 @@ fn kib_field(line: &str, name: &str) -> Option<u64> {
 /// PSS of a process in KiB without the pool's pages: in a mapping of a file on `device`,
 /// only the private (copy-on-write) pages count. 0 if the process is gone.
 pub fn pss_without_device_kib(pid: u32, device: &str) -> u64 {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return 0;
-    };
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map(|text| smaps_pss_without_device_kib(&text, device))
+        .unwrap_or(0)
+}
+
+fn smaps_pss_without_device_kib(text: &str, device: &str) -> u64 {
     let mut total = 0;
     let mut in_pool = false;
     for line in text.lines() {
@@ -143,10 +146,22 @@ mod tests {
 
     #[test]
     fn a_private_file_mapping_counts_only_its_copies() {
-        // A file on the test's own filesystem, mapped privately and one page written: left
-        // out as "the pool" it leaves that page; counted, it adds every page read.
+        // A file on a tmpfs of its own (as the pool is), mapped privately and one page
+        // written: left out as "the pool" it leaves that page; counted, it adds every page.
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount a tmpfs");
+            return;
+        }
         let dir = std::env::temp_dir().join(format!("trenv-mem-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .expect("mount tmpfs");
         let path = dir.join("region");
         std::fs::write(&path, vec![7u8; 64 * 4096]).expect("write");
         let dev = smaps_device(&dir).expect("device");
@@ -158,19 +173,25 @@ mod tests {
                 None,
                 std::num::NonZeroUsize::new(64 * 4096).expect("len"),
                 nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-                nix::sys::mman::MapFlags::MAP_PRIVATE | nix::sys::mman::MapFlags::MAP_POPULATE,
+                nix::sys::mman::MapFlags::MAP_PRIVATE,
                 &file,
                 0,
             )
         }
         .expect("mmap");
+        let base = map.cast::<u8>().as_ptr();
+        for page in 0..64 {
+            // SAFETY: every offset is inside the 64-page readable mapping.
+            let _ = unsafe { base.add(page * 4096).read_volatile() };
+        }
         // SAFETY: the mapping is 64 pages long and writable.
-        unsafe { map.cast::<u8>().as_ptr().write_volatile(1) };
-        let me = std::process::id();
-        let with = pss_without_device_kib(me, "00:00");
-        let without = pss_without_device_kib(me, &dev);
+        unsafe { base.write_volatile(1) };
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let with = smaps_pss_without_device_kib(&smaps, "00:00");
+        let without = smaps_pss_without_device_kib(&smaps, &dev);
         // SAFETY: the mapping made above, not used afterwards.
         unsafe { nix::sys::mman::munmap(map, 64 * 4096) }.expect("munmap");
+        nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH).expect("umount");
         std::fs::remove_dir_all(&dir).ok();
         let diff = with.saturating_sub(without);
         assert!(

@@ -86,6 +86,23 @@ pub enum Command {
     /// Build, list and remove memory templates
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Add trenv as a runtime handler of containerd's CRI plugin (Kubernetes RuntimeClass)
+    InstallContainerdConfig(InstallContainerdConfig),
+}
+
+/// Adds `[plugins.<cri>.containerd.runtimes.<name>]` to a containerd config, leaving
+/// everything else as it is; idempotent, and never replaces a different runtime of that name.
+#[derive(Args, Debug, Clone)]
+pub struct InstallContainerdConfig {
+    /// containerd's config file (created, as version 2, if it does not exist)
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
+    pub config: PathBuf,
+    /// Runtime handler name (a RuntimeClass's `handler`)
+    #[arg(long, default_value = "trenv")]
+    pub name: String,
+    /// Print the resulting config instead of writing it
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Where templates are kept.

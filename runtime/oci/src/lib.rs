@@ -2,6 +2,7 @@
 //! what the `trenv` CLI, the CRIU code and the shim share.
 
 pub mod bundle;
+pub mod executor;
 pub mod fdpass;
 pub mod lifecycle;
 pub mod null_io;

@@ -6,7 +6,6 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
-use libcontainer::workload::default::DefaultExecutor;
 
 use super::protocol::{Answer, Failure, FailureKind, Request, SandboxUts, Stdio};
 
@@ -88,7 +87,10 @@ fn template_reason(e: &anyhow::Error) -> Option<String> {
 fn full_stdio(stdio: Stdio, fds: Vec<OwnedFd>) -> anyhow::Result<Vec<OwnedFd>> {
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(3);
-    for (n, wanted) in [stdio.stdin, stdio.stdout, stdio.stderr].into_iter().enumerate() {
+    for (n, wanted) in [stdio.stdin, stdio.stdout, stdio.stderr]
+        .into_iter()
+        .enumerate()
+    {
         let fd = match wanted.then(|| fds.next()).flatten() {
             Some(fd) => fd,
             None if n == 0 => std::fs::File::open("/dev/null")?.into(),
@@ -240,7 +242,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 enter_uts(&uts)?;
             }
             let b = ContainerBuilder::new(id, SyscallType::default())
-                .with_executor(DefaultExecutor {})
+                .with_executor(trenv_oci::executor::Executor::new())
                 .with_root_path(root)?
                 .with_console_socket(console_socket.as_ref());
             let c = take_stdio(b, stdio, fds, console_socket.is_some())?
@@ -396,7 +398,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             stdio,
         } => {
             let b = ContainerBuilder::new(id, SyscallType::default())
-                .with_executor(DefaultExecutor {})
+                .with_executor(trenv_oci::executor::Executor::new())
                 .with_root_path(root)?
                 .with_console_socket(console_socket.as_ref());
             let pid = take_stdio(b, stdio, fds, console_socket.is_some())?

@@ -4,7 +4,6 @@ use anyhow::{bail, Context, Result};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::syscall::syscall::SyscallType;
-use libcontainer::workload::default::DefaultExecutor;
 use serde::Serialize;
 
 use super::{exists, load, process, rootfs_of, write_json};
@@ -59,7 +58,7 @@ fn build(g: &Global, a: &Create, detach: bool) -> Result<Container> {
     // The container inherits our stdio: /dev/null outputs would become read-only in it.
     trenv_oci::null_io::writable_outputs().context("making /dev/null outputs writable")?;
     let container = ContainerBuilder::new(a.id.clone(), SyscallType::default())
-        .with_executor(DefaultExecutor {})
+        .with_executor(trenv_oci::executor::Executor::new())
         .with_root_path(&g.root)?
         .with_pid_file(a.pid_file.as_ref())?
         .with_console_socket(a.console_socket.as_ref())

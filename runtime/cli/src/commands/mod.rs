@@ -1,5 +1,6 @@
 //! One function per runc command, over libcontainer and the trenv library.
 
+mod containerd_config;
 mod criu;
 mod info;
 mod lifecycle;
@@ -37,6 +38,7 @@ pub fn dispatch(g: &Global, cmd: Command) -> Result<u8> {
         Command::Restore(a) => criu::restore(g, &a),
         Command::Sandbox(c) => sandbox::run(c).map(|_| 0),
         Command::Template(c) => template::run(g, c).map(|_| 0),
+        Command::InstallContainerdConfig(a) => containerd_config::install(&a).map(|_| 0),
     }
 }
 

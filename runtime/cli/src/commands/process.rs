@@ -7,7 +7,6 @@ use anyhow::{bail, Context, Result};
 use libcgroups::common::CgroupManager;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
-use libcontainer::workload::default::DefaultExecutor;
 use nix::errno::Errno;
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -167,7 +166,7 @@ pub fn exec(g: &Global, a: &Exec) -> Result<u8> {
     };
     let process = a.process.clone().or_else(|| generated.clone());
     let res = ContainerBuilder::new(a.id.clone(), SyscallType::default())
-        .with_executor(DefaultExecutor {})
+        .with_executor(trenv_oci::executor::Executor::new())
         .with_root_path(&g.root)?
         .with_console_socket(a.console_socket.as_ref())
         .with_pid_file(a.pid_file.as_ref())?
