@@ -1,14 +1,25 @@
-//! How a container's process is executed: libcontainer's default executor, except that a
-//! process given by path does not need `PATH`.
+//! How a container's process is executed: libcontainer's default executor, corrected where
+//! it differs from runc.
 //!
-//! libcontainer refuses any process whose environment has no `PATH`, even `/pause` or
-//! `/app/server`; runc (and the kernel) only look at `PATH` for a bare name. Images whose
-//! config sets no `PATH` (pause images, distroless and scratch images) then fail under trenv
-//! and run under runc.
+//! - libcontainer refuses any process whose environment has no `PATH`, even `/pause` or
+//!   `/app/server`; runc (and the kernel) only look at `PATH` for a bare name. Images whose
+//!   config sets no `PATH` (pause images, distroless and scratch images) would fail under
+//!   trenv and run under runc.
+//! - libcontainer's init replaces stdio descriptors that are the host's /dev/null by the
+//!   container's /dev/null opened *read-only* (runc opens it read-write), so every write to
+//!   such a stdout or stderr fails with EBADF (Python exits 120 on its first `print`). Just
+//!   before the exec, inside the container, such descriptors are reopened read-write. The
+//!   container's own /dev/null (not a host device) also keeps the process checkpointable.
 
 use libcontainer::oci_spec::runtime::Spec;
 use libcontainer::workload::default::DefaultExecutor;
-use libcontainer::workload::{Executor as LibExecutor, ExecutorError, ExecutorValidationError};
+use std::collections::HashMap;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+
+use libcontainer::workload::{
+    Executor as LibExecutor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
+};
 
 /// The executor every container and exec process of trenv runs with.
 #[derive(Clone)]
@@ -51,7 +62,45 @@ fn check_path(program: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Reopens read-write every stdio descriptor that is /dev/null but not open for writing.
+/// Runs in the container, after its root is in place.
+fn writable_dev_null() -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let null = std::fs::metadata("/dev/null")?;
+    if !null.file_type().is_char_device() {
+        return Ok(());
+    }
+    for fd in 0..3 {
+        let Ok(st) = nix::sys::stat::fstat(fd) else {
+            continue;
+        };
+        let kind =
+            nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT;
+        let is_null = kind == nix::sys::stat::SFlag::S_IFCHR && st.st_rdev == null.rdev();
+        let writable = fcntl(fd, FcntlArg::F_GETFL)
+            .map(|fl| OFlag::from_bits_truncate(fl) & OFlag::O_ACCMODE == OFlag::O_RDWR)
+            .unwrap_or(true);
+        if is_null && !writable {
+            let rw = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?;
+            nix::unistd::dup2(rw.as_raw_fd(), fd)?;
+        }
+    }
+    Ok(())
+}
+
 impl LibExecutor for Executor {
+    fn setup_envs(&self, envs: HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {
+        // libcontainer calls this in the container, after its /dev/null reopening and just
+        // before the exec: the last point where the stdio it left can be corrected.
+        writable_dev_null().map_err(|e| {
+            ExecutorSetEnvsError::Other(format!("reopening /dev/null stdio read-write: {e}"))
+        })?;
+        self.default.setup_envs(envs)
+    }
+
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         // execvp runs a name with '/' as given, without looking at PATH.
         self.default.exec(spec)
@@ -63,7 +112,16 @@ impl LibExecutor for Executor {
             .as_ref()
             .and_then(|p| p.args().as_ref())
             .and_then(|a| a.first());
+        let has_args = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.args().as_ref())
+            .is_some();
         match program {
+            // libcontainer's own check indexes the first argument.
+            None if has_args => Err(ExecutorValidationError::ArgValidationError(
+                "process.args is empty: no program to run".into(),
+            )),
             Some(p) if p.contains('/') => {
                 check_path(p).map_err(ExecutorValidationError::ArgValidationError)
             }
@@ -104,6 +162,14 @@ mod tests {
             .validate(&spec(&[data.to_str().expect("utf-8")], &[]))
             .expect_err("not executable");
         assert!(err.to_string().contains("not an executable"), "{err}");
+    }
+
+    #[test]
+    fn empty_args_are_refused_not_a_panic() {
+        let err = Executor::new()
+            .validate(&spec(&[], &["PATH=/bin"]))
+            .expect_err("empty args");
+        assert!(err.to_string().contains("empty"), "{err}");
     }
 
     #[test]

@@ -5,4 +5,3 @@ pub mod bundle;
 pub mod executor;
 pub mod fdpass;
 pub mod lifecycle;
-pub mod null_io;

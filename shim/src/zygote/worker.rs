@@ -81,20 +81,20 @@ fn template_reason(e: &anyhow::Error) -> Option<String> {
 }
 
 /// The three stdio descriptors a new or restored process gets: those that came with the
-/// request, and for the ones that did not (CRIU needs one for every checkpointed pipe)
-/// /dev/null as stdin and a discarding output that stays writable in the container
-/// (`trenv_oci::null_io` says why it is not /dev/null).
+/// request, and /dev/null for the ones that did not (CRIU needs one for every checkpointed
+/// pipe). A new container's init swaps it for the container's own /dev/null, read-write
+/// (`trenv_oci::executor`).
 fn full_stdio(stdio: Stdio, fds: Vec<OwnedFd>) -> anyhow::Result<Vec<OwnedFd>> {
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(3);
-    for (n, wanted) in [stdio.stdin, stdio.stdout, stdio.stderr]
-        .into_iter()
-        .enumerate()
-    {
+    for wanted in [stdio.stdin, stdio.stdout, stdio.stderr] {
         let fd = match wanted.then(|| fds.next()).flatten() {
             Some(fd) => fd,
-            None if n == 0 => std::fs::File::open("/dev/null")?.into(),
-            None => trenv_oci::null_io::discarding_output()?,
+            None => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?
+                .into(),
         };
         out.push(fd);
     }

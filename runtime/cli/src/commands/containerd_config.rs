@@ -50,12 +50,19 @@ fn subtable<'a>(t: &'a mut Table, key: &str, path: &str) -> Result<&'a mut Table
 }
 
 fn add_handler(text: &str, name: &str) -> Result<Outcome> {
-    if name.is_empty()
-        || !name
+    // A RuntimeClass's handler must be a DNS label.
+    let label = !name.is_empty()
+        && name.len() <= 63
+        && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        bail!("runtime handler name {name:?}: use letters, digits, '-', '_' and '.'");
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !label {
+        bail!(
+            "runtime handler name {name:?}: a RuntimeClass handler is a DNS label \
+             (lowercase letters, digits and '-', at most 63)"
+        );
     }
     let fresh = text.trim().is_empty();
     let mut doc: DocumentMut = if fresh {
@@ -79,9 +86,20 @@ fn add_handler(text: &str, name: &str) -> Result<Outcome> {
     let cri = subtable(plugins, plugin, "plugins")?;
     let containerd = subtable(cri, "containerd", plugin)?;
     let runtimes = subtable(containerd, "runtimes", "containerd")?;
-    if let Some(existing) = runtimes.get(name) {
-        let kind = existing.get("runtime_type").and_then(Item::as_str);
-        return match kind {
+    if let Some(existing) = runtimes.get_mut(name) {
+        let kind = existing
+            .get("runtime_type")
+            .and_then(Item::as_str)
+            .map(str::to_string);
+        // Only sub-tables such as `.options` were written: complete the runtime.
+        if kind.is_none() {
+            if let Some(t) = existing.as_table_mut() {
+                t.set_implicit(false);
+                add_entry(t);
+                return Ok(Outcome::Added(doc.to_string(), header));
+            }
+        }
+        return match kind.as_deref() {
             Some(RUNTIME_TYPE) => Ok(Outcome::Present(header)),
             other => bail!(
                 "[{header}] exists with runtime_type {}, not {RUNTIME_TYPE:?}: \
@@ -91,12 +109,17 @@ fn add_handler(text: &str, name: &str) -> Result<Outcome> {
         };
     }
     let mut entry = Table::new();
-    entry["runtime_type"] = value(RUNTIME_TYPE);
-    let annotations: Array = [ANNOTATIONS].into_iter().collect();
-    entry["pod_annotations"] = value(annotations.clone());
-    entry["container_annotations"] = value(annotations);
+    add_entry(&mut entry);
     runtimes.insert(name, Item::Table(entry));
     Ok(Outcome::Added(doc.to_string(), header))
+}
+
+/// The runtime's keys: the shim, and the annotations CRI is to pass on to it.
+fn add_entry(t: &mut Table) {
+    t["runtime_type"] = value(RUNTIME_TYPE);
+    let annotations: Array = [ANNOTATIONS].into_iter().collect();
+    t["pod_annotations"] = value(annotations.clone());
+    t["container_annotations"] = value(annotations);
 }
 
 /// Whether the config turns the CRI plugin off (then the handler has nothing to serve).
@@ -116,8 +139,11 @@ fn cri_disabled(text: &str) -> bool {
         })
 }
 
-/// Replaces `path` by `text` in one step: a reader sees the old file or the new one.
+/// Replaces `path` by `text` in one step: a reader sees the old file or the new one. A
+/// symbolic link is followed, so the file it names is replaced, not the link.
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let path = resolved.as_path();
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -138,6 +164,8 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
+        // The rename itself lasts only once the directory is on disk.
+        std::fs::File::open(dir)?.sync_all()?;
         Ok(())
     })();
     if result.is_err() {
@@ -247,6 +275,44 @@ mod tests {
         assert!(add_handler("version = [", "trenv").is_err());
         assert!(add_handler("version = 2\nplugins = 3\n", "trenv").is_err());
         assert!(add_handler("", "bad name").is_err());
+        assert!(add_handler("", "Trenv").is_err());
+    }
+
+    #[test]
+    fn a_runtime_with_only_options_is_completed() {
+        let t = added(
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.trenv.options]\n\
+             ConfigPath = \"/etc/trenv/shim.toml\"\n",
+        );
+        let doc: DocumentMut = t.parse().expect("valid");
+        let rt = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["trenv"];
+        assert_eq!(rt["runtime_type"].as_str(), Some(RUNTIME_TYPE), "{t}");
+        assert_eq!(
+            rt["options"]["ConfigPath"].as_str(),
+            Some("/etc/trenv/shim.toml")
+        );
+    }
+
+    #[test]
+    fn a_symlinked_config_stays_a_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real.toml");
+        std::fs::write(&real, "version = 2\n").expect("write");
+        let link = dir.path().join("config.toml");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        install(&InstallContainerdConfig {
+            config: link.clone(),
+            name: "trenv".into(),
+            dry_run: false,
+        })
+        .expect("install");
+        assert!(std::fs::symlink_metadata(&link)
+            .expect("lstat")
+            .file_type()
+            .is_symlink());
+        assert!(std::fs::read_to_string(&real)
+            .expect("read")
+            .contains("runtimes.trenv]"));
     }
 
     #[test]
