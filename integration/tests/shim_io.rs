@@ -157,6 +157,17 @@ fn file_and_binary_log_uris() {
     c.assert_gone(&id);
 }
 
+/// Whether `path` shows up in the container within `timeout`.
+fn file_appears(c: &Containerd, id: &str, path: &str, timeout: Duration) -> bool {
+    wait_for(timeout, || {
+        c.ctr(&["task", "exec", "--exec-id", "check", id, "test", "-e", path])
+            .status
+            .success()
+            .then_some(())
+    })
+    .is_some()
+}
+
 /// A detached container (`ctr run -d`: ctr's FIFO readers go when it exits) keeps running
 /// while it writes: its output is dropped, it neither dies of EPIPE nor blocks on a full
 /// pipe.
@@ -180,22 +191,10 @@ fn output_without_a_reader_is_dropped_not_fatal() {
         "sleep 1; yes stdout-line | head -c 400000 && yes stderr-line | head -c 400000 >&2 \
          && touch /done; sleep 100",
     ]);
-    let done = wait_for(Duration::from_secs(20), || {
-        c.ctr(&[
-            "task",
-            "exec",
-            "--exec-id",
-            "check",
-            &id,
-            "test",
-            "-e",
-            "/done",
-        ])
-        .status
-        .success()
-        .then_some(())
-    });
-    assert!(done.is_some(), "the writer did not finish");
+    assert!(
+        file_appears(&c, &id, "/done", Duration::from_secs(20)),
+        "the writer did not finish"
+    );
     assert_eq!(c.task_status(&id).as_deref(), Some("RUNNING"));
     c.kill_and_remove(&id);
     c.assert_gone(&id);
@@ -228,26 +227,9 @@ fn a_container_without_streams_writes_into_nothing() {
         ]);
         c.ctr_ok(&args);
         c.wait_task(&id, "RUNNING");
-        let done = wait_for(Duration::from_secs(10), || {
-            c.ctr(&[
-                "task",
-                "exec",
-                "--exec-id",
-                "check",
-                &id,
-                "test",
-                "-e",
-                "/done",
-            ])
-            .status
-            .success()
-            .then_some(())
-        });
+        let done = file_appears(&c, &id, "/done", Duration::from_secs(10));
         let fds = c.exec_ok(&id, "fds", &["ls", "-l", "/proc/1/fd/"]);
-        assert!(
-            done.is_some(),
-            "{name}: a write failed; the init's fds: {fds}"
-        );
+        assert!(done, "{name}: a write failed; the init's fds: {fds}");
         c.kill_and_remove(&id);
         c.assert_gone(&id);
     }
