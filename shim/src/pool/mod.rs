@@ -704,6 +704,9 @@ impl Pool {
                 g.busy -= 1;
                 drop(g);
                 log::warn!("refilling the pool: {e}");
+                // A drain that began during the creation found it counted and left the
+                // exit to whoever ends it: this failure.
+                self.check_empty();
                 // Do not spin on a persistent failure (e.g. a broken CNI plugin).
                 std::thread::sleep(Duration::from_secs(1));
                 false
