@@ -35,11 +35,7 @@ pub fn pss_kib(pid: u32) -> u64 {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
         return 0;
     };
-    text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    text.lines().find_map(|l| kib_field(l, "Pss")).unwrap_or(0)
 }
 
 /// The device of the filesystem at `dir` as smaps prints it (`major:minor`, hex).
