@@ -18,6 +18,7 @@ build:
 
 images:
 	bash examples/busybox/build.sh $(CACHE)/images/busybox
+	bash examples/pause/build.sh $(CACHE)/images/pause
 	bash examples/python/build.sh $(CACHE)/images/python
 	bash examples/python/build.sh $(CACHE)/images/python-node nodejs
 	bash examples/functions/build.sh $(CACHE)/images/functions
@@ -48,11 +49,13 @@ test: setup images
 	$(MAKE) integration
 	$(MAKE) leak-check
 
-# The function suite under W1, W2 and an Azure-like trace in all four modes (about 20 min);
-# regenerates docs/benchmarks.md. BENCH_ARGS adds trenv-bench flags.
+# The function suite under W1, W2 and an Azure-like trace in all four modes (about 20 min),
+# then pod starts through CRI (runc, trenv, trenv with templates; about 5 min); regenerates
+# docs/benchmarks.md. BENCH_ARGS adds trenv-bench flags.
 bench: setup images build
 	target/release/trenv-bench --modes runc,criu,trenv-pool,trenv --workloads w1,w2,azure \
 	  --duration-secs 60 --docs docs/benchmarks.md $(BENCH_ARGS)
+	target/release/trenv-podbench --pods 100 --docs docs/benchmarks.md
 
 # Micro-benchmarks of single starts and restores (docs/benchmarks-micro.md). The heavy-import
 # function of the template benchmark has an image of its own.

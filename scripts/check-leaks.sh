@@ -30,6 +30,8 @@ check "trenv test state" "$(ls -d /run/trenv-it-* /tmp/trenv-it-* /run/container
 check "sandbox holders" "$(ps -eo pid,args | grep trenv-sandbox-holder | grep -v grep || true)"
 check "trenv zygotes" "$(ps -eo pid,args | grep trenv-zygote | grep -v grep || true)"
 check "CNI address leases" "$(ls /var/lib/cni/networks/trenv 2>/dev/null | grep -v -E '^(lock|last_reserved_ip)' || true)"
+check "CNI address leases of test pods" "$(ls /var/lib/cni/networks/trenv-it-pods 2>/dev/null | grep -v -E '^(lock|last_reserved_ip)' || true)"
+check "pod network namespaces" "$(ls /var/run/netns 2>/dev/null | grep '^cni-' || true)"
 check "shim console sockets" "$(ls /run/containerd/trenv/console 2>/dev/null || true)"
 for d in $parents; do rmdir "$d" 2>/dev/null || true; done
 echo "leaks: $pass passed, $fail failed"

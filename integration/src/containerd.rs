@@ -20,10 +20,32 @@ pub const TRENV_RUNTIME: &str = "io.containerd.trenv.v2";
 pub const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done";
 /// containerd namespace used by tests (also the parent cgroup containerd gives containers).
 pub const NAMESPACE: &str = "trenv-it";
+/// The namespace containerd's CRI plugin keeps pods and their containers in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The pod sandbox image of CRI tests (examples/pause), imported by [`Containerd::start_cri`].
+pub const PAUSE: &str = "docker.io/local/pause:latest";
+/// The pod network of CRI tests: a bridge that is the pods' gateway, so the host reaches pod
+/// IPs (addresses inside network namespaces CRI makes for the test).
+const CRI_CNI: &str = r#"{
+  "cniVersion": "1.0.0",
+  "name": "trenv-it-pods",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "trenvit0",
+      "isGateway": true,
+      "ipMasq": false,
+      "ipam": { "type": "host-local", "ranges": [[{ "subnet": "10.78.0.0/16" }]] }
+    }
+  ]
+}
+"#;
 
 pub struct Containerd {
     dir: tempfile::TempDir,
     child: Child,
+    /// The containerd namespace the test's containers live in ([`NAMESPACE`], or CRI's).
+    namespace: &'static str,
 }
 
 impl Containerd {
@@ -33,34 +55,81 @@ impl Containerd {
 
     /// A containerd whose shims get `-debug` when `level` is "debug".
     pub fn start_with_log_level(level: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("trenv-it-ctrd-")
-            .tempdir()
-            .expect("tempdir");
-        let d = dir.path();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[debug]
-  level = "{level}"
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = d.join("containerd.sock").display(),
+        let dir = new_dir();
+        let config = base_config(
+            dir.path(),
+            level,
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
         );
-        std::fs::write(d.join("config.toml"), config).expect("config");
-        let child = Self::spawn(d);
-        let c = Self { dir, child };
+        Self::start_in(dir, &config, NAMESPACE)
+    }
+
+    /// A containerd with its CRI plugin on, as on a Kubernetes node: the project's pause
+    /// image as sandbox image, a CNI bridge network for pods, and the `trenv` runtime handler
+    /// added by `trenv install-containerd-config` (the documented way). Pods live in CRI's
+    /// namespace, [`CRI_NAMESPACE`].
+    pub fn start_cri() -> Self {
+        let dir = new_dir();
+        let d = dir.path();
+        let cni = d.join("cni");
+        std::fs::create_dir_all(&cni).expect("cni dir");
+        std::fs::write(cni.join("10-trenv-it.conflist"), CRI_CNI).expect("cni conflist");
+        let config = base_config(d, "info", "")
+            + &format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  # Root here may lack CAP_SYS_RESOURCE: no runtime could give the pause container -998.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+                cni = cni.display()
+            );
+        let path = d.join("config.toml");
+        std::fs::write(&path, config).expect("config");
+        let out = Command::new(crate::runtime::trenv_bin())
+            .args(["install-containerd-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("trenv install-containerd-config");
+        assert!(
+            out.status.success(),
+            "install-containerd-config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config = std::fs::read_to_string(&path).expect("config");
+        let c = Self::start_in(dir, &config, CRI_NAMESPACE);
+        let pause = crate::cache_dir().join("images/pause/pause-oci.tar");
+        c.ctr_ok(&[
+            "images",
+            "import",
+            "--base-name",
+            PAUSE.trim_end_matches(":latest"),
+            &pause.to_string_lossy(),
+        ]);
+        c
+    }
+
+    fn start_in(dir: tempfile::TempDir, config: &str, namespace: &'static str) -> Self {
+        std::fs::write(dir.path().join("config.toml"), config).expect("config");
+        let child = Self::spawn(dir.path());
+        let c = Self {
+            dir,
+            child,
+            namespace,
+        };
         // Each containerd gets a pool of its own; a small one, so tests stay light.
         c.set_pool_config("min_idle = 1\nmax_idle = 4");
         c.wait_up();
         c
+    }
+
+    /// The containerd namespace of this containerd's containers.
+    pub fn namespace(&self) -> &'static str {
+        self.namespace
     }
 
     /// The parent cgroup of this containerd's sandboxes (the shim appends the namespace).
@@ -80,7 +149,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         roots.push(PathBuf::from("/sys/fs/cgroup"));
         for root in roots {
             let parent = root.join(rel);
-            let _ = std::fs::remove_dir(parent.join(NAMESPACE));
+            let _ = std::fs::remove_dir(parent.join(self.namespace));
             let _ = std::fs::remove_dir(parent);
         }
     }
@@ -165,16 +234,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// The state directory of the trenv shim's sandbox pool for the test namespace.
     pub fn pool_dir(&self) -> PathBuf {
-        self.dir.path().join("pool").join(NAMESPACE)
+        self.dir.path().join("pool").join(self.namespace)
     }
 
-    /// `trenv sandbox SUBCOMMAND ... --namespace trenv-it` on this containerd's pool.
+    /// `trenv sandbox SUBCOMMAND ... --namespace NS` on this containerd's pool.
     pub fn sandbox_cmd(&self, args: &[&str]) -> Output {
         Command::new(crate::runtime::trenv_bin())
             .arg("sandbox")
             .args(args)
             .arg("--namespace")
-            .arg(NAMESPACE)
+            .arg(self.namespace)
             .arg("--pool-root")
             .arg(self.dir.path().join("pool"))
             .stdin(Stdio::null())
@@ -231,7 +300,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         c.arg("--address")
             .arg(self.socket())
             .arg("--namespace")
-            .arg(NAMESPACE);
+            .arg(self.namespace);
         c
     }
 
@@ -241,7 +310,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         Command::new("timeout")
             .args(["-k", "5", "120", "ctr", "--address"])
             .arg(self.socket())
-            .args(["--namespace", NAMESPACE])
+            .args(["--namespace", self.namespace])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -462,12 +531,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             (!published.exists()).then_some(())
         });
         assert!(gone.is_some(), "address of {id} still published");
-        let cg = leaks::cgroup_dirs(&format!("/{NAMESPACE}/{id}"));
+        let cg = leaks::cgroup_dirs(&format!("/{}/{id}", self.namespace));
         assert!(cg.is_empty(), "cgroups of {id} left: {cg:?}");
         let m = leaks::mounts_with(id);
         assert!(m.is_empty(), "mounts of {id} left: {m:?}");
         assert!(
-            !Path::new(&format!("/run/containerd/trenv/{NAMESPACE}/{id}")).exists(),
+            !Path::new(&format!("/run/containerd/trenv/{}/{id}", self.namespace)).exists(),
             "state of {id} left"
         );
         let listed = self.ctr_ok(&["containers", "list", "-q"]);
@@ -487,6 +556,35 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// A fresh directory for one containerd.
+fn new_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("trenv-it-ctrd-")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// Settings every test containerd has: its own root, state, sockets and log level; `top`
+/// adds top-level keys.
+fn base_config(d: &Path, level: &str, top: &str) -> String {
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+{top}
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "{level}"
+"#,
+        root = d.join("root").display(),
+        state = d.join("state").display(),
+        sock = d.join("containerd.sock").display(),
+    )
 }
 
 /// A running `ctr events`, writing to a file.

@@ -3,6 +3,9 @@
 
 pub mod bundle;
 pub mod containerd;
+pub mod cri;
+pub mod docs;
+pub mod http;
 pub mod isolation;
 pub mod leaks;
 pub mod loadgen;

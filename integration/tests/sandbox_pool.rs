@@ -1,8 +1,7 @@
 //! The sandbox pool through a real containerd with real CNI: reuse across images, purge
 //! between functions, networking, exhaustion, restarts, drain, broken holders, leaks.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -87,15 +86,7 @@ fn metric(c: &Containerd, name: &str) -> f64 {
 
 /// A plain HTTP GET over TCP from the host, retried while the server starts.
 fn http_get(ip: &str, port: u16) -> String {
-    let got = wait_for(Duration::from_secs(10), || {
-        let mut s = TcpStream::connect((ip, port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        body.contains("200").then_some(body)
-    });
-    got.unwrap_or_else(|| panic!("no HTTP answer from {ip}:{port}"))
+    trenv_integration::http::get(ip, port, "/", Duration::from_secs(10))
 }
 
 fn ctr_fails(c: &Containerd, args: &[&str]) -> String {

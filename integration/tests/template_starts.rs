@@ -3,8 +3,7 @@
 //! restored from it into pooled sandboxes; every template problem falls back to a cold
 //! start; nothing leaks over many cycles.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,29 +15,7 @@ use trenv_integration::{leaks, require_root, unique_id, wait_for};
 
 const PYTHON_NODE: &str = "docker.io/local/python-node:latest";
 
-/// A function with a slow, memory-heavy initialisation and per-instance state: every GET of
-/// / counts, /ready does not (it is the readiness probe).
-const FUNCTION: &str = r#"
-import os, socket, time
-from http.server import BaseHTTPRequestHandler, HTTPServer
-STATE = [bytearray(os.urandom(1 << 20)) for _ in range(16)]
-time.sleep(1.0)
-count = 0
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        global count
-        if self.path == "/":
-            count += 1
-            print("served %d" % count, flush=True)
-        body = ("fn=%s count=%d state=%d\n" % (os.environ.get("FN", "?"), count, sum(len(b) for b in STATE))).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-HTTPServer(("0.0.0.0", 8080), H).serve_forever()
-"#;
+const FUNCTION: &str = trenv_integration::http::COUNTING_FUNCTION;
 
 /// A private containerd with a small pool and templates of its own, busybox and Python.
 fn template_containerd(top: &str) -> Containerd {
@@ -117,19 +94,9 @@ fn ip(c: &Containerd, id: &str) -> String {
     published(c, id)["ip"].as_str().expect("ip").to_string()
 }
 
-/// GET `path` from the host, retried for a while.
+/// GET `path` from the host, retried for a while; the function's answer.
 fn get(ip: &str, path: &str) -> String {
-    wait_for(Duration::from_secs(10), || {
-        let mut s = TcpStream::connect((ip, 8080)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-            .ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        body.contains(" 200 ")
-            .then(|| body.lines().last().unwrap_or_default().to_string())
-    })
-    .unwrap_or_else(|| panic!("no HTTP answer from {ip}:8080{path}"))
+    trenv_integration::http::get_body(ip, 8080, path, Duration::from_secs(10))
 }
 
 fn trenv(args: &[&str]) -> std::process::Output {

@@ -18,6 +18,8 @@ const FUNCTION: &str = "io.trenv.function";
 const READY: &str = "io.trenv.ready";
 const TEMPLATE: &str = "io.trenv.template";
 const IMAGE: &str = "io.trenv.image";
+/// CRI's mark of a pod's sandbox ("sandbox") and of its containers ("container").
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 const KNOWN: [&str; 9] = [
     TCP_ESTABLISHED,
     EXT_UNIX_SK,
@@ -189,6 +191,13 @@ impl Annotations {
                 _ => return Err(AnnotationError::Unknown { key: key.clone() }),
             }
         }
+        // CRI hands a pod's annotations to its sandbox (the pause container) as well as to
+        // its containers. Templates and readiness are the function's: a pause container
+        // waiting for a function's port would hold RunPodSandbox for `ready_secs`.
+        if annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) == Some("sandbox") {
+            a.template = TemplateMode::Off;
+            a.ready = None;
+        }
         Ok(a)
     }
 
@@ -220,6 +229,28 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_pod_sandbox_takes_no_template_and_waits_for_nothing() {
+        let pod = [
+            ("io.trenv.template", "auto"),
+            ("io.trenv.ready", "tcp:8080"),
+        ];
+        let mut sandbox = pod.to_vec();
+        sandbox.push(("io.kubernetes.cri.container-type", "sandbox"));
+        let a = Annotations::parse(&map(&sandbox)).unwrap();
+        assert_eq!(a.template, TemplateMode::Off);
+        assert!(a.ready.is_none());
+        let mut container = pod.to_vec();
+        container.push(("io.kubernetes.cri.container-type", "container"));
+        let a = Annotations::parse(&map(&container)).unwrap();
+        assert_ne!(a.template, TemplateMode::Off);
+        assert!(a.ready.is_some());
+        // Malformed values are refused for the sandbox too: the pod's spec is wrong.
+        let mut bad = sandbox.clone();
+        bad[1] = ("io.trenv.ready", "soon");
+        assert!(Annotations::parse(&map(&bad)).is_err());
     }
 
     #[test]

@@ -458,24 +458,8 @@ fn docs_section(summary: &Summary, plots: &[PathBuf]) -> String {
 }
 
 fn update_docs(path: &Path, section: &str, plots: &[PathBuf]) -> Result<()> {
-    let old =
-        std::fs::read_to_string(path).unwrap_or_else(|_| "# trenv benchmarks\n\n".to_string());
-    let new = match (old.find(DOCS_BEGIN), old.find(DOCS_END)) {
-        (Some(b), Some(e)) if e > b => format!(
-            "{}{section}{}",
-            &old[..b],
-            &old[e + DOCS_END.len()..].trim_start_matches('\n')
-        ),
-        _ => format!("{}\n{section}", old.trim_end()),
-    };
-    std::fs::write(path, new)?;
-    let img = path.parent().unwrap_or(Path::new(".")).join("img/loadgen");
-    std::fs::create_dir_all(&img)?;
-    for p in plots {
-        if let Some(name) = p.file_name() {
-            std::fs::copy(p, img.join(name))?;
-        }
-    }
+    trenv_integration::docs::replace_section(path, DOCS_BEGIN, DOCS_END, section)?;
+    trenv_integration::docs::copy_plots(path, "loadgen", plots)?;
     Ok(())
 }
 

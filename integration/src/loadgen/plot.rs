@@ -48,6 +48,8 @@ fn colour(mode: &str) -> RGBColor {
         "criu" => 1,
         "trenv-pool" => 2,
         "trenv" => 3,
+        "trenv-cold" => 2,
+        "trenv-template" => 3,
         _ => 4,
     };
     COLOURS[i]
@@ -272,6 +274,26 @@ fn cdf(xs: &[f64]) -> Vec<(f64, f64)> {
         out.push((last, 1.0));
     }
     out
+}
+
+/// A latency CDF (log scale) with a line per series, as `base`.png and `base`.svg.
+pub fn draw_cdf(
+    base: &Path,
+    title: &str,
+    x_desc: &'static str,
+    series: &[(String, Vec<f64>)],
+) -> Result<Vec<PathBuf>, String> {
+    ensure_font()?;
+    render_lines(
+        base,
+        &Lines {
+            title: title.to_string(),
+            x_desc,
+            y_desc: "fraction of starts",
+            log_x: true,
+            series: series.iter().map(|(n, xs)| (n.clone(), cdf(xs))).collect(),
+        },
+    )
 }
 
 /// Draws every plot for the runs in `dir`; returns the files written.

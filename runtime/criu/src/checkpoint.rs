@@ -72,6 +72,27 @@ pub struct CheckpointOptions {
     /// Leave out connections still in a listening socket's accept queue (`--skip-in-flight`)
     /// instead of failing: with `leave_running` they stay with the running process.
     pub skip_in_flight: bool,
+    /// When the spec joins existing IPC and UTS namespaces (a Kubernetes pod's), CRIU runs
+    /// in them, so the images leave them out: a restore can then join another pod's
+    /// without writing this one's hostname or IPC objects into it (templates).
+    pub in_joined_ipc_uts: bool,
+}
+
+/// The container's IPC and UTS namespaces, opened, for those its spec joins by path.
+fn joined_ipc_uts(bundle: &Bundle, pid: i32) -> Result<Vec<(File, libc::c_int)>, CheckpointError> {
+    let mut out = Vec::new();
+    for (kind, word, flag) in [
+        (LinuxNamespaceType::Ipc, "ipc", libc::CLONE_NEWIPC),
+        (LinuxNamespaceType::Uts, "uts", libc::CLONE_NEWUTS),
+    ] {
+        if bundle.namespace_path(kind).is_none() {
+            continue;
+        }
+        let path = PathBuf::from(format!("/proc/{pid}/ns/{word}"));
+        let f = File::open(&path).map_err(|source| CheckpointError::Dir { path, source })?;
+        out.push((f, flag));
+    }
+    Ok(out)
 }
 
 fn make_dir(path: &Path) -> Result<File, CheckpointError> {
@@ -292,11 +313,19 @@ pub fn checkpoint(
         .as_deref()
         .unwrap_or(&opts.image_path)
         .join(DUMP_LOG);
-    let mut session = criu.spawn(&[]).map_err(|source| CheckpointError::Criu {
-        error: source,
-        log: log.clone(),
-        detail: String::new(),
-    })?;
+    let joined = if opts.in_joined_ipc_uts {
+        joined_ipc_uts(&bundle, pid)?
+    } else {
+        Vec::new()
+    };
+    let namespaces: Vec<_> = joined.iter().map(|(f, k)| (f.as_raw_fd(), *k)).collect();
+    let mut session = criu
+        .spawn_in(&[], &namespaces)
+        .map_err(|source| CheckpointError::Criu {
+            error: source,
+            log: log.clone(),
+            detail: String::new(),
+        })?;
     let req = if opts.pre_dump {
         rpc::Criu_req_type::PRE_DUMP
     } else {

@@ -75,12 +75,18 @@ impl Criu {
     /// Starts a `criu swrk` worker. `keep_fds` are descriptors of ours that the worker must
     /// inherit (e.g. namespaces or stdio handed over through `inherit_fd`).
     pub fn spawn(&self, keep_fds: &[RawFd]) -> Result<Session, CriuError> {
-        self.spawn_in(keep_fds, None)
+        self.spawn_in(keep_fds, &[])
     }
 
-    /// [`Criu::spawn`], with the worker in the network namespace `netns` (a descriptor of
-    /// ours): what it restores without a namespace of its own ends up there.
-    pub fn spawn_in(&self, keep_fds: &[RawFd], netns: Option<RawFd>) -> Result<Session, CriuError> {
+    /// [`Criu::spawn`], with the worker in `namespaces` (descriptors of ours, each with its
+    /// CLONE_NEW* type): what it restores without a namespace of its own ends up there, and
+    /// what it dumps in the same namespaces as itself is not part of the images.
+    pub fn spawn_in(
+        &self,
+        keep_fds: &[RawFd],
+        namespaces: &[(RawFd, libc::c_int)],
+    ) -> Result<Session, CriuError> {
+        let namespaces = namespaces.to_vec();
         if let Err(e) = crate::kdat::prepare(Path::new(crate::kdat::DIR)) {
             tracing::debug!("CRIU's kernel-feature cache at {}: {e}", crate::kdat::DIR);
         }
@@ -103,8 +109,8 @@ impl Criu {
                         return Err(io::Error::last_os_error());
                     }
                 }
-                if let Some(ns) = netns {
-                    if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
+                for (ns, kind) in &namespaces {
+                    if libc::setns(*ns, *kind) < 0 {
                         return Err(io::Error::last_os_error());
                     }
                 }

@@ -103,6 +103,10 @@ pub struct RestoreOptions {
     pub stdio: Option<[RawFd; 3]>,
     /// Restore connected TCP sockets closed (`--tcp-close`) instead of failing on them.
     pub tcp_close: bool,
+    /// Join the IPC and UTS namespaces the spec gives by path (CRIU's `--join-ns`) rather
+    /// than re-create them from the images: a container of a Kubernetes pod shares its
+    /// pod's, and has the pod's hostname, not the one of where it was dumped.
+    pub join_ipc_uts: bool,
 }
 
 /// A restored container: its init pid (a child of the calling process) and its state.
@@ -375,7 +379,14 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
     // start-up (~8 ms) overlap the rest of the preparation (state, root mount, cgroup). It
     // waits for the request; dropped on an error path, it is killed.
     let mut session = criu
-        .spawn_in(&keep, criu_netns.as_ref().map(AsRawFd::as_raw_fd))
+        .spawn_in(
+            &keep,
+            &criu_netns
+                .as_ref()
+                .map(|f| (f.as_raw_fd(), libc::CLONE_NEWNET))
+                .into_iter()
+                .collect::<Vec<_>>(),
+        )
         .map_err(|e| criu_err(e, &log))?;
     drop(criu_netns);
     tracing::debug!("restore: CRIU started");
@@ -546,6 +557,26 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions) -> Result<Restored, RestoreEr
         o.ext_mnt.push(m);
     }
     o.inherit_fd = inherit;
+    if opts.join_ipc_uts {
+        for (kind, word) in [
+            (LinuxNamespaceType::Ipc, "ipc"),
+            (LinuxNamespaceType::Uts, "uts"),
+        ] {
+            // Joining a namespace whose contents the images carry would write them into
+            // it (CRIU sets a joined UTS namespace's hostname to the dumped one): only
+            // namespaces the dump left out (`CheckpointOptions::in_joined_ipc_uts`) are
+            // joined.
+            if images_have_namespace(&opts.image_path, word) {
+                continue;
+            }
+            if let Some(path) = bundle.namespace_path(kind) {
+                let mut j = rpc::Join_namespace::new();
+                j.set_ns(word.to_string());
+                j.set_ns_file(path.to_string_lossy().into_owned());
+                o.join_ns.push(j);
+            }
+        }
+    }
 
     let hooks = bundle.spec.hooks().clone();
     let hook_state = State::new(&opts.id, ContainerStatus::Created, None, bundle.dir.clone());
@@ -663,6 +694,17 @@ pub fn remove_half_restored(state_root: &Path, id: &str, bundle: Option<&Path>) 
     }
     drop(undo);
     true
+}
+
+/// Whether a dump holds the contents of a namespace of `kind` ("uts": utsns-*.img, "ipc":
+/// ipcns-*.img).
+fn images_have_namespace(images: &Path, kind: &str) -> bool {
+    let prefix = format!("{kind}ns-");
+    std::fs::read_dir(images)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
 }
 
 #[cfg(test)]

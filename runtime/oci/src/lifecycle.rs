@@ -20,6 +20,64 @@ pub enum LifecycleError {
     },
     #[error("saving the runtime config of {id}: {reason}")]
     Config { id: String, reason: String },
+    #[error(
+        "process.oomScoreAdj {wanted} is below this runtime's own ({current}), and lowering it \
+         needs CAP_SYS_RESOURCE, which this runtime does not have (runc fails the same way); \
+         raise the value, or with containerd's CRI plugin set restrict_oom_score_adj = true"
+    )]
+    OomScoreAdj { wanted: i64, current: i64 },
+}
+
+/// CAP_SYS_RESOURCE's bit in the capability sets of /proc/PID/status.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Refuses, with a reason, a spec whose `process.oomScoreAdj` this process cannot set:
+/// libcontainer writes it into its own /proc/self/oom_score_adj first and reports only "io
+/// error". Where the runtime runs without CAP_SYS_RESOURCE (containerd inside a container,
+/// some VMs) a pod sandbox of CRI, which asks for -998, is the common case. Costs a read of
+/// /proc/self/status when the capability is there, the spec only when it is not.
+pub fn check_oom_score_adj(bundle: &Path) -> Result<(), LifecycleError> {
+    if can_lower_oom_score_adj() {
+        return Ok(());
+    }
+    let config = bundle.join("config.json");
+    let spec_err = |reason: String| LifecycleError::Spec {
+        bundle: bundle.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read(&config).map_err(|e| spec_err(e.to_string()))?;
+    let spec: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| spec_err(e.to_string()))?;
+    let Some(wanted) = spec["process"]["oomScoreAdj"].as_i64() else {
+        return Ok(());
+    };
+    let current = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    if wanted < current {
+        return Err(LifecycleError::OomScoreAdj { wanted, current });
+    }
+    Ok(())
+}
+
+/// Whether this process may lower OOM score adjustments (has CAP_SYS_RESOURCE).
+pub fn can_lower_oom_score_adj() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    has_capability(&status, CAP_SYS_RESOURCE)
+}
+
+/// Whether the effective set (`CapEff:` of a /proc status text) has capability `bit`; an
+/// unreadable set counts as having it (the write then reports its own error).
+fn has_capability(status: &str, bit: u32) -> bool {
+    let set = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    match set {
+        Some(set) => set & (1u64 << bit) != 0,
+        None => true,
+    }
 }
 
 /// Deletes a container. A failing poststop hook is only a warning, as the runtime
@@ -120,6 +178,15 @@ mod tests {
     use super::*;
 
     /// A v1 memory cgroup with the OOM killer disabled reports `oom_kill_disable 1`.
+    #[test]
+    fn capabilities_are_read_from_the_effective_set() {
+        let with = "Name:\tx\nCapPrm:\t0\nCapEff:\t000001ffffffffff\n";
+        let without = "CapEff:\t000001fffeffffff\n";
+        assert!(has_capability(with, CAP_SYS_RESOURCE));
+        assert!(!has_capability(without, CAP_SYS_RESOURCE));
+        assert!(has_capability("no sets here", CAP_SYS_RESOURCE));
+    }
+
     #[test]
     fn disables_the_oom_killer_in_a_v1_memory_cgroup() {
         let root = Path::new("/sys/fs/cgroup/memory");

@@ -30,13 +30,29 @@ impl KeySource {
                 })
                 .unwrap_or_default()
         };
+        // A container that joins an existing UTS namespace (a Kubernetes pod's) has the
+        // pod's hostname, which CRI also puts in HOSTNAME: every replica of a function has
+        // another, and none of them shapes the function's state. Left out, replicas share
+        // one template (a restored process keeps the template's HOSTNAME in its
+        // environment; its hostname is its pod's).
+        let joins_uts = spec["linux"]["namespaces"].as_array().is_some_and(|ns| {
+            ns.iter().any(|n| {
+                n["type"].as_str() == Some("uts")
+                    && n["path"].as_str().is_some_and(|p| !p.is_empty())
+            })
+        });
         let mut env = strings(&p["env"]);
+        if joins_uts {
+            env.retain(|e| !e.starts_with("HOSTNAME="));
+        }
         env.sort();
         let mut extra = vec![
             format!("rlimits={}", p["rlimits"]),
-            format!("hostname={}", spec["hostname"]),
             format!("memory={}", spec["linux"]["resources"]["memory"]["limit"]),
         ];
+        if !joins_uts {
+            extra.push(format!("hostname={}", spec["hostname"]));
+        }
         extra.sort();
         Self {
             image: image.to_string(),
@@ -74,6 +90,28 @@ pub fn of_images(digests: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_replicas_share_a_key_whatever_their_hostnames() {
+        let pod = |name: &str| {
+            serde_json::json!({
+                "hostname": name,
+                "process": {"args": ["python3"], "env": ["A=1", format!("HOSTNAME={name}")]},
+                "linux": {"namespaces": [{"type": "uts", "path": "/proc/7/ns/uts"}]}
+            })
+        };
+        let key = |s: &serde_json::Value| KeySource::from_spec(s, "img").key();
+        assert_eq!(key(&pod("fn-a")), key(&pod("fn-b")));
+        // Containers with a UTS namespace of their own keep the hostname in the key.
+        let own = |name: &str| {
+            serde_json::json!({
+                "hostname": name,
+                "process": {"args": ["python3"], "env": [format!("HOSTNAME={name}")]},
+                "linux": {"namespaces": [{"type": "uts"}]}
+            })
+        };
+        assert_ne!(key(&own("fn-a")), key(&own("fn-b")));
+    }
 
     #[test]
     fn env_order_does_not_matter_and_args_do() {

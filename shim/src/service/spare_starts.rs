@@ -191,6 +191,8 @@ impl<B: Backend> Filler<B> {
             stdio: all,
             systemd: cfg.systemd_cgroup,
             criu_opts: source.annotations.criu.clone(),
+            // Spares are restored into pooled sandboxes, whose namespaces the images carry.
+            join_ipc_uts: false,
         };
         let deadline = self.timeouts.for_request(&restore);
         let request = Request::Background {

@@ -130,6 +130,9 @@ impl<B: Backend, E: Events> Service<B, E> {
             stdio,
             systemd: config.systemd_cgroup,
             criu_opts,
+            // Outside a pooled sandbox, namespace paths in the spec are the container's
+            // own choice (a pod's): joined, as a cold start would.
+            join_ipc_uts: tt.sandbox_uts.is_none(),
         };
         let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let res = self
@@ -278,6 +281,9 @@ impl<B: Backend, E: Events> Service<B, E> {
             criu: config.criu_path.clone(),
             images: images.clone(),
             criu_opts,
+            // A pod's namespaces stay the pod's; a pooled sandbox's are carried in the
+            // images, as its restores expect (`join_ipc_uts` at restore is the mirror).
+            in_joined_ipc_uts: tt.sandbox_uts.is_none(),
         };
         if let Err(e) = self
             .backend

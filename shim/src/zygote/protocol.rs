@@ -97,6 +97,8 @@ pub enum Request {
         stdio: Stdio,
         systemd: bool,
         criu_opts: CriuAnnotations,
+        /// Join the spec's IPC and UTS namespaces ([`trenv_criu::restore::RestoreOptions`]).
+        join_ipc_uts: bool,
     },
     /// Checkpoints the running task, left running, into `images`: the moment a template is
     /// taken.
@@ -106,6 +108,9 @@ pub enum Request {
         criu: PathBuf,
         images: PathBuf,
         criu_opts: CriuAnnotations,
+        /// Leave the spec's joined IPC and UTS namespaces (a pod's) out of the images
+        /// ([`trenv_criu::checkpoint::CheckpointOptions`]).
+        in_joined_ipc_uts: bool,
     },
     /// Builds template `name` under `key` from the checkpoint in `images`, with its memory
     /// in the memory pool; the images go afterwards, whatever the outcome.

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{signal, SigHandler, Signal};
@@ -38,17 +39,26 @@ impl log::Log for LineLogger {
         }
         let letter = &r.level().as_str()[..1];
         let msg = r.args().to_string().replace('\n', " ");
-        let _ = writeln!(
-            std::io::stderr().lock(),
-            "{letter} [{}] {msg}",
-            std::process::id()
-        );
+        let line = format!("{letter} [{}] {msg}\n", std::process::id());
+        let fd = LOG_FD.load(Ordering::Relaxed);
+        // SAFETY: LOG_FD is a descriptor this process opened for its log and never closes
+        // (close-on-exec takes it away from container processes when they exec); a
+        // ManuallyDrop File borrows it without closing it.
+        let mut log = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        let _ = log.write_all(line.as_bytes());
     }
 
     fn flush(&self) {}
 }
 
 static LOGGER: LineLogger = LineLogger;
+
+/// Where [`LineLogger`] writes: a close-on-exec copy of the zygote's stderr (the shim reads
+/// it), not descriptor 2. A container's init or exec process is forked from a worker and
+/// logs from libcontainer after its descriptor 2 became the container's stderr, until it
+/// execs; written to descriptor 2, such lines ("close_range; preserve_fds=0") went into the
+/// container's output.
+static LOG_FD: AtomicI32 = AtomicI32::new(2);
 
 /// Splits a line written by [`LineLogger`] into its level and message.
 pub fn parse_log_line(line: &str) -> (log::Level, &str) {
@@ -93,6 +103,9 @@ pub fn run() -> ! {
         sock.as_raw_fd(),
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
+    if let Ok(fd) = nix::fcntl::fcntl(2, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)) {
+        LOG_FD.store(fd, Ordering::Relaxed);
+    }
     let debug = std::env::var_os(DEBUG_ENV).is_some();
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(if debug {

@@ -238,6 +238,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             no_pivot,
             sandbox_uts,
         } => {
+            trenv_oci::lifecycle::check_oom_score_adj(&bundle)?;
             if let Some(uts) = sandbox_uts {
                 enter_uts(&uts)?;
             }
@@ -293,6 +294,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             stdio,
             systemd,
             criu_opts,
+            join_ipc_uts,
         } => {
             use anyhow::Context;
             let stdio = full_stdio(stdio, fds)?;
@@ -307,6 +309,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             let restoring =
                 trenv_template::restore::Restoring::prepare(&store, &template, &version, &work)?;
             let mut opts = restore_options(id, root, bundle, systemd, criu_opts, &stdio);
+            opts.join_ipc_uts = join_ipc_uts;
             restoring.apply(&mut opts);
             let r = trenv_criu::restore::restore(&criu, &opts)
                 .with_context(|| format!("restoring from template {template}"));
@@ -323,6 +326,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
             criu,
             images,
             criu_opts,
+            in_joined_ipc_uts,
         } => {
             use anyhow::Context;
             let mut c = load(&root, &id)?;
@@ -336,6 +340,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Option<i32>> {
                 // Requests arriving while the dump runs are the running instance's, not
                 // the template's.
                 skip_in_flight: true,
+                in_joined_ipc_uts,
                 ..Default::default()
             };
             let dumped =

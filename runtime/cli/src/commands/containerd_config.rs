@@ -13,14 +13,17 @@ use crate::cli::InstallContainerdConfig;
 
 /// The shim containerd starts for the handler.
 pub const RUNTIME_TYPE: &str = "io.containerd.trenv.v2";
+/// containerd's default runtime for CRI, and its shim.
+const DEFAULT_RUNTIME: &str = "runc";
+const RUNC_TYPE: &str = "io.containerd.runc.v2";
 /// Annotations CRI passes from pods and containers to the shim (templates, readiness).
 const ANNOTATIONS: &str = "io.trenv.*";
 
 /// What adding the handler did.
 #[derive(Debug, PartialEq)]
 enum Outcome {
-    /// The new config text, and the table it added.
-    Added(String, String),
+    /// The new config text, and the tables it added or completed.
+    Added(String, Vec<String>),
     /// The handler is there already with trenv's runtime type.
     Present(String),
 }
@@ -86,32 +89,71 @@ fn add_handler(text: &str, name: &str) -> Result<Outcome> {
     let cri = subtable(plugins, plugin, "plugins")?;
     let containerd = subtable(cri, "containerd", plugin)?;
     let runtimes = subtable(containerd, "runtimes", "containerd")?;
-    if let Some(existing) = runtimes.get_mut(name) {
-        let kind = existing
-            .get("runtime_type")
-            .and_then(Item::as_str)
-            .map(str::to_string);
-        // Only sub-tables such as `.options` were written: complete the runtime.
-        if kind.is_none() {
-            if let Some(t) = existing.as_table_mut() {
-                t.set_implicit(false);
-                add_entry(t);
-                return Ok(Outcome::Added(doc.to_string(), header));
+    let added = match runtimes.get_mut(name) {
+        Some(existing) => {
+            let kind = existing
+                .get("runtime_type")
+                .and_then(Item::as_str)
+                .map(str::to_string);
+            match (kind.as_deref(), existing.as_table_mut()) {
+                // Only sub-tables such as `.options` were written: complete the runtime.
+                (None, Some(t)) => {
+                    t.set_implicit(false);
+                    add_entry(t);
+                    true
+                }
+                (Some(RUNTIME_TYPE), _) => false,
+                (other, _) => bail!(
+                    "[{header}] exists with runtime_type {}, not {RUNTIME_TYPE:?}: \
+                     not replacing it; pick another --name or edit it by hand",
+                    other.map_or_else(|| "unset".to_string(), |k| format!("{k:?}"))
+                ),
             }
         }
-        return match kind.as_deref() {
-            Some(RUNTIME_TYPE) => Ok(Outcome::Present(header)),
-            other => bail!(
-                "[{header}] exists with runtime_type {}, not {RUNTIME_TYPE:?}: \
-                 not replacing it; pick another --name or edit it by hand",
-                other.map_or_else(|| "unset".to_string(), |k| format!("{k:?}"))
-            ),
-        };
+        None => {
+            let mut entry = Table::new();
+            add_entry(&mut entry);
+            runtimes.insert(name, Item::Table(entry));
+            true
+        }
+    };
+    let kept = keep_default_runtime(containerd);
+    let mut tables = Vec::new();
+    if added {
+        tables.push(header.clone());
     }
-    let mut entry = Table::new();
-    add_entry(&mut entry);
-    runtimes.insert(name, Item::Table(entry));
-    Ok(Outcome::Added(doc.to_string(), header))
+    if kept {
+        tables.push(format!(
+            "plugins.\"{plugin}\".containerd.runtimes.{DEFAULT_RUNTIME}"
+        ));
+    }
+    Ok(if !tables.is_empty() {
+        Outcome::Added(doc.to_string(), tables)
+    } else {
+        Outcome::Present(header)
+    })
+}
+
+/// containerd's built-in `runc` runtime exists only while the config has no `runtimes`
+/// table: with one, CRI refuses to start unless the default runtime is in it ("no
+/// corresponding runtime configured ... default_runtime_name"). So when the default is
+/// `runc` and the table lacks it, it is added as containerd would have it. Whether it was.
+fn keep_default_runtime(containerd: &mut Table) -> bool {
+    let default = containerd
+        .get("default_runtime_name")
+        .and_then(Item::as_str)
+        .unwrap_or(DEFAULT_RUNTIME)
+        .to_string();
+    let Some(runtimes) = containerd.get_mut("runtimes").and_then(Item::as_table_mut) else {
+        return false;
+    };
+    if default != DEFAULT_RUNTIME || runtimes.contains_key(DEFAULT_RUNTIME) {
+        return false;
+    }
+    let mut runc = Table::new();
+    runc["runtime_type"] = value(RUNC_TYPE);
+    runtimes.insert(DEFAULT_RUNTIME, Item::Table(runc));
+    true
 }
 
 /// The runtime's keys: the shim, and the annotations CRI is to pass on to it.
@@ -188,6 +230,14 @@ pub fn install(a: &InstallContainerdConfig) -> Result<()> {
             a.config.display()
         );
     }
+    if !trenv_oci::lifecycle::can_lower_oom_score_adj() && !text.contains("restrict_oom_score_adj")
+    {
+        eprintln!(
+            "note: root has no CAP_SYS_RESOURCE here, so no runtime (runc or trenv) can give a pod \
+             sandbox CRI's oom_score_adj of -998; set restrict_oom_score_adj = true in the CRI \
+             plugin's table"
+        );
+    }
     match outcome {
         Outcome::Present(header) => {
             println!(
@@ -195,14 +245,19 @@ pub fn install(a: &InstallContainerdConfig) -> Result<()> {
                 a.config.display()
             );
         }
-        Outcome::Added(new, header) if a.dry_run => {
-            eprintln!("would add [{header}] to {}:", a.config.display());
+        Outcome::Added(new, tables) if a.dry_run => {
+            eprintln!(
+                "would add [{}] to {}:",
+                tables.join("], ["),
+                a.config.display()
+            );
             print!("{new}");
         }
-        Outcome::Added(new, header) => {
+        Outcome::Added(new, tables) => {
             write_atomically(&a.config, &new)?;
             println!(
-                "added [{header}] to {}; restart containerd to use it (RuntimeClass handler {:?})",
+                "added [{}] to {}; restart containerd to use it (RuntimeClass handler {:?})",
+                tables.join("], ["),
                 a.config.display(),
                 a.name
             );
@@ -247,6 +302,31 @@ mod tests {
             add_handler(&after, "trenv").expect("again"),
             Outcome::Present(_)
         ));
+    }
+
+    #[test]
+    fn the_default_runc_runtime_is_kept_when_the_table_is_new() {
+        let t = added("version = 2\n");
+        let doc: DocumentMut = t.parse().expect("valid");
+        let runtimes = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
+        assert_eq!(runtimes["runc"]["runtime_type"].as_str(), Some(RUNC_TYPE));
+        // Another default, or a runc the config has, is left alone.
+        let other = added(
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+             default_runtime_name = \"crun\"\n",
+        );
+        assert!(!other.contains("runtimes.runc"), "{other}");
+        // A config that has the handler but lost runc gets runc back.
+        let broken =
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.trenv]\n\
+                      runtime_type = \"io.containerd.trenv.v2\"\n";
+        match add_handler(broken, "trenv").expect("add") {
+            Outcome::Added(t, tables) => {
+                assert!(t.contains("runtimes.runc]"), "{t}");
+                assert_eq!(tables.len(), 1, "{tables:?}");
+            }
+            Outcome::Present(_) => panic!("runc not added"),
+        }
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub fn checkpoint(g: &Global, a: &Checkpoint) -> Result<()> {
         empty_ns: f.empty_ns.clone(),
         auto_dedup: f.auto_dedup,
         skip_in_flight: false,
+        // runc's checkpoint carries every namespace it does not share with the host.
+        in_joined_ipc_uts: false,
     };
     checkpoint::checkpoint(&mut c, &Criu::new(&g.criu), &opts)
         .with_context(|| format!("checkpointing container {}", a.id))

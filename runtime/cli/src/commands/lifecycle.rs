@@ -55,6 +55,7 @@ fn build(g: &Global, a: &Create, detach: bool) -> Result<Container> {
     }
     // Fail early with a readable message rather than libcontainer's deep one.
     trenv_oci::bundle::Bundle::load(&a.bundle)?;
+    trenv_oci::lifecycle::check_oom_score_adj(&a.bundle)?;
     let container = ContainerBuilder::new(a.id.clone(), SyscallType::default())
         .with_executor(trenv_oci::executor::Executor::new())
         .with_root_path(&g.root)?
