@@ -8,18 +8,15 @@ OUT="${1:?usage: build.sh OUT_DIR}"
 BUSYBOX="${BUSYBOX:-/bin/busybox}"
 [ -x "$BUSYBOX" ] || { echo "build.sh: $BUSYBOX missing (apt-get install busybox-static)" >&2; exit 1; }
 SOURCE="$(sha256sum "$BUSYBOX" | cut -d' ' -f1)-v1"
-if [ -f "$OUT/.source" ] && [ "$(cat "$OUT/.source")" = "$SOURCE" ] && [ -f "$OUT/busybox-oci.tar" ]; then
-  echo "busybox image up to date in $OUT"
-  exit 0
-fi
+# shellcheck source=../image-lib.sh
+. "$(dirname "$0")/../image-lib.sh"
+image_cached busybox "$OUT" "$SOURCE" busybox-oci.tar && exit 0
 echo "building busybox image in $OUT"
 mkdir -p "$OUT"
 WORK="$(mktemp -d "$OUT/.build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
-umoci init --layout "$WORK/oci"
-umoci new --image "$WORK/oci:latest"
-umoci unpack --image "$WORK/oci:latest" "$WORK/bundle" >/dev/null
+umoci_scratch "$WORK"
 R="$WORK/bundle/rootfs"
 mkdir -p "$R"/{bin,sbin,etc,tmp,proc,sys,dev,root,var/run,usr/bin,usr/sbin}
 chmod 1777 "$R/tmp"

@@ -7,18 +7,15 @@ set -euo pipefail
 OUT="${1:?usage: build.sh OUT_DIR}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 SOURCE="$(cat "$HERE/pause.c" "$HERE/build.sh" | sha256sum | cut -d' ' -f1)"
-if [ -f "$OUT/.source" ] && [ "$(cat "$OUT/.source")" = "$SOURCE" ] && [ -f "$OUT/pause-oci.tar" ]; then
-  echo "pause image up to date in $OUT"
-  exit 0
-fi
+# shellcheck source=../image-lib.sh
+. "$(dirname "$0")/../image-lib.sh"
+image_cached pause "$OUT" "$SOURCE" pause-oci.tar && exit 0
 echo "building pause image in $OUT"
 mkdir -p "$OUT"
 WORK="$(mktemp -d "$OUT/.build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
-umoci init --layout "$WORK/oci"
-umoci new --image "$WORK/oci:latest"
-umoci unpack --image "$WORK/oci:latest" "$WORK/bundle" >/dev/null
+umoci_scratch "$WORK"
 R="$WORK/bundle/rootfs"
 gcc -static -Os -s -Wall -Werror -o "$R/pause" "$HERE/pause.c"
 "$R/pause" -v

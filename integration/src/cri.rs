@@ -10,13 +10,14 @@ use std::time::Duration;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerStats, ContainerStatsRequest, ContainerStatus,
-    ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec,
-    KeyValue, LinuxContainerResources, LinuxPodSandboxConfig, ListContainersRequest,
-    ListImagesRequest, ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata,
-    PodSandboxStats, PodSandboxStatsRequest, PodSandboxStatus, PodSandboxStatusRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerStats, ContainerStatsRequest,
+    ContainerStatus, ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest,
+    ExecSyncResponse, ImageSpec, KeyValue, LinuxContainerResources, LinuxPodSandboxConfig,
+    ListContainersRequest, ListImagesRequest, ListPodSandboxRequest, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxStats, PodSandboxStatsRequest, PodSandboxStatus,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest, VersionRequest,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -288,6 +289,33 @@ impl Cri {
         Ok(r.images.into_iter().flat_map(|i| i.repo_tags).collect())
     }
 
+    /// Exec through CRI's streaming server: the URL to stream the process's I/O over.
+    pub fn exec_url(&self, id: &str, cmd: &[&str], stdin: bool) -> Result<String, Status> {
+        let mut c = self.runtime();
+        let req = ExecRequest {
+            container_id: id.to_string(),
+            cmd: cmd.iter().map(|s| (*s).to_string()).collect(),
+            tty: false,
+            stdin,
+            stdout: true,
+            stderr: true,
+        };
+        Ok(self.call("Exec", c.exec(req))?.url)
+    }
+
+    /// Attach through CRI's streaming server: the URL to stream the container's I/O over.
+    pub fn attach_url(&self, id: &str, stdin: bool) -> Result<String, Status> {
+        let mut c = self.runtime();
+        let req = AttachRequest {
+            container_id: id.to_string(),
+            stdin,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        };
+        Ok(self.call("Attach", c.attach(req))?.url)
+    }
+
     /// Stops and removes every pod; the errors, if any.
     pub fn delete_all_pods(&self) -> Vec<Status> {
         let pods = match self.list_pods() {
@@ -351,4 +379,81 @@ pub fn with_env(mut config: ContainerConfig, env: &[(&str, &str)]) -> ContainerC
 /// True when a CRI error is of `code` and its message mentions `needle`.
 pub fn is_error(e: &Status, code: Code, needle: &str) -> bool {
     e.code() == code && e.message().contains(needle)
+}
+
+/// What a streamed exec or attach gave: output by stream, and the exit status CRI reported
+/// (Kubernetes' v4 channel protocol: JSON, `"status":"Success"` or a failure with the exit
+/// code among its causes).
+#[derive(Debug, Default)]
+pub struct Streamed {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: Option<String>,
+}
+
+impl Streamed {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// Streams over a URL from [`Cri::exec_url`] or [`Cri::attach_url`] as kubectl does, over
+/// WebSocket with the `v4.channel.k8s.io` protocol (one byte of channel — 0 stdin, 1 stdout,
+/// 2 stderr, 3 status — then the data): sends `input` on stdin, then reads until the server
+/// closes, `done` holds, or `timeout` passes (an error).
+pub fn stream(
+    url: &str,
+    input: &[u8],
+    timeout: Duration,
+    done: impl Fn(&Streamed) -> bool,
+) -> Result<Streamed, String> {
+    use tungstenite::{client::ClientRequestBuilder, Message};
+    // CRI hands out an http:// URL; the WebSocket upgrade of it is ws://.
+    let ws_url = match url.strip_prefix("http://") {
+        Some(rest) => format!("ws://{rest}"),
+        None => url.to_string(),
+    };
+    let uri: tungstenite::http::Uri = ws_url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let host = uri.host().ok_or_else(|| format!("{url}: no host"))?;
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp = std::net::TcpStream::connect((host, port)).map_err(|e| format!("{url}: {e}"))?;
+    tcp.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let req = ClientRequestBuilder::new(uri).with_sub_protocol("v4.channel.k8s.io");
+    let (mut ws, _) = tungstenite::client(req, tcp).map_err(|e| format!("{url}: {e}"))?;
+    if !input.is_empty() {
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(input);
+        ws.send(Message::Binary(frame.into()))
+            .map_err(|e| e.to_string())?;
+    }
+    let start = std::time::Instant::now();
+    let mut out = Streamed::default();
+    loop {
+        if done(&out) {
+            let _ = ws.close(None);
+            return Ok(out);
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("{url}: no end of stream in {timeout:?}: {out:?}"));
+        }
+        match ws.read() {
+            Ok(Message::Binary(data)) => match data.split_first() {
+                Some((1, rest)) => out.stdout.extend_from_slice(rest),
+                Some((2, rest)) => out.stderr.extend_from_slice(rest),
+                Some((3, rest)) => out.status = Some(String::from_utf8_lossy(rest).into_owned()),
+                _ => {}
+            },
+            Ok(Message::Close(_)) => return Ok(out),
+            Ok(_) => {}
+            Err(
+                tungstenite::Error::ConnectionClosed
+                | tungstenite::Error::AlreadyClosed
+                | tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                ),
+            ) => return Ok(out),
+            Err(e) => return Err(format!("{url}: {e} ({out:?})")),
+        }
+    }
 }

@@ -71,6 +71,12 @@ impl Node {
             .unwrap_or_else(|e| panic!("container: {e}\n{}", self.containerd.log()))
     }
 
+    /// GET of :8080/ over the pod's loopback, from inside container `id` (busybox wget).
+    fn local_get(&self, id: &str) -> Result<v1::ExecSyncResponse, tonic::Status> {
+        self.cri
+            .exec_sync(id, &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"], 10)
+    }
+
     /// Deletes a pod and checks that nothing of it is left: containers, cgroups, mounts,
     /// processes, network namespace.
     fn delete_and_check(&self, pod: &str, pod_config: &v1::PodSandboxConfig) {
@@ -135,6 +141,13 @@ impl Drop for Node {
     }
 }
 
+/// The working set of CRI memory stats, 0 when not reported.
+fn working_set(memory: Option<v1::MemoryUsage>) -> u64 {
+    memory
+        .and_then(|m| m.working_set_bytes)
+        .map_or(0, |v| v.value)
+}
+
 /// The pod's cgroup, which kubelet makes and removes.
 fn pod_cgroup(config: &v1::PodSandboxConfig) -> String {
     config
@@ -182,6 +195,8 @@ fn a_pod_runs_busybox_and_python_sharing_its_network() {
         .get("info")
         .is_some_and(|i| i.contains("io.containerd.trenv.v2")));
     let ip = node.cri.pod_ip(&pod).expect("pod ip");
+    // CRI owns pod networking: the shim keeps no sandbox pool in CRI's namespace.
+    assert!(!node.containerd.pool_dir().exists(), "a pool in k8s.io");
 
     let sh = cri::container_config(
         "shell",
@@ -199,14 +214,7 @@ fn a_pod_runs_busybox_and_python_sharing_its_network() {
     // the pod's loopback: one network namespace.
     assert!(http_get(&ip, 8080, "/").contains("Directory listing"));
     let out = wait_for(Duration::from_secs(10), || {
-        let r = node
-            .cri
-            .exec_sync(
-                &sh,
-                &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"],
-                10,
-            )
-            .ok()?;
+        let r = node.local_get(&sh).ok()?;
         (r.exit_code == 0).then_some(r)
     })
     .expect("busybox reaches Python over the pod's loopback");
@@ -276,13 +284,7 @@ fn a_pod_runs_busybox_and_python_sharing_its_network() {
     );
     let pod_stats = node.cri.pod_stats(&pod).expect("pod stats");
     let linux = pod_stats.linux.expect("linux pod stats");
-    assert!(
-        linux
-            .memory
-            .and_then(|m| m.working_set_bytes)
-            .map_or(0, |v| v.value)
-            > 0
-    );
+    assert!(working_set(linux.memory) > 0);
     assert_eq!(linux.containers.len(), 2, "{:?}", linux.containers);
 
     // UpdateContainerResources reaches the container's cgroup.
@@ -395,14 +397,7 @@ fn a_pod_container_starts_from_its_template_on_its_second_run() {
     let mut side = cri::container_config("side", BUSYBOX, &["sleep", "3600"]);
     side.annotations = HashMap::from([("io.trenv.template".to_string(), "off".to_string())]);
     let side = node.run(pod, config, &side);
-    let r = node
-        .cri
-        .exec_sync(
-            &side,
-            &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"],
-            10,
-        )
-        .expect("exec");
+    let r = node.local_get(&side).expect("exec");
     assert_eq!(
         String::from_utf8_lossy(&r.stdout).trim(),
         "fn=f1 count=2 state=16777216"
@@ -427,13 +422,7 @@ fn a_pod_container_starts_from_its_template_on_its_second_run() {
     );
     // Stats and logs of a restored container, as of any other.
     let stats = node.cri.container_stats(id).expect("stats");
-    assert!(
-        stats
-            .memory
-            .and_then(|m| m.working_set_bytes)
-            .map_or(0, |v| v.value)
-            > 0
-    );
+    assert!(working_set(stats.memory) > 0);
     let log = node.cri.container_status(id).expect("status").log_path;
     let served = wait_for(Duration::from_secs(5), || {
         log_lines(Path::new(&log), "stdout")
@@ -595,5 +584,58 @@ fn pods_keep_running_across_a_containerd_restart() {
             .exit_code,
         0
     );
+    node.delete_and_check(&pod, &config);
+}
+
+#[test]
+fn exec_and_attach_stream_through_the_cri_streaming_server() {
+    let node = Node::start();
+    let config = node.pod_config("stream");
+    let pod = node.run_pod(&config);
+    let sh = node.run(
+        &pod,
+        &config,
+        &cri::container_config("sh", BUSYBOX, &["sleep", "3600"]),
+    );
+    let streamed = |url: &str, input: &[u8]| {
+        cri::stream(url, input, Duration::from_secs(30), |_| false).expect("stream")
+    };
+    // Output, errors and the exit status, as `kubectl exec` shows them.
+    let url = node
+        .cri
+        .exec_url(&sh, &["sh", "-c", "echo out; echo err >&2; exit 3"], false)
+        .expect("Exec");
+    let s = streamed(&url, b"");
+    assert_eq!(s.stdout_text(), "out\n");
+    assert_eq!(String::from_utf8_lossy(&s.stderr), "err\n");
+    let status = s.status.expect("an exit status");
+    assert!(
+        status.contains("NonZeroExitCode") && status.contains("\"3\""),
+        "{status}"
+    );
+    let url = node.cri.exec_url(&sh, &["true"], false).expect("Exec");
+    let status = streamed(&url, b"").status.expect("an exit status");
+    assert!(status.contains("Success"), "{status}");
+    // Input reaches the process.
+    let url = node
+        .cri
+        .exec_url(&sh, &["head", "-n", "1"], true)
+        .expect("Exec");
+    assert_eq!(streamed(&url, b"typed\n").stdout_text(), "typed\n");
+
+    // Attach to a running container that reads its stdin.
+    let mut reader = cri::container_config(
+        "reader",
+        BUSYBOX,
+        &["sh", "-c", "while read l; do echo got:$l; done"],
+    );
+    reader.stdin = true;
+    let reader = node.run(&pod, &config, &reader);
+    let url = node.cri.attach_url(&reader, true).expect("Attach");
+    let s = cri::stream(&url, b"hello\n", Duration::from_secs(30), |s| {
+        s.stdout_text().contains("got:hello")
+    })
+    .expect("attach stream");
+    assert!(s.stdout_text().contains("got:hello"), "{s:?}");
     node.delete_and_check(&pod, &config);
 }

@@ -154,12 +154,19 @@ impl Timeouts {
     }
 }
 
+/// The containerd namespace of Kubernetes' pods (containerd's CRI plugin).
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
 /// `[pool]`: repurposable sandboxes. Documented in docs/configuration.md.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
     /// Place containers in pooled sandboxes (containers can opt out with `io.trenv.pool=off`).
     pub enabled: bool,
+    /// containerd namespaces that get no pool: CRI's, by default. Kubernetes pods get their
+    /// network namespace from CRI, so no pod would ever use a sandbox there; idle ones
+    /// would only hold memory and addresses.
+    pub skip_namespaces: Vec<String>,
     /// Idle sandboxes kept ready; refilled in the background.
     pub min_idle: usize,
     /// Idle sandboxes kept at most; a released sandbox beyond it is destroyed.
@@ -197,10 +204,18 @@ pub struct PoolConfig {
     pub orphan_grace_secs: u64,
 }
 
+impl PoolConfig {
+    /// Whether containerd namespace `namespace` has a pool.
+    pub fn serves(&self, namespace: &str) -> bool {
+        self.enabled && !self.skip_namespaces.iter().any(|n| n == namespace)
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            skip_namespaces: vec![CRI_NAMESPACE.to_string()],
             min_idle: 2,
             max_idle: 16,
             max_sandboxes: 256,
@@ -371,6 +386,23 @@ fn runtimeoptions_config_path(bytes: &[u8]) -> Result<Option<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cri_namespace_has_no_pool_unless_configured() {
+        let cfg = PoolConfig::default();
+        assert!(cfg.serves("default"));
+        assert!(!cfg.serves(CRI_NAMESPACE));
+        let all = PoolConfig {
+            skip_namespaces: Vec::new(),
+            ..PoolConfig::default()
+        };
+        assert!(all.serves(CRI_NAMESPACE));
+        let off = PoolConfig {
+            enabled: false,
+            ..PoolConfig::default()
+        };
+        assert!(!off.serves("default"));
+    }
 
     #[test]
     fn runtimeoptions_decoding() {

@@ -60,22 +60,22 @@ fn new_zygote(name: &'static str, serving: bool) -> service::SharedZygote {
     Arc::new(z)
 }
 
-fn pool_config() -> Option<config::PoolConfig> {
+fn pool_config(namespace: &str) -> Option<config::PoolConfig> {
     config::ShimConfig::from_default_file()
         .ok()
         .map(|c| c.pool)
-        .filter(|p| p.enabled)
+        .filter(|p| p.serves(namespace))
 }
 
-fn pool_enabled() -> bool {
-    pool_config().is_some()
+fn pool_enabled(namespace: &str) -> bool {
+    pool_config(namespace).is_some()
 }
 
 /// Asks the namespace's running shim, through its pool's control socket, to stay for the
 /// task about to be handed to it. False when there is no such shim or it is retiring.
 fn hold_pool_shim(namespace: &str) -> bool {
     use std::io::{BufRead, Write};
-    let Some(cfg) = pool_config() else {
+    let Some(cfg) = pool_config(namespace) else {
         return false;
     };
     let sock = cfg.state_dir.join(namespace).join("control.sock");
@@ -103,7 +103,7 @@ fn make_pool(namespace: &str, zygote: service::SharedZygote) -> Option<Arc<pool:
             return None;
         }
     };
-    if !cfg.enabled {
+    if !cfg.serves(namespace) {
         return None;
     }
     let ops = pool::Pool::network_of(&cfg).and_then(|network| {
@@ -155,7 +155,7 @@ impl containerd_shim::Shim for Shim {
         }
         match std::os::unix::net::UnixStream::connect(path) {
             // A shim without a pool (none is held above) serves this task too.
-            Ok(_) if !pool_enabled() => {
+            Ok(_) if !pool_enabled(&opts.namespace) => {
                 containerd_shim::util::write_address(&address)?;
                 return Ok(address);
             }
