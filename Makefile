@@ -5,7 +5,7 @@ TRENV_BIN := target/release/trenv
 export TRENV_CACHE := $(CACHE)
 export PATH := /usr/local/sbin:/usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup build images demo demo-runtime test unit integration lint bench bench-micro leak-check clean
+.PHONY: all setup build images demo demo-runtime test unit integration lint bench bench-micro leak-check kmod-test clean
 
 all: build
 
@@ -62,6 +62,12 @@ bench: setup images build
 bench-micro: setup images build
 	bash examples/python/build.sh $(CACHE)/images/python-numpy python3-numpy
 	bash scripts/bench-micro.sh
+
+# The pseudo_mm kernel module: built for each Debian kernel ABI (6.1, 6.12) and tested in a qemu
+# guest of that kernel (software emulation, about 15 s a kernel), checked with sparse.
+kmod-test:
+	bash scripts/kmod-test.sh
+	$(MAKE) -s -C pseudo-mm-kmod check OUT=$(CURDIR)/target/kmod-check
 
 clean:
 	cargo clean

@@ -1,0 +1,483 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * pseudo_mm: memory templates mapped straight from a memory pool (see
+ * include/uapi/linux/pseudo_mm.h for the interface).
+ *
+ * A region's mapping is a private mapping of /dev/pseudo_mm whose fault handler hands the
+ * kernel the backend file's own page: a read fault maps that page (shared by every
+ * instance), and the kernel's private-mapping path copies it on the first write. The
+ * module never copies a page itself.
+ *
+ * Lifetimes: the tables (backends, templates) and every change to them are under
+ * pmm_lock. A backend holds a reference to its file and is pinned by the regions that use
+ * it; a template is pinned by its mappings (one struct pmm_map per mmap, shared by the VMAs
+ * split or forked from it), so a mapped template can neither change nor go, and a fault
+ * reads only what cannot change under it. Open descriptors and mappings of the device pin
+ * the module (file_operations.owner), so it cannot be unloaded while anything uses it.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/kref.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/pagemap.h>
+#include <linux/shmem_fs.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/version.h>
+#include <linux/xarray.h>
+
+#include "include/uapi/linux/pseudo_mm.h"
+
+struct pmm_backend {
+	struct kref ref;
+	struct file *file;
+	atomic_t regions;	/* regions using it: unregistering is refused while > 0 */
+};
+
+struct pmm_region {
+	struct pmm_backend *backend;
+	pgoff_t pgoff;
+	u64 pages;
+};
+
+struct pmm_template {
+	struct kref ref;
+	atomic_t mappings;	/* struct pmm_map of it: changes are refused while > 0 */
+	u32 nr_regions;
+	struct pmm_region *regions;
+};
+
+/* One mmap(2) of a region; its VMAs (after splits and forks) share it. */
+struct pmm_map {
+	struct kref ref;
+	struct pmm_template *tpl;
+	const struct pmm_region *region;
+	pgoff_t base;		/* vm_pgoff of the mapping's first page */
+};
+
+static DEFINE_MUTEX(pmm_lock);
+static DEFINE_XARRAY_ALLOC1(pmm_backends);
+static DEFINE_XARRAY_ALLOC1(pmm_templates);
+
+static atomic64_t stat_templates, stat_backends, stat_regions, stat_vmas;
+static atomic64_t stat_read_faults, stat_write_faults, stat_bad_faults;
+
+static void backend_release(struct kref *ref)
+{
+	struct pmm_backend *b = container_of(ref, struct pmm_backend, ref);
+
+	allow_write_access(b->file);
+	fput(b->file);
+	kfree(b);
+	atomic64_dec(&stat_backends);
+}
+
+static void template_release(struct kref *ref)
+{
+	struct pmm_template *t = container_of(ref, struct pmm_template, ref);
+	u32 i;
+
+	for (i = 0; i < t->nr_regions; i++) {
+		atomic_dec(&t->regions[i].backend->regions);
+		kref_put(&t->regions[i].backend->ref, backend_release);
+		atomic64_dec(&stat_regions);
+	}
+	kvfree(t->regions);
+	kfree(t);
+	atomic64_dec(&stat_templates);
+}
+
+static void map_release(struct kref *ref)
+{
+	struct pmm_map *m = container_of(ref, struct pmm_map, ref);
+
+	atomic_dec(&m->tpl->mappings);
+	kref_put(&m->tpl->ref, template_release);
+	kfree(m);
+}
+
+/* Only page-cache files the module can read a page of: tmpfs, or a file system with
+ * ->read_folio. */
+static bool backend_readable(struct file *file)
+{
+	struct address_space *mapping = file->f_mapping;
+
+	if (!S_ISREG(file_inode(file)->i_mode) || !(file->f_mode & FMODE_READ))
+		return false;
+	return shmem_mapping(mapping) || (mapping->a_ops && mapping->a_ops->read_folio);
+}
+
+static long register_backend(void __user *arg)
+{
+	struct pseudo_mm_backend req;
+	struct pmm_backend *b;
+	u32 id;
+	int err;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	b = kzalloc(sizeof(*b), GFP_KERNEL);
+	if (!b)
+		return -ENOMEM;
+	b->file = fget(req.fd);
+	if (!b->file) {
+		kfree(b);
+		return -EBADF;
+	}
+	if (!backend_readable(b->file)) {
+		fput(b->file);
+		kfree(b);
+		return -EINVAL;
+	}
+	/*
+	 * A mapped page must stay the backend's: a page truncated away while mapped here would
+	 * be reported as bad page cache, and a write would change every instance. So nobody may
+	 * write the file while it is registered, as for a running executable: registering
+	 * fails with ETXTBSY while it has writers, and opening it for writing fails after.
+	 */
+	err = deny_write_access(b->file);
+	if (err) {
+		fput(b->file);
+		kfree(b);
+		return err;
+	}
+	kref_init(&b->ref);
+	atomic_set(&b->regions, 0);
+	atomic64_inc(&stat_backends);
+
+	mutex_lock(&pmm_lock);
+	err = xa_alloc(&pmm_backends, &id, b, XA_LIMIT(1, PSEUDO_MM_MAX_BACKENDS), GFP_KERNEL);
+	mutex_unlock(&pmm_lock);
+	if (err) {
+		kref_put(&b->ref, backend_release);
+		return err == -EBUSY ? -ENOSPC : err;
+	}
+	req.id = id;
+	if (copy_to_user(arg, &req, sizeof(req))) {
+		mutex_lock(&pmm_lock);
+		xa_erase(&pmm_backends, id);
+		mutex_unlock(&pmm_lock);
+		kref_put(&b->ref, backend_release);
+		return -EFAULT;
+	}
+	return 0;
+}
+
+static long unregister_backend(void __user *arg)
+{
+	struct pmm_backend *b;
+	u32 id;
+
+	if (get_user(id, (u32 __user *)arg))
+		return -EFAULT;
+	mutex_lock(&pmm_lock);
+	b = xa_load(&pmm_backends, id);
+	if (!b) {
+		mutex_unlock(&pmm_lock);
+		return -ENOENT;
+	}
+	if (atomic_read(&b->regions) > 0) {
+		mutex_unlock(&pmm_lock);
+		return -EBUSY;
+	}
+	xa_erase(&pmm_backends, id);
+	mutex_unlock(&pmm_lock);
+	kref_put(&b->ref, backend_release);
+	return 0;
+}
+
+static long create_template(void __user *arg)
+{
+	struct pseudo_mm_template req;
+	struct pmm_template *t;
+	u32 id;
+	int err;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	if (req.flags)
+		return -EINVAL;
+	t = kzalloc(sizeof(*t), GFP_KERNEL);
+	if (!t)
+		return -ENOMEM;
+	kref_init(&t->ref);
+	atomic_set(&t->mappings, 0);
+	atomic64_inc(&stat_templates);
+	mutex_lock(&pmm_lock);
+	err = xa_alloc(&pmm_templates, &id, t, XA_LIMIT(1, PSEUDO_MM_MAX_TEMPLATES), GFP_KERNEL);
+	mutex_unlock(&pmm_lock);
+	if (err) {
+		kref_put(&t->ref, template_release);
+		return err == -EBUSY ? -ENOSPC : err;
+	}
+	req.id = id;
+	if (copy_to_user(arg, &req, sizeof(req))) {
+		mutex_lock(&pmm_lock);
+		xa_erase(&pmm_templates, id);
+		mutex_unlock(&pmm_lock);
+		kref_put(&t->ref, template_release);
+		return -EFAULT;
+	}
+	return 0;
+}
+
+static long add_region(void __user *arg)
+{
+	struct pseudo_mm_region req;
+	struct pmm_template *t;
+	struct pmm_backend *b;
+	struct pmm_region *regions;
+	u64 end, size_pages;
+	long ret = 0;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	if (req.flags || !req.pages || check_add_overflow(req.pgoff, req.pages, &end))
+		return -EINVAL;
+	mutex_lock(&pmm_lock);
+	t = xa_load(&pmm_templates, req.template_id);
+	b = xa_load(&pmm_backends, req.backend_id);
+	if (!t || !b) {
+		ret = -ENOENT;
+		goto out;
+	}
+	size_pages = DIV_ROUND_UP_ULL(i_size_read(file_inode(b->file)), PAGE_SIZE);
+	if (end > size_pages) {
+		ret = -EINVAL;
+		goto out;
+	}
+	if (atomic_read(&t->mappings) > 0) {
+		ret = -EBUSY;
+		goto out;
+	}
+	if (t->nr_regions >= PSEUDO_MM_MAX_REGIONS) {
+		ret = -ENOSPC;
+		goto out;
+	}
+	regions = kvmalloc_array(t->nr_regions + 1, sizeof(*regions), GFP_KERNEL);
+	if (!regions) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	if (t->nr_regions)
+		memcpy(regions, t->regions, t->nr_regions * sizeof(*regions));
+	kref_get(&b->ref);
+	atomic_inc(&b->regions);
+	regions[t->nr_regions] = (struct pmm_region){
+		.backend = b,
+		.pgoff = req.pgoff,
+		.pages = req.pages,
+	};
+	kvfree(t->regions);
+	t->regions = regions;
+	req.index = t->nr_regions++;
+	atomic64_inc(&stat_regions);
+	/* The index is written back before the region can be mapped, under the lock. */
+	if (copy_to_user(arg, &req, sizeof(req))) {
+		t->nr_regions--;
+		atomic_dec(&b->regions);
+		kref_put(&b->ref, backend_release);
+		atomic64_dec(&stat_regions);
+		ret = -EFAULT;
+	}
+out:
+	mutex_unlock(&pmm_lock);
+	return ret;
+}
+
+static long delete_template(void __user *arg)
+{
+	struct pmm_template *t;
+	u32 id;
+
+	if (get_user(id, (u32 __user *)arg))
+		return -EFAULT;
+	mutex_lock(&pmm_lock);
+	t = xa_load(&pmm_templates, id);
+	if (!t) {
+		mutex_unlock(&pmm_lock);
+		return -ENOENT;
+	}
+	if (atomic_read(&t->mappings) > 0) {
+		mutex_unlock(&pmm_lock);
+		return -EBUSY;
+	}
+	xa_erase(&pmm_templates, id);
+	mutex_unlock(&pmm_lock);
+	kref_put(&t->ref, template_release);
+	return 0;
+}
+
+static long get_stats(void __user *arg)
+{
+	struct pseudo_mm_stats s = {
+		.templates = atomic64_read(&stat_templates),
+		.backends = atomic64_read(&stat_backends),
+		.regions = atomic64_read(&stat_regions),
+		.vmas = atomic64_read(&stat_vmas),
+		.read_faults = atomic64_read(&stat_read_faults),
+		.write_faults = atomic64_read(&stat_write_faults),
+		.bad_faults = atomic64_read(&stat_bad_faults),
+	};
+
+	return copy_to_user(arg, &s, sizeof(s)) ? -EFAULT : 0;
+}
+
+static long pmm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	void __user *uarg = (void __user *)arg;
+
+	switch (cmd) {
+	case PSEUDO_MM_REGISTER_BACKEND:
+		return register_backend(uarg);
+	case PSEUDO_MM_UNREGISTER_BACKEND:
+		return unregister_backend(uarg);
+	case PSEUDO_MM_CREATE_TEMPLATE:
+		return create_template(uarg);
+	case PSEUDO_MM_ADD_REGION:
+		return add_region(uarg);
+	case PSEUDO_MM_DELETE_TEMPLATE:
+		return delete_template(uarg);
+	case PSEUDO_MM_STATS:
+		return get_stats(uarg);
+	default:
+		return -ENOTTY;
+	}
+}
+
+static void pmm_vm_open(struct vm_area_struct *vma)
+{
+	struct pmm_map *m = vma->vm_private_data;
+
+	kref_get(&m->ref);
+	atomic64_inc(&stat_vmas);
+}
+
+static void pmm_vm_close(struct vm_area_struct *vma)
+{
+	struct pmm_map *m = vma->vm_private_data;
+
+	atomic64_dec(&stat_vmas);
+	kref_put(&m->ref, map_release);
+}
+
+static vm_fault_t pmm_fault(struct vm_fault *vmf)
+{
+	struct pmm_map *m = vmf->vma->vm_private_data;
+	const struct pmm_region *r = m->region;
+	struct address_space *mapping = r->backend->file->f_mapping;
+	pgoff_t rel = vmf->pgoff - m->base;
+	struct page *page;
+
+	if (rel >= r->pages) {
+		atomic64_inc(&stat_bad_faults);
+		return VM_FAULT_SIGBUS;
+	}
+	if (shmem_mapping(mapping))
+		page = shmem_read_mapping_page(mapping, r->pgoff + rel);
+	else
+		page = read_mapping_page(mapping, r->pgoff + rel, r->backend->file);
+	if (IS_ERR(page)) {
+		atomic64_inc(&stat_bad_faults);
+		return VM_FAULT_SIGBUS;
+	}
+	/* The reference goes to the fault path, which maps (or, for a write, copies) it. */
+	vmf->page = page;
+	if (vmf->flags & FAULT_FLAG_WRITE)
+		atomic64_inc(&stat_write_faults);
+	else
+		atomic64_inc(&stat_read_faults);
+	return 0;
+}
+
+static const struct vm_operations_struct pmm_vm_ops = {
+	.open = pmm_vm_open,
+	.close = pmm_vm_close,
+	.fault = pmm_fault,
+};
+
+static int pmm_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	u64 id = vma->vm_pgoff >> PSEUDO_MM_REGION_BITS;
+	u32 index = vma->vm_pgoff & (PSEUDO_MM_MAX_REGIONS - 1);
+	struct pmm_template *t;
+	struct pmm_map *m;
+
+	/* Writes must copy: a shared mapping would write into the template. */
+	if (vma->vm_flags & (VM_SHARED | VM_MAYSHARE))
+		return -EINVAL;
+	if (id == 0 || id > PSEUDO_MM_MAX_TEMPLATES)
+		return -EINVAL;
+	m = kzalloc(sizeof(*m), GFP_KERNEL);
+	if (!m)
+		return -ENOMEM;
+	mutex_lock(&pmm_lock);
+	t = xa_load(&pmm_templates, (unsigned long)id);
+	if (!t || index >= t->nr_regions || vma_pages(vma) > t->regions[index].pages) {
+		mutex_unlock(&pmm_lock);
+		kfree(m);
+		return -EINVAL;
+	}
+	kref_init(&m->ref);
+	kref_get(&t->ref);
+	atomic_inc(&t->mappings);
+	m->tpl = t;
+	m->region = &t->regions[index];
+	m->base = vma->vm_pgoff;
+	mutex_unlock(&pmm_lock);
+
+	vma->vm_private_data = m;
+	vma->vm_ops = &pmm_vm_ops;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_set(vma, VM_DONTEXPAND);
+#else
+	vma->vm_flags |= VM_DONTEXPAND;
+#endif
+	atomic64_inc(&stat_vmas);
+	return 0;
+}
+
+static const struct file_operations pmm_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = pmm_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.mmap = pmm_mmap,
+};
+
+static struct miscdevice pmm_dev = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "pseudo_mm",
+	.fops = &pmm_fops,
+	.mode = 0600,
+};
+
+static int __init pmm_init(void)
+{
+	return misc_register(&pmm_dev);
+}
+
+static void __exit pmm_exit(void)
+{
+	struct pmm_template *t;
+	struct pmm_backend *b;
+	unsigned long id;
+
+	misc_deregister(&pmm_dev);
+	/* Nothing maps or opens the device any more: what the tables hold goes. */
+	xa_for_each(&pmm_templates, id, t)
+		kref_put(&t->ref, template_release);
+	xa_destroy(&pmm_templates);
+	xa_for_each(&pmm_backends, id, b)
+		kref_put(&b->ref, backend_release);
+	xa_destroy(&pmm_backends);
+}
+
+module_init(pmm_init);
+module_exit(pmm_exit);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("Memory templates mapped straight from a memory pool");
