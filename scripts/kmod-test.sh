@@ -3,7 +3,8 @@
 # a qemu guest of that kernel (software emulation: no KVM here). The guest is a busybox
 # initramfs with the module and the static test program; its /init prints the test's
 # RESULT line, checks that the module cannot be unloaded while a process maps a template,
-# and powers off. A kernel oops, BUG or WARNING fails the run. Bounded: 300 s per guest.
+# measures fault costs (BENCH line: through the module against a plain private mapping of
+# the same pool file), and powers off. A kernel oops, BUG or WARNING fails the run. Bounded: 300 s per guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -45,6 +46,7 @@ if insmod /pseudo_mm.ko; then
   kill "$holder"
   wait "$holder"
   if rmmod pseudo_mm; then echo "UNLOAD ok"; else echo "UNLOAD failed"; fi
+  insmod /pseudo_mm.ko && /pmm_test bench
 else
   echo "RESULT insmod failed"
 fi
@@ -57,7 +59,7 @@ INIT
   timeout -k 5 300 qemu-system-x86_64 -accel tcg -m 512M -smp 2 -nographic -no-reboot \
     -kernel "$kernel" -initrd "$WORK/init-$ver.cpio.gz" \
     -append "console=ttyS0 panic=-1 panic_on_oops=1 quiet" </dev/null > "$log" 2>&1 || true
-  grep -E "^(KERNEL|RESULT|FAIL|UNLOAD|DMESG)" "$log" | tr -d '\r' || true
+  grep -E "^(KERNEL|RESULT|FAIL|UNLOAD|BENCH|DMESG)" "$log" | tr -d '\r' || true
   ok=1
   grep -q "RESULT pass=[0-9]* fail=0" "$log" || ok=0
   grep -q "UNLOAD-WHILE-MAPPED refused" "$log" || ok=0

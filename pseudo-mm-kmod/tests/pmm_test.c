@@ -4,7 +4,8 @@
  * argument checking, read sharing (one physical page in every instance), copy-on-write,
  * a template that cannot change or go while mapped, concurrent faults, and nothing left
  * after unmapping (the module's stats). `pmm_test hold TEMPLATE` maps a template and waits,
- * for the unload test. Prints one "RESULT pass=N fail=M" line.
+ * for the unload test; `pmm_test bench` prints fault costs. Prints one "RESULT pass=N
+ * fail=M" line.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -18,6 +19,7 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../include/uapi/linux/pseudo_mm.h"
@@ -140,6 +142,100 @@ static int child_instance(int dev, uint32_t tpl, const uint64_t *parent_pfns)
 	return bad;
 }
 
+static double now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+/* ns per page to fault in `pages` pages of a fresh mapping (by reading or writing), best
+ * of `rounds`; `map` makes the mapping. */
+static double fault_cost(void *(*map)(void *), void *ctx, size_t pages, int write, int rounds)
+{
+	double best = 1e18;
+
+	for (int r = 0; r < rounds; r++) {
+		volatile unsigned char *p = map(ctx);
+		unsigned long sum = 0;
+		double t0, t1;
+
+		if (p == MAP_FAILED)
+			return -1;
+		t0 = now_ns();
+		for (size_t i = 0; i < pages; i++) {
+			if (write)
+				p[i * PAGE] = 1;
+			else
+				sum += p[i * PAGE];
+		}
+		t1 = now_ns();
+		munmap((void *)p, pages * PAGE);
+		(void)sum;
+		if ((t1 - t0) / pages < best)
+			best = (t1 - t0) / pages;
+	}
+	return best;
+}
+
+struct bench_ctx {
+	int dev, fd;
+	uint32_t tpl;
+	size_t pages;
+};
+
+static void *map_template(void *c)
+{
+	struct bench_ctx *b = c;
+
+	return map_region(b->dev, b->tpl, 0, b->pages, MAP_PRIVATE);
+}
+
+static void *map_file(void *c)
+{
+	struct bench_ctx *b = c;
+
+	return mmap(NULL, b->pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, b->fd, 0);
+}
+
+/* Fault cost per page, through the module and through a plain private mapping of the same
+ * pool file (the kernel's own path, what CRIU's restore uses today). */
+static int bench(void)
+{
+	struct bench_ctx c = { .pages = 4096 };
+	struct pseudo_mm_backend b = { 0 };
+	struct pseudo_mm_template t = { 0 };
+	struct pseudo_mm_region r = { 0 };
+	unsigned char page[PAGE];
+	int fd;
+
+	c.dev = open("/dev/pseudo_mm", O_RDWR);
+	mkdir("/bench", 0700);
+	if (c.dev < 0 || mount("tmpfs", "/bench", "tmpfs", 0, "size=64m"))
+		return 1;
+	fd = open("/bench/region", O_RDWR | O_CREAT | O_TRUNC, 0600);
+	memset(page, 7, PAGE);
+	for (size_t i = 0; i < c.pages; i++)
+		if (write(fd, page, PAGE) != (ssize_t)PAGE)
+			return 1;
+	close(fd);
+	c.fd = open("/bench/region", O_RDONLY);
+	b.fd = c.fd;
+	if (ioctl(c.dev, PSEUDO_MM_REGISTER_BACKEND, &b) || ioctl(c.dev, PSEUDO_MM_CREATE_TEMPLATE, &t))
+		return 1;
+	r.template_id = t.id;
+	r.backend_id = b.id;
+	r.pages = c.pages;
+	if (ioctl(c.dev, PSEUDO_MM_ADD_REGION, &r))
+		return 1;
+	c.tpl = t.id;
+	printf("BENCH pages=%zu read_template=%.0f read_file=%.0f write_template=%.0f write_file=%.0f ns/page\n",
+	       c.pages, fault_cost(map_template, &c, c.pages, 0, 5), fault_cost(map_file, &c, c.pages, 0, 5),
+	       fault_cost(map_template, &c, c.pages, 1, 5), fault_cost(map_file, &c, c.pages, 1, 5));
+	return 0;
+}
+
 static int hold(const char *tpl_arg)
 {
 	int dev = open("/dev/pseudo_mm", O_RDWR);
@@ -169,6 +265,8 @@ int main(int argc, char **argv)
 
 	if (argc == 3 && strcmp(argv[1], "hold") == 0)
 		return hold(argv[2]);
+	if (argc == 2 && strcmp(argv[1], "bench") == 0)
+		return bench();
 
 	dev = open("/dev/pseudo_mm", O_RDWR);
 	CHECK(dev >= 0, "open /dev/pseudo_mm");
