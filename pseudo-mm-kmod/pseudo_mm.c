@@ -65,7 +65,14 @@ static DEFINE_XARRAY_ALLOC1(pmm_backends);
 static DEFINE_XARRAY_ALLOC1(pmm_templates);
 
 static atomic64_t stat_templates, stat_backends, stat_regions, stat_vmas;
-static atomic64_t stat_read_faults, stat_write_faults, stat_bad_faults;
+static atomic64_t stat_read_faults, stat_write_faults, stat_bad_faults, stat_around_pages;
+
+/*
+ * Pages mapped ahead of a read fault (the faulting one included), as the kernel's
+ * fault-around does for file mappings: one trap then maps up to this many pages that are
+ * in the backend's page cache already.
+ */
+#define PMM_FAULT_AROUND 16
 
 static void backend_release(struct kref *ref)
 {
@@ -323,6 +330,7 @@ static long get_stats(void __user *arg)
 		.read_faults = atomic64_read(&stat_read_faults),
 		.write_faults = atomic64_read(&stat_write_faults),
 		.bad_faults = atomic64_read(&stat_bad_faults),
+		.around_pages = atomic64_read(&stat_around_pages),
 	};
 
 	return copy_to_user(arg, &s, sizeof(s)) ? -EFAULT : 0;
@@ -366,6 +374,35 @@ static void pmm_vm_close(struct vm_area_struct *vma)
 	kref_put(&m->ref, map_release);
 }
 
+/*
+ * Maps the pages after a read fault's that the backend has in its page cache (no I/O, no
+ * allocation of pages): read-only, as the fault's own page, so a write still copies. A page
+ * already mapped there is left alone (-EBUSY). Runs in the fault handler, where sleeping is
+ * allowed (page-table allocation), unlike ->map_pages, which 6.5+ calls under RCU.
+ */
+static void pmm_fault_around(struct vm_fault *vmf, const struct pmm_map *m, pgoff_t rel)
+{
+	struct vm_area_struct *vma = vmf->vma;
+	const struct pmm_region *r = m->region;
+	struct address_space *mapping = r->backend->file->f_mapping;
+	unsigned long addr = vmf->address & PAGE_MASK;
+	unsigned int i;
+
+	for (i = 1; i < PMM_FAULT_AROUND; i++) {
+		unsigned long a = addr + i * PAGE_SIZE;
+		struct page *page;
+
+		if (a >= vma->vm_end || rel + i >= r->pages)
+			break;
+		page = find_get_page(mapping, r->pgoff + rel + i);
+		if (!page)
+			continue;
+		if (PageUptodate(page) && !PageHWPoison(page) && !vm_insert_page(vma, a, page))
+			atomic64_inc(&stat_around_pages);
+		put_page(page);
+	}
+}
+
 static vm_fault_t pmm_fault(struct vm_fault *vmf)
 {
 	struct pmm_map *m = vmf->vma->vm_private_data;
@@ -388,10 +425,12 @@ static vm_fault_t pmm_fault(struct vm_fault *vmf)
 	}
 	/* The reference goes to the fault path, which maps (or, for a write, copies) it. */
 	vmf->page = page;
-	if (vmf->flags & FAULT_FLAG_WRITE)
+	if (vmf->flags & FAULT_FLAG_WRITE) {
 		atomic64_inc(&stat_write_faults);
-	else
+	} else {
 		atomic64_inc(&stat_read_faults);
+		pmm_fault_around(vmf, m, rel);
+	}
 	return 0;
 }
 
@@ -433,10 +472,12 @@ static int pmm_mmap(struct file *file, struct vm_area_struct *vma)
 
 	vma->vm_private_data = m;
 	vma->vm_ops = &pmm_vm_ops;
+	/* VM_MIXEDMAP: fault-around inserts pages with vm_insert_page(). They are ordinary
+	 * pages, so the kernel still treats them as such (rmap, copy-on-write, fork). */
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
-	vm_flags_set(vma, VM_DONTEXPAND);
+	vm_flags_set(vma, VM_DONTEXPAND | VM_MIXEDMAP);
 #else
-	vma->vm_flags |= VM_DONTEXPAND;
+	vma->vm_flags |= VM_DONTEXPAND | VM_MIXEDMAP;
 #endif
 	atomic64_inc(&stat_vmas);
 	return 0;

@@ -51,6 +51,7 @@ struct pseudo_mm_stats {
 	__u64 read_faults;	/* faults that mapped a backend page as it is */
 	__u64 write_faults;	/* first touches by a write: the kernel copied the page */
 	__u64 bad_faults;	/* faults the backend could not serve: SIGBUS */
+	__u64 around_pages;	/* pages mapped ahead of a read fault (fault-around) */
 };
 
 #define PSEUDO_MM_REGISTER_BACKEND	_IOWR(PSEUDO_MM_IOC_MAGIC, 1, struct pseudo_mm_backend)
