@@ -17,10 +17,10 @@ use k8s_cri::v1::{
     PodSandboxMetadata, PodSandboxStats, PodSandboxStatsRequest, PodSandboxStatus,
     PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
-    UpdateContainerResourcesRequest, VersionRequest,
+    UpdateContainerResourcesRequest,
 };
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Status;
 
 pub use k8s_cri::v1;
 
@@ -66,13 +66,6 @@ impl Cri {
                 ))),
             }
         })
-    }
-
-    /// The runtime's name and version as CRI reports them.
-    pub fn version(&self) -> Result<(String, String), Status> {
-        let mut c = self.runtime();
-        let v = self.call("Version", c.version(VersionRequest::default()))?;
-        Ok((v.runtime_name, v.runtime_api_version))
     }
 
     /// RunPodSandbox with a runtime handler (a RuntimeClass's `handler`); the pod's id.
@@ -374,11 +367,6 @@ pub fn with_env(mut config: ContainerConfig, env: &[(&str, &str)]) -> ContainerC
         value: (*v).to_string(),
     }));
     config
-}
-
-/// True when a CRI error is of `code` and its message mentions `needle`.
-pub fn is_error(e: &Status, code: Code, needle: &str) -> bool {
-    e.code() == code && e.message().contains(needle)
 }
 
 /// What a streamed exec or attach gave: output by stream, and the exit status CRI reported
