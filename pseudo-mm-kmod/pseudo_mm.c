@@ -4,9 +4,17 @@
  * include/uapi/linux/pseudo_mm.h for the interface).
  *
  * A region's mapping is a private mapping of /dev/pseudo_mm whose fault handler hands the
- * kernel the backend file's own page: a read fault maps that page (shared by every
- * instance), and the kernel's private-mapping path copies it on the first write. The
- * module never copies a page itself.
+ * kernel the backend's own page: a read fault maps that page (shared by every instance),
+ * and the kernel's private-mapping path copies it on the first write. The module never
+ * copies a page itself.
+ *  - Page-cache backends (tmpfs): the fault returns the cached page, as a file system's
+ *    fault handler would.
+ *  - DAX backends (device DAX, or a file on a -o dax file system): the device's pages were
+ *    looked up and referenced once, when the backend was registered (by mapping it shared
+ *    in the registering process and pinning the pages with get_user_pages); a fault maps the
+ *    device page's frame read-only (vmf_insert_mixed, a special PTE: no page refcount, no
+ *    rmap, as file-system DAX does), and a write to it takes the kernel's copy path for
+ *    frames without a struct page in use (wp_page_copy), which copies into local memory.
  *
  * Lifetimes: the tables (backends, templates) and every change to them are under
  * pmm_lock. A backend holds a reference to its file and is pinned by the regions that use
@@ -18,6 +26,8 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/file.h>
+#include <linux/mman.h>
+#include <linux/pfn_t.h>
 #include <linux/fs.h>
 #include <linux/kref.h>
 #include <linux/miscdevice.h>
@@ -37,6 +47,9 @@ struct pmm_backend {
 	struct kref ref;
 	struct file *file;
 	atomic_t regions;	/* regions using it: unregistering is refused while > 0 */
+	u32 kind;		/* PSEUDO_MM_BACKEND_* */
+	u64 nr_pages;		/* its size, fixed at registration */
+	struct page **pages;	/* DAX: every page, referenced; NULL for page cache */
 };
 
 struct pmm_region {
@@ -66,6 +79,10 @@ static DEFINE_XARRAY_ALLOC1(pmm_templates);
 
 static atomic64_t stat_templates, stat_backends, stat_regions, stat_vmas;
 static atomic64_t stat_read_faults, stat_write_faults, stat_bad_faults, stat_around_pages;
+static atomic64_t stat_dax_pages, stat_pinned_pages;
+
+/* Pages looked up per get_user_pages call while registering a DAX backend. */
+#define PMM_PIN_BATCH 512
 
 /*
  * Pages mapped ahead of a read fault (the faulting one included), as the kernel's
@@ -77,7 +94,15 @@ static atomic64_t stat_read_faults, stat_write_faults, stat_bad_faults, stat_aro
 static void backend_release(struct kref *ref)
 {
 	struct pmm_backend *b = container_of(ref, struct pmm_backend, ref);
+	u64 i;
 
+	if (b->pages) {
+		for (i = 0; i < b->nr_pages; i++)
+			if (b->pages[i])
+				put_page(b->pages[i]);
+		atomic64_sub(b->nr_pages, &stat_pinned_pages);
+		kvfree(b->pages);
+	}
 	allow_write_access(b->file);
 	fput(b->file);
 	kfree(b);
@@ -119,6 +144,96 @@ static bool backend_readable(struct file *file)
 	return shmem_mapping(mapping) || (mapping->a_ops && mapping->a_ops->read_folio);
 }
 
+static bool backend_is_dax(struct file *file)
+{
+	struct inode *inode = file_inode(file);
+
+	if (!(file->f_mode & FMODE_READ) || !(S_ISREG(inode->i_mode) || S_ISCHR(inode->i_mode)))
+		return false;
+	return IS_DAX(inode) || IS_DAX(file->f_mapping->host);
+}
+
+/*
+ * Looks up and references every page of a DAX backend: maps it shared and read-only in the
+ * registering process for the time of the lookup, as a user of the device would, so that
+ * the device's own mmap decides what is there. Every page must be device memory
+ * (ZONE_DEVICE): anything else (a hole, or the caller's memory after a racing munmap and
+ * mmap in that range) fails the registration.
+ */
+static int backend_pin_dax(struct pmm_backend *b)
+{
+	unsigned long len = b->nr_pages << PAGE_SHIFT;
+	unsigned long addr;
+	u64 done = 0;
+	int err = 0;
+
+	if (!current->mm)
+		return -EINVAL;
+	b->pages = kvcalloc(b->nr_pages, sizeof(*b->pages), GFP_KERNEL);
+	if (!b->pages)
+		return -ENOMEM;
+	addr = vm_mmap(b->file, 0, len, PROT_READ, MAP_SHARED, 0);
+	if (IS_ERR_VALUE(addr)) {
+		err = (long)addr == -ENOMEM ? -ENOMEM : -EINVAL;
+		goto out_free;
+	}
+	while (done < b->nr_pages) {
+		int n = min_t(u64, b->nr_pages - done, PMM_PIN_BATCH);
+		int got, i;
+
+		got = get_user_pages_fast(addr + (done << PAGE_SHIFT), n, 0, b->pages + done);
+		if (got <= 0) {
+			/* Past the device's end, or a page it cannot give: the size is wrong. */
+			err = got == -ENOMEM ? -ENOMEM : -EINVAL;
+			break;
+		}
+		for (i = 0; i < got; i++)
+			if (!is_zone_device_page(b->pages[done + i]))
+				err = -EINVAL;
+		done += got;
+		if (err)
+			break;
+		if (fatal_signal_pending(current)) {
+			err = -EINTR;
+			break;
+		}
+		cond_resched();
+	}
+	vm_munmap(addr, len);
+	if (!err) {
+		atomic64_add(b->nr_pages, &stat_pinned_pages);
+		return 0;
+	}
+	while (done > 0)
+		put_page(b->pages[--done]);
+out_free:
+	kvfree(b->pages);
+	b->pages = NULL;
+	return err;
+}
+
+static int backend_open(struct pmm_backend *b, u64 pages)
+{
+	u64 size;
+
+	if (backend_is_dax(b->file)) {
+		b->kind = PSEUDO_MM_BACKEND_DAX;
+		/* A device has no file size (0): the caller gives it. A file's is the limit. */
+		size = S_ISREG(file_inode(b->file)->i_mode) ?
+			i_size_read(file_inode(b->file)) >> PAGE_SHIFT : PSEUDO_MM_MAX_DAX_PAGES;
+		b->nr_pages = pages ? pages : size;
+		if (!b->nr_pages || b->nr_pages > size || b->nr_pages > PSEUDO_MM_MAX_DAX_PAGES)
+			return -EINVAL;
+		return 0;
+	}
+	if (!backend_readable(b->file))
+		return -EINVAL;
+	b->kind = PSEUDO_MM_BACKEND_PAGECACHE;
+	size = DIV_ROUND_UP_ULL(i_size_read(file_inode(b->file)), PAGE_SIZE);
+	b->nr_pages = pages ? pages : size;
+	return b->nr_pages && b->nr_pages <= size ? 0 : -EINVAL;
+}
+
 static long register_backend(void __user *arg)
 {
 	struct pseudo_mm_backend req;
@@ -128,6 +243,8 @@ static long register_backend(void __user *arg)
 
 	if (copy_from_user(&req, arg, sizeof(req)))
 		return -EFAULT;
+	if (req.flags)
+		return -EINVAL;
 	b = kzalloc(sizeof(*b), GFP_KERNEL);
 	if (!b)
 		return -ENOMEM;
@@ -136,10 +253,11 @@ static long register_backend(void __user *arg)
 		kfree(b);
 		return -EBADF;
 	}
-	if (!backend_readable(b->file)) {
+	err = backend_open(b, req.pages);
+	if (err) {
 		fput(b->file);
 		kfree(b);
-		return -EINVAL;
+		return err;
 	}
 	/*
 	 * A mapped page must stay the backend's: a page truncated away while mapped here would
@@ -153,6 +271,16 @@ static long register_backend(void __user *arg)
 		kfree(b);
 		return err;
 	}
+	/* Pages are looked up once nobody can write or truncate the backend any more. */
+	if (b->kind == PSEUDO_MM_BACKEND_DAX) {
+		err = backend_pin_dax(b);
+		if (err) {
+			allow_write_access(b->file);
+			fput(b->file);
+			kfree(b);
+			return err;
+		}
+	}
 	kref_init(&b->ref);
 	atomic_set(&b->regions, 0);
 	atomic64_inc(&stat_backends);
@@ -165,6 +293,8 @@ static long register_backend(void __user *arg)
 		return err == -EBUSY ? -ENOSPC : err;
 	}
 	req.id = id;
+	req.kind = b->kind;
+	req.pages = b->nr_pages;
 	if (copy_to_user(arg, &req, sizeof(req))) {
 		mutex_lock(&pmm_lock);
 		xa_erase(&pmm_backends, id);
@@ -239,7 +369,7 @@ static long add_region(void __user *arg)
 	struct pmm_template *t;
 	struct pmm_backend *b;
 	struct pmm_region *regions;
-	u64 end, size_pages;
+	u64 end;
 	long ret = 0;
 
 	if (copy_from_user(&req, arg, sizeof(req)))
@@ -253,8 +383,7 @@ static long add_region(void __user *arg)
 		ret = -ENOENT;
 		goto out;
 	}
-	size_pages = DIV_ROUND_UP_ULL(i_size_read(file_inode(b->file)), PAGE_SIZE);
-	if (end > size_pages) {
+	if (end > b->nr_pages) {
 		ret = -EINVAL;
 		goto out;
 	}
@@ -331,6 +460,8 @@ static long get_stats(void __user *arg)
 		.write_faults = atomic64_read(&stat_write_faults),
 		.bad_faults = atomic64_read(&stat_bad_faults),
 		.around_pages = atomic64_read(&stat_around_pages),
+		.dax_pages = atomic64_read(&stat_dax_pages),
+		.pinned_pages = atomic64_read(&stat_pinned_pages),
 	};
 
 	return copy_to_user(arg, &s, sizeof(s)) ? -EFAULT : 0;
@@ -403,6 +534,55 @@ static void pmm_fault_around(struct vm_fault *vmf, const struct pmm_map *m, pgof
 	}
 }
 
+static vm_fault_t dax_insert(struct vm_area_struct *vma, unsigned long addr, struct page *page)
+{
+	return vmf_insert_mixed(vma, addr, pfn_to_pfn_t(page_to_pfn(page)));
+}
+
+/*
+ * A read maps a DAX backend's page as the device's frame, read-only (the VMA's private
+ * protection); a later write to it takes the kernel's copy path for frames
+ * (wp_page_copy), which copies it into a page of the process's own. A first touch by a
+ * write (the kernel has allocated vmf->cow_page) gets the device page itself, referenced
+ * and to be unlocked and released by the fault path after it copied it (do_cow_fault, with
+ * copy_mc: a poisoned PMem line gives SIGBUS, not a machine check): one trap, one copy,
+ * and the device page is never mapped.
+ */
+static vm_fault_t pmm_fault_dax(struct vm_fault *vmf, const struct pmm_map *m, pgoff_t rel)
+{
+	struct vm_area_struct *vma = vmf->vma;
+	const struct pmm_region *r = m->region;
+	struct page **pages = r->backend->pages + r->pgoff;
+	unsigned long addr = vmf->address & PAGE_MASK;
+	vm_fault_t ret;
+	unsigned int i;
+
+	if (vmf->cow_page) {
+		get_page(pages[rel]);
+		vmf->page = pages[rel];
+		atomic64_inc(&stat_write_faults);
+		return 0;
+	}
+	ret = dax_insert(vma, addr, pages[rel]);
+	if (ret != VM_FAULT_NOPAGE) {
+		atomic64_inc(&stat_bad_faults);
+		return ret;
+	}
+	atomic64_inc(&stat_dax_pages);
+	atomic64_inc(&stat_read_faults);
+	for (i = 1; i < PMM_FAULT_AROUND; i++) {
+		unsigned long a = addr + i * PAGE_SIZE;
+
+		if (a >= vma->vm_end || rel + i >= r->pages)
+			break;
+		if (dax_insert(vma, a, pages[rel + i]) != VM_FAULT_NOPAGE)
+			break;
+		atomic64_inc(&stat_dax_pages);
+		atomic64_inc(&stat_around_pages);
+	}
+	return VM_FAULT_NOPAGE;
+}
+
 static vm_fault_t pmm_fault(struct vm_fault *vmf)
 {
 	struct pmm_map *m = vmf->vma->vm_private_data;
@@ -415,6 +595,8 @@ static vm_fault_t pmm_fault(struct vm_fault *vmf)
 		atomic64_inc(&stat_bad_faults);
 		return VM_FAULT_SIGBUS;
 	}
+	if (r->backend->pages)
+		return pmm_fault_dax(vmf, m, rel);
 	if (shmem_mapping(mapping))
 		page = shmem_read_mapping_page(mapping, r->pgoff + rel);
 	else

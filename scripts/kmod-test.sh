@@ -4,7 +4,10 @@
 # initramfs with the module and the static test program; its /init prints the test's
 # RESULT line, checks that the module cannot be unloaded while a process maps a template,
 # measures fault costs (BENCH line: through the module against a plain private mapping of
-# the same pool file), and powers off. A kernel oops, BUG or WARNING fails the run. Bounded: 300 s per guest.
+# the same pool file), then runs the DAX backend's tests on two emulated NVDIMMs (qemu
+# nvdimm): one made a device-DAX device (/dev/dax0.0) and one an ext4 file system mounted
+# with -o dax, and powers off. A kernel oops, BUG or WARNING fails the run. Bounded: 300 s
+# per guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -16,6 +19,36 @@ bash scripts/setup-kmod.sh
 make -s -C pseudo-mm-kmod OUT="$WORK/build" all
 gcc -static -O2 -Wall -Wextra -Werror -o "$WORK/pmm_test" pseudo-mm-kmod/tests/pmm_test.c
 
+# Copies a dynamically linked program into the initramfs with the libraries it loads.
+copy_program() {
+  local root=$1 prog=$2 lib
+  mkdir -p "$root$(dirname "$prog")"
+  cp -L "$prog" "$root$prog"
+  for lib in $(ldd "$prog" | grep -o '/[^ ]*'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+}
+
+# Copies modules and what they depend on, decompressed, for kernel $ver.
+copy_modules() {
+  local root=$1 ver=$2 m ko dst
+  shift 2
+  for m in "$@"; do
+    for ko in $(modprobe -C /dev/null -S "$ver" --show-depends "$m" | awk '$1 == "insmod" {print $2}'); do
+      dst="$root/modules/$(basename "${ko%.xz}")"
+      dst="${dst%.zst}"
+      [ -f "$dst" ] && continue
+      case "$ko" in
+        *.xz) xz -dc "$ko" > "$dst" ;;
+        *.zst) zstd -qdc "$ko" > "$dst" ;;
+        *) cp "$ko" "$dst" ;;
+      esac
+      echo "$(basename "$dst")" >> "$root/modules/order"
+    done
+  done
+}
+
 status=0
 for hdr in /usr/src/linux-headers-*-amd64; do
   ver="${hdr#/usr/src/linux-headers-}"
@@ -25,10 +58,14 @@ for hdr in /usr/src/linux-headers-*-amd64; do
   init="$WORK/initramfs-$ver"
   mkdir -p "$init"/{bin,dev,proc,sys,tmp}
   cp /bin/busybox "$init/bin/busybox"
-  for applet in sh mount insmod rmmod sed sleep kill cat grep dmesg poweroff mkdir echo; do
+  for applet in sh mount umount insmod rmmod sed sleep kill cat grep dmesg poweroff mkdir echo ls head; do
     ln -sf busybox "$init/bin/$applet"
   done
   cp "$WORK/build/$ver/pseudo_mm.ko" "$WORK/pmm_test" "$init/"
+  mkdir -p "$init/modules"
+  copy_modules "$init" "$ver" nfit nd_pmem dax_pmem device_dax ext4
+  copy_program "$init" /usr/bin/ndctl
+  copy_program "$init" /usr/sbin/mke2fs
   cat > "$init/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc
@@ -47,6 +84,25 @@ if insmod /pseudo_mm.ko; then
   wait "$holder"
   if rmmod pseudo_mm; then echo "UNLOAD ok"; else echo "UNLOAD failed"; fi
   insmod /pseudo_mm.ko && /pmm_test bench
+  # DAX: two emulated NVDIMMs, one device DAX, one ext4 with -o dax.
+  for m in $(cat /modules/order); do insmod "/modules/$m"; done
+  sleep 1
+  /usr/bin/ndctl create-namespace -f -e namespace0.0 -m devdax -a 4K >/dev/null
+  /usr/bin/ndctl create-namespace -f -e namespace1.0 -m fsdax >/dev/null
+  dax=$(ls -d /sys/bus/dax/devices/dax* | head -1)
+  if [ -n "$dax" ]; then
+    /pmm_test dax "/dev/${dax##*/}" $(( $(cat "$dax/size") / 4096 ))
+  else
+    echo "RESULT no device DAX"
+  fi
+  pmem=$(ls /dev/pmem* | head -1)
+  mkdir -p /mnt/dax
+  if [ -n "$pmem" ] && /usr/sbin/mke2fs -q -t ext4 -b 4096 -F "$pmem" && mount -t ext4 -o dax "$pmem" /mnt/dax; then
+    /pmm_test dax /mnt/dax/pool
+    umount /mnt/dax
+  else
+    echo "RESULT no fsdax file system"
+  fi
 else
   echo "RESULT insmod failed"
 fi
@@ -56,12 +112,19 @@ INIT
   chmod +x "$init/init"
   (cd "$init" && find . | cpio -o -H newc --quiet | gzip -1) > "$WORK/init-$ver.cpio.gz"
   log="$WORK/serial-$ver.log"
-  timeout -k 5 300 qemu-system-x86_64 -accel tcg -m 512M -smp 2 -nographic -no-reboot \
+  for nv in 0 1; do truncate -s 128M "$WORK/nvdimm$nv-$ver.img"; done
+  timeout -k 5 300 qemu-system-x86_64 -accel tcg -smp 2 -nographic -no-reboot \
+    -machine pc,nvdimm=on -m 768M,slots=2,maxmem=2G \
+    -object "memory-backend-file,id=mem0,share=on,mem-path=$WORK/nvdimm0-$ver.img,size=128M" \
+    -device nvdimm,id=nv0,memdev=mem0 \
+    -object "memory-backend-file,id=mem1,share=on,mem-path=$WORK/nvdimm1-$ver.img,size=128M" \
+    -device nvdimm,id=nv1,memdev=mem1 \
     -kernel "$kernel" -initrd "$WORK/init-$ver.cpio.gz" \
     -append "console=ttyS0 panic=-1 panic_on_oops=1 quiet" </dev/null > "$log" 2>&1 || true
   grep -E "^(KERNEL|RESULT|FAIL|UNLOAD|BENCH|DMESG)" "$log" | tr -d '\r' || true
   ok=1
-  grep -q "RESULT pass=[0-9]* fail=0" "$log" || ok=0
+  # Three test runs: the page-cache backend, device DAX, fsdax.
+  [ "$(grep -c "RESULT pass=[0-9]* fail=0" "$log")" = 3 ] || ok=0
   grep -q "UNLOAD-WHILE-MAPPED refused" "$log" || ok=0
   grep -q "UNLOAD ok" "$log" || ok=0
   if grep -E "^DMESG" "$log" | grep -v -E "loading out-of-tree|taints kernel|module verification failed" | grep -qE "BUG|WARNING|Oops|bad page"; then ok=0; fi

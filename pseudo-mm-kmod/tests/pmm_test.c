@@ -4,8 +4,9 @@
  * argument checking, read sharing (one physical page in every instance), copy-on-write,
  * a template that cannot change or go while mapped, concurrent faults, and nothing left
  * after unmapping (the module's stats). `pmm_test hold TEMPLATE` maps a template and waits,
- * for the unload test; `pmm_test bench` prints fault costs. Prints one "RESULT pass=N
- * fail=M" line.
+ * for the unload test; `pmm_test bench` prints fault costs. `pmm_test dax PATH [PAGES]`
+ * runs the DAX backend's tests on a device-DAX device (PAGES: its size) or on a new file
+ * PATH on a file system mounted with -o dax. Prints one "RESULT pass=N fail=M" line.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,6 +29,9 @@
 #define FILE_PAGES 16
 #define REGION_PGOFF 4
 #define REGION_PAGES 8
+#define DAX_FILE_PAGES 4096
+#define DAX_PGOFF 100
+#define DAX_REGION_PAGES 1024
 
 static int passed, failed;
 
@@ -252,6 +256,244 @@ static int hold(const char *tpl_arg)
 	return 0;
 }
 
+/* Page i of a DAX pool holds byte (i * 7 + 3) & 0xff, at its start and its end. */
+static unsigned char dax_byte(size_t i)
+{
+	return (unsigned char)((i * 7 + 3) & 0xff);
+}
+
+static int dax_fill(const char *path, size_t pages, int is_dev)
+{
+	unsigned char *p;
+	int fd = is_dev ? open(path, O_RDWR) : open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
+
+	if (fd < 0)
+		return -1;
+	if (!is_dev && ftruncate(fd, (off_t)(pages * PAGE)))
+		return -1;
+	p = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED)
+		return -1;
+	for (size_t i = 0; i < pages; i++) {
+		memset(p + i * PAGE, 0, PAGE);
+		p[i * PAGE] = dax_byte(i);
+		p[i * PAGE + PAGE - 1] = dax_byte(i);
+	}
+	msync(p, pages * PAGE, MS_SYNC);
+	munmap(p, pages * PAGE);
+	return close(fd);
+}
+
+struct dax_ctx {
+	int dev;
+	uint32_t tpl;
+	size_t pgoff, pages;
+	const uint64_t *frames;	/* the device frames of the region's pages */
+};
+
+/* An instance: reads the template's pages as the device's own frames, then writes one and
+ * gets a copy of its own that keeps the rest of the page. Returns failures. */
+static int dax_instance(const struct dax_ctx *c, int write_first)
+{
+	unsigned char *p = map_region(c->dev, c->tpl, 0, c->pages, MAP_PRIVATE);
+	int bad = 0;
+
+	if (p == MAP_FAILED)
+		return 100;
+	if (write_first) {
+		/* The first touch is a write: the page arrives copied, with the template's bytes. */
+		p[PAGE + 1] = 0x77;
+		if (p[PAGE] != dax_byte(c->pgoff + 1) || p[2 * PAGE - 1] != dax_byte(c->pgoff + 1) ||
+		    p[PAGE + 1] != 0x77 || pfn_of(p + PAGE) == c->frames[1] || pfn_of(p + PAGE) == 0)
+			bad++;
+	}
+	for (size_t i = 0; i < c->pages; i++) {
+		if (write_first && i == 1)
+			continue;
+		if (p[i * PAGE] != dax_byte(c->pgoff + i) || p[i * PAGE + PAGE - 1] != dax_byte(c->pgoff + i))
+			bad++;
+		if (pfn_of(p + i * PAGE) != c->frames[i])
+			bad++;
+	}
+	p[0] = 0xee;
+	if (p[0] != 0xee || p[PAGE - 1] != dax_byte(c->pgoff) || pfn_of(p) == c->frames[0])
+		bad++;
+	munmap(p, c->pages * PAGE);
+	return bad;
+}
+
+static void *map_dax_file(void *c)
+{
+	struct bench_ctx *b = c;
+
+	return mmap(NULL, b->pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, b->fd,
+		    (off_t)(DAX_PGOFF * PAGE));
+}
+
+static int dax(const char *path, size_t dev_pages)
+{
+	struct stat st;
+	int is_dev = stat(path, &st) == 0 && S_ISCHR(st.st_mode);
+	size_t pages = is_dev ? dev_pages : DAX_FILE_PAGES;
+	struct pseudo_mm_backend b = { 0 };
+	struct pseudo_mm_template t = { 0 };
+	struct pseudo_mm_region r = { 0 };
+	struct pseudo_mm_stats s, base;
+	struct dax_ctx c = { .pgoff = DAX_PGOFF, .pages = DAX_REGION_PAGES };
+	uint64_t frames[DAX_REGION_PAGES];
+	volatile unsigned char *direct;
+	unsigned char *p;
+	int fd, status;
+	uint32_t id;
+
+	c.frames = frames;
+	c.dev = open("/dev/pseudo_mm", O_RDWR);
+	CHECK(c.dev >= 0, "open /dev/pseudo_mm");
+	CHECK(pages > DAX_PGOFF + DAX_REGION_PAGES, "a DAX pool of %zu pages", pages);
+	CHECK(dax_fill(path, pages, is_dev) == 0, "fill %s", path);
+	fd = open(path, O_RDONLY);
+	CHECK(fd >= 0, "open %s", path);
+	if (c.dev < 0 || fd < 0 || failed)
+		goto out;
+
+	base = stats(c.dev);	/* what earlier runs left registered */
+	b.fd = fd;
+	b.pages = is_dev ? 0 : pages + 1;
+	CHECK(ioctl(c.dev, PSEUDO_MM_REGISTER_BACKEND, &b) == -1 && errno == EINVAL,
+	      is_dev ? "a device without its size" : "more pages than the file has");
+	if (is_dev) {
+		b.pages = pages + 4096;
+		CHECK(ioctl(c.dev, PSEUDO_MM_REGISTER_BACKEND, &b) == -1 && errno == EINVAL,
+		      "more pages than the device has");
+	}
+	b.pages = 0;
+	b.flags = 1;
+	CHECK(ioctl(c.dev, PSEUDO_MM_REGISTER_BACKEND, &b) == -1 && errno == EINVAL, "backend flags");
+	s = stats(c.dev);
+	CHECK(s.pinned_pages == base.pinned_pages && s.backends == base.backends,
+	      "failed registrations hold nothing");
+	b.flags = 0;
+	b.pages = is_dev ? pages : 0;
+	CHECK(ioctl(c.dev, PSEUDO_MM_REGISTER_BACKEND, &b) == 0 && b.kind == PSEUDO_MM_BACKEND_DAX &&
+	      b.pages == pages, "register a DAX backend (kind %u, pages %llu)", b.kind,
+	      (unsigned long long)b.pages);
+	s = stats(c.dev);
+	CHECK(s.pinned_pages == base.pinned_pages + pages, "every page held (%llu)",
+	      (unsigned long long)s.pinned_pages);
+	if (!is_dev)
+		CHECK(open(path, O_RDWR) == -1 && errno == ETXTBSY, "a DAX file cannot be opened for writing");
+	CHECK(ioctl(c.dev, PSEUDO_MM_CREATE_TEMPLATE, &t) == 0, "create template");
+	r.template_id = t.id;
+	r.backend_id = b.id;
+	r.pgoff = pages - 1;
+	r.pages = 2;
+	CHECK(ioctl(c.dev, PSEUDO_MM_ADD_REGION, &r) == -1 && errno == EINVAL, "region past the device");
+	r.pgoff = DAX_PGOFF;
+	r.pages = DAX_REGION_PAGES;
+	CHECK(ioctl(c.dev, PSEUDO_MM_ADD_REGION, &r) == 0, "add region");
+	c.tpl = t.id;
+
+	/* The device's own frames, through a shared mapping of it. */
+	direct = mmap(NULL, pages * PAGE, PROT_READ, MAP_SHARED, fd, 0);
+	CHECK(direct != MAP_FAILED, "map the device shared");
+	if (direct == MAP_FAILED)
+		goto out;
+	for (size_t i = 0; i < DAX_REGION_PAGES; i++) {
+		(void)direct[(DAX_PGOFF + i) * PAGE];
+		frames[i] = pfn_of((const void *)(direct + (DAX_PGOFF + i) * PAGE));
+	}
+	CHECK(frames[0] != 0, "device frames visible");
+
+	p = map_region(c.dev, t.id, 0, DAX_REGION_PAGES, MAP_PRIVATE);
+	CHECK(p != MAP_FAILED, "map region");
+	if (p == MAP_FAILED)
+		goto out;
+	{
+		size_t wrong = 0, other = 0;
+
+		for (size_t i = 0; i < DAX_REGION_PAGES; i++) {
+			wrong += p[i * PAGE] != dax_byte(DAX_PGOFF + i);
+			other += pfn_of(p + i * PAGE) != frames[i];
+		}
+		CHECK(wrong == 0, "content of the region (%zu pages wrong)", wrong);
+		CHECK(other == 0, "every page is the device's own frame (%zu are not)", other);
+	}
+	s = stats(c.dev);
+	CHECK(s.dax_pages >= DAX_REGION_PAGES && s.around_pages > 0,
+	      "device pages mapped, ahead too (dax %llu, around %llu)", (unsigned long long)s.dax_pages,
+	      (unsigned long long)s.around_pages);
+
+	/* Instances, concurrently: some read first, some write first. */
+	for (int k = 0; k < 6; k++) {
+		if (fork() == 0)
+			_exit(dax_instance(&c, k % 2));
+	}
+	for (int k = 0; k < 6; k++)
+		CHECK(wait(&status) > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		      "DAX instance %d (status %d)", k, status);
+	{
+		size_t changed = 0;
+
+		for (size_t i = 0; i < DAX_REGION_PAGES; i++)
+			changed += p[i * PAGE] != dax_byte(DAX_PGOFF + i) || pfn_of(p + i * PAGE) != frames[i] ||
+				   direct[(DAX_PGOFF + i) * PAGE] != dax_byte(DAX_PGOFF + i);
+		CHECK(changed == 0, "the region and the device unchanged by the instances' writes (%zu pages changed)",
+		      changed);
+	}
+	s = stats(c.dev);
+	CHECK(s.write_faults >= 3, "first-touch writes counted (%llu)", (unsigned long long)s.write_faults);
+	/* A fork of a mapped instance sees the same frames. */
+	if (fork() == 0) {
+		int bad = 0;
+
+		for (size_t i = 0; i < DAX_REGION_PAGES; i++)
+			bad += pfn_of(p + i * PAGE) != frames[i];
+		_exit(bad);
+	}
+	CHECK(wait(&status) > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0, "fork shares frames");
+
+	id = t.id;
+	CHECK(ioctl(c.dev, PSEUDO_MM_DELETE_TEMPLATE, &id) == -1 && errno == EBUSY, "delete while mapped");
+	id = b.id;
+	CHECK(ioctl(c.dev, PSEUDO_MM_UNREGISTER_BACKEND, &id) == -1 && errno == EBUSY, "unregister while used");
+
+	{
+		struct bench_ctx bc = { .dev = c.dev, .tpl = t.id, .pages = DAX_REGION_PAGES, .fd = fd };
+
+		if (is_dev)
+			printf("BENCH-DAX device pages=%zu read_template=%.0f write_template=%.0f ns/page\n",
+			       bc.pages, fault_cost(map_template, &bc, bc.pages, 0, 5),
+			       fault_cost(map_template, &bc, bc.pages, 1, 5));
+		else
+			printf("BENCH-DAX file pages=%zu read_template=%.0f read_file=%.0f write_template=%.0f write_file=%.0f ns/page\n",
+			       bc.pages, fault_cost(map_template, &bc, bc.pages, 0, 5),
+			       fault_cost(map_dax_file, &bc, bc.pages, 0, 5),
+			       fault_cost(map_template, &bc, bc.pages, 1, 5),
+			       fault_cost(map_dax_file, &bc, bc.pages, 1, 5));
+	}
+	munmap(p, DAX_REGION_PAGES * PAGE);
+	munmap((void *)direct, pages * PAGE);
+	s = stats(c.dev);
+	CHECK(s.vmas == 0, "nothing mapped (vmas %llu)", (unsigned long long)s.vmas);
+	id = t.id;
+	CHECK(ioctl(c.dev, PSEUDO_MM_DELETE_TEMPLATE, &id) == 0, "delete template");
+	id = b.id;
+	CHECK(ioctl(c.dev, PSEUDO_MM_UNREGISTER_BACKEND, &id) == 0, "unregister backend");
+	s = stats(c.dev);
+	CHECK(s.pinned_pages == base.pinned_pages && s.backends == base.backends &&
+	      s.templates == base.templates && s.regions == base.regions,
+	      "nothing held (pinned %llu)", (unsigned long long)s.pinned_pages);
+	close(fd);
+	if (!is_dev) {
+		fd = open(path, O_RDWR);
+		CHECK(fd >= 0, "the DAX file is writable again");
+		close(fd);
+	}
+out:
+	printf("RESULT pass=%d fail=%d\n", passed, failed);
+	return failed ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct pseudo_mm_backend b = { 0 };
@@ -267,6 +509,8 @@ int main(int argc, char **argv)
 		return hold(argv[2]);
 	if (argc == 2 && strcmp(argv[1], "bench") == 0)
 		return bench();
+	if (argc >= 3 && strcmp(argv[1], "dax") == 0)
+		return dax(argv[2], argc > 3 ? strtoul(argv[3], NULL, 10) : 0);
 
 	dev = open("/dev/pseudo_mm", O_RDWR);
 	CHECK(dev >= 0, "open /dev/pseudo_mm");
@@ -393,6 +637,7 @@ int main(int argc, char **argv)
 	/* For the unload test: a template left registered, id printed. */
 	fd = open("/pool/region", O_RDONLY);
 	b.fd = fd;
+	b.pages = 0;
 	t.flags = 0;
 	CHECK(ioctl(dev, PSEUDO_MM_REGISTER_BACKEND, &b) == 0, "register again");
 	CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &t) == 0, "create again");

@@ -2,9 +2,15 @@
 /*
  * /dev/pseudo_mm: memory templates mapped straight from a memory pool.
  *
- * A *backend* is a regular file of the memory pool (a tmpfs region file today), registered
- * by descriptor; the module keeps its own reference, and nobody may write the file while it
- * is registered (as for a running executable: ETXTBSY). A *template* is a list of *regions*,
+ * A *backend* is a file of the memory pool, registered by descriptor; the module keeps its
+ * own reference, and nobody may write the file while it is registered (as for a running
+ * executable: ETXTBSY). Two kinds:
+ *  - page cache (PSEUDO_MM_BACKEND_PAGECACHE): a regular file in tmpfs (local DRAM) or in a
+ *    file system that reads pages into the page cache; an instance maps the cached page;
+ *  - DAX (PSEUDO_MM_BACKEND_DAX): a device-DAX character device (/dev/daxX.Y, PMem or CXL
+ *    memory) or a file on a file system mounted with -o dax; an instance maps the device's
+ *    own memory. The module holds a reference to every page of the backend while it is
+ *    registered, so the device cannot go away under a mapping. A *template* is a list of *regions*,
  * each a page range of a backend. A process maps a region privately with mmap(2) of
  * /dev/pseudo_mm at offset PSEUDO_MM_MAP_OFFSET(template, region): a read fault maps the
  * backend's page itself (one physical page shared by every instance, never copied); a write
@@ -23,9 +29,16 @@
 
 #define PSEUDO_MM_IOC_MAGIC 0x1c
 
+#define PSEUDO_MM_BACKEND_PAGECACHE	1
+#define PSEUDO_MM_BACKEND_DAX		2
+
 struct pseudo_mm_backend {
-	__s32 fd;	/* in: an open regular file, readable */
+	__s32 fd;	/* in: an open file, readable */
 	__u32 id;	/* out: backend id, > 0 */
+	__u64 pages;	/* in: pages of the backend to use, from its start; 0 = its size. A
+			 * device-DAX device has no file size: give it. */
+	__u32 flags;	/* in: 0 */
+	__u32 kind;	/* out: PSEUDO_MM_BACKEND_* */
 };
 
 struct pseudo_mm_template {
@@ -52,6 +65,8 @@ struct pseudo_mm_stats {
 	__u64 write_faults;	/* first touches by a write: the kernel copied the page */
 	__u64 bad_faults;	/* faults the backend could not serve: SIGBUS */
 	__u64 around_pages;	/* pages mapped ahead of a read fault (fault-around) */
+	__u64 dax_pages;	/* device pages mapped as they are (faults and fault-around) */
+	__u64 pinned_pages;	/* pages of DAX backends the module holds (a gauge) */
 };
 
 #define PSEUDO_MM_REGISTER_BACKEND	_IOWR(PSEUDO_MM_IOC_MAGIC, 1, struct pseudo_mm_backend)
@@ -63,6 +78,7 @@ struct pseudo_mm_stats {
 
 #define PSEUDO_MM_MAX_TEMPLATES	4095
 #define PSEUDO_MM_MAX_BACKENDS	256
+#define PSEUDO_MM_MAX_DAX_PAGES	(1ULL << 24)	/* 64 GiB per DAX backend */
 #define PSEUDO_MM_REGION_BITS	12
 #define PSEUDO_MM_MAX_REGIONS	(1U << PSEUDO_MM_REGION_BITS)
 
