@@ -5,7 +5,7 @@ TRENV_BIN := target/release/trenv
 export TRENV_CACHE := $(CACHE)
 export PATH := /usr/local/sbin:/usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all setup build images demo demo-runtime test unit integration lint bench bench-micro leak-check kmod-test clean
+.PHONY: all setup build plugin install-plugin images demo demo-runtime test unit integration lint bench bench-micro leak-check kmod-test clean
 
 all: build
 
@@ -15,6 +15,15 @@ setup:
 
 build:
 	cargo build --release --workspace --bins
+	$(MAKE) -s plugin
+
+# The CRIU plugin for templates mapped through the pseudo_mm module (criu-plugin/README.md).
+plugin:
+	cargo build --release -p trenv-criu-plugin
+
+# Where CRIU loads plugins from by default; needed for `trenv template build --kmod` templates.
+install-plugin: plugin
+	install -D -m 0644 target/release/libtrenv_criu_plugin.so /usr/lib/criu/libtrenv_criu_plugin.so
 
 images:
 	bash examples/busybox/build.sh $(CACHE)/images/busybox
@@ -64,7 +73,9 @@ bench-micro: setup images build
 	bash scripts/bench-micro.sh
 
 # The pseudo_mm kernel module: built for each Debian kernel ABI (6.1, 6.12) and tested in a qemu
-# guest of that kernel (software emulation, about 15 s a kernel), checked with sparse.
+# guest of that kernel (software emulation, about 1 min a kernel: the module's tests, device
+# DAX and fsdax on emulated NVDIMMs, and a CRIU dump/template/restore through the plugin),
+# checked with sparse.
 kmod-test:
 	bash scripts/kmod-test.sh
 	$(MAKE) -s -C pseudo-mm-kmod check OUT=$(CURDIR)/target/kmod-check

@@ -11,10 +11,9 @@
  *    fault handler would.
  *  - DAX backends (device DAX, or a file on a -o dax file system): the device's pages were
  *    looked up and referenced once, when the backend was registered (by mapping it shared
- *    in the registering process and pinning the pages with get_user_pages); a fault maps the
- *    device page's frame read-only (vmf_insert_mixed, a special PTE: no page refcount, no
- *    rmap, as file-system DAX does), and a write to it takes the kernel's copy path for
- *    frames without a struct page in use (wp_page_copy), which copies into local memory.
+ *    in the registering process and pinning the pages with get_user_pages); a fault
+ *    returns the device page (ZONE_DEVICE, with a struct page) as a page-cache fault would,
+ *    so it is mapped as an ordinary file page (refcount and rmap) and copied on write.
  *
  * Lifetimes: the tables (backends, templates) and every change to them are under
  * pmm_lock. A backend holds a reference to its file and is pinned by the regions that use
@@ -157,8 +156,8 @@ static bool backend_is_dax(struct file *file)
  * Looks up and references every page of a DAX backend: maps it shared and read-only in the
  * registering process for the time of the lookup, as a user of the device would, so that
  * the device's own mmap decides what is there. Every page must be device memory
- * (ZONE_DEVICE): anything else (a hole, or the caller's memory after a racing munmap and
- * mmap in that range) fails the registration.
+ * (ZONE_DEVICE) or, for a hole of a sparse file, the shared zero page: anything else (the
+ * caller's memory after a racing munmap and mmap in that range) fails the registration.
  */
 static int backend_pin_dax(struct pmm_backend *b)
 {
@@ -188,7 +187,8 @@ static int backend_pin_dax(struct pmm_backend *b)
 			break;
 		}
 		for (i = 0; i < got; i++)
-			if (!is_zone_device_page(b->pages[done + i]))
+			if (!is_zone_device_page(b->pages[done + i]) &&
+			    !is_zero_pfn(page_to_pfn(b->pages[done + i])))
 				err = -EINVAL;
 		done += got;
 		if (err)
@@ -506,16 +506,55 @@ static void pmm_vm_close(struct vm_area_struct *vma)
 }
 
 /*
- * Maps the pages after a read fault's that the backend has in its page cache (no I/O, no
- * allocation of pages): read-only, as the fault's own page, so a write still copies. A page
- * already mapped there is left alone (-EBUSY). Runs in the fault handler, where sleeping is
- * allowed (page-table allocation), unlike ->map_pages, which 6.5+ calls under RCU.
+ * A backend's page at `index`, referenced, or NULL: from the page cache (read in if need be,
+ * unless `cached_only`), or a DAX backend's page, which is always there.
+ */
+static struct page *backend_page(const struct pmm_backend *b, pgoff_t index, bool cached_only)
+{
+	struct address_space *mapping = b->file->f_mapping;
+	struct page *page;
+
+	if (b->pages) {
+		get_page(b->pages[index]);
+		return b->pages[index];
+	}
+	if (cached_only) {
+		page = find_get_page(mapping, index);
+		if (page && (!PageUptodate(page) || PageHWPoison(page))) {
+			put_page(page);
+			page = NULL;
+		}
+		return page;
+	}
+	if (shmem_mapping(mapping))
+		page = shmem_read_mapping_page(mapping, index);
+	else
+		page = read_mapping_page(mapping, index, b->file);
+	return IS_ERR(page) ? NULL : page;
+}
+
+static bool pmm_is_zero_page(struct page *page)
+{
+	return is_zero_pfn(page_to_pfn(page));
+}
+
+static void count_mapped(const struct pmm_backend *b)
+{
+	if (b->pages)
+		atomic64_inc(&stat_dax_pages);
+}
+
+/*
+ * Maps the pages after a read fault's that the backend has at hand (in its page cache, or
+ * on its device; no I/O, no allocation of pages): read-only, as the fault's own page, so a
+ * write still copies. A page already mapped there is left alone (-EBUSY). Runs in the fault
+ * handler, where sleeping is allowed (page-table allocation), unlike ->map_pages, which
+ * 6.5+ calls under RCU.
  */
 static void pmm_fault_around(struct vm_fault *vmf, const struct pmm_map *m, pgoff_t rel)
 {
 	struct vm_area_struct *vma = vmf->vma;
 	const struct pmm_region *r = m->region;
-	struct address_space *mapping = r->backend->file->f_mapping;
 	unsigned long addr = vmf->address & PAGE_MASK;
 	unsigned int i;
 
@@ -525,69 +564,30 @@ static void pmm_fault_around(struct vm_fault *vmf, const struct pmm_map *m, pgof
 
 		if (a >= vma->vm_end || rel + i >= r->pages)
 			break;
-		page = find_get_page(mapping, r->pgoff + rel + i);
+		page = backend_page(r->backend, r->pgoff + rel + i, true);
 		if (!page)
 			continue;
-		if (PageUptodate(page) && !PageHWPoison(page) && !vm_insert_page(vma, a, page))
+		/* A hole of a sparse DAX file: left to its own fault (the zero page's PTE). */
+		if (!pmm_is_zero_page(page) && !vm_insert_page(vma, a, page)) {
 			atomic64_inc(&stat_around_pages);
+			count_mapped(r->backend);
+		}
 		put_page(page);
 	}
 }
 
-static vm_fault_t dax_insert(struct vm_area_struct *vma, unsigned long addr, struct page *page)
-{
-	return vmf_insert_mixed(vma, addr, pfn_to_pfn_t(page_to_pfn(page)));
-}
-
 /*
- * A read maps a DAX backend's page as the device's frame, read-only (the VMA's private
- * protection); a later write to it takes the kernel's copy path for frames
- * (wp_page_copy), which copies it into a page of the process's own. A first touch by a
- * write (the kernel has allocated vmf->cow_page) gets the device page itself, referenced
- * and to be unlocked and released by the fault path after it copied it (do_cow_fault, with
- * copy_mc: a poisoned PMem line gives SIGBUS, not a machine check): one trap, one copy,
- * and the device page is never mapped.
+ * Hands the kernel the backend's page: a read maps it (an ordinary page mapping, with its
+ * reference and rmap, so the process's smaps, pagemap and CRIU see a file page), and a
+ * first touch by a write (vmf->cow_page) makes the kernel copy it (do_cow_fault, with
+ * copy_mc: a poisoned PMem line gives SIGBUS, not a machine check). A DAX device's pages
+ * are ZONE_DEVICE pages with a struct page, mapped as they are; the zero page of a hole of
+ * a sparse DAX file is mapped the way the kernel maps it, as a special PTE.
  */
-static vm_fault_t pmm_fault_dax(struct vm_fault *vmf, const struct pmm_map *m, pgoff_t rel)
-{
-	struct vm_area_struct *vma = vmf->vma;
-	const struct pmm_region *r = m->region;
-	struct page **pages = r->backend->pages + r->pgoff;
-	unsigned long addr = vmf->address & PAGE_MASK;
-	vm_fault_t ret;
-	unsigned int i;
-
-	if (vmf->cow_page) {
-		get_page(pages[rel]);
-		vmf->page = pages[rel];
-		atomic64_inc(&stat_write_faults);
-		return 0;
-	}
-	ret = dax_insert(vma, addr, pages[rel]);
-	if (ret != VM_FAULT_NOPAGE) {
-		atomic64_inc(&stat_bad_faults);
-		return ret;
-	}
-	atomic64_inc(&stat_dax_pages);
-	atomic64_inc(&stat_read_faults);
-	for (i = 1; i < PMM_FAULT_AROUND; i++) {
-		unsigned long a = addr + i * PAGE_SIZE;
-
-		if (a >= vma->vm_end || rel + i >= r->pages)
-			break;
-		if (dax_insert(vma, a, pages[rel + i]) != VM_FAULT_NOPAGE)
-			break;
-		atomic64_inc(&stat_dax_pages);
-		atomic64_inc(&stat_around_pages);
-	}
-	return VM_FAULT_NOPAGE;
-}
-
 static vm_fault_t pmm_fault(struct vm_fault *vmf)
 {
 	struct pmm_map *m = vmf->vma->vm_private_data;
 	const struct pmm_region *r = m->region;
-	struct address_space *mapping = r->backend->file->f_mapping;
 	pgoff_t rel = vmf->pgoff - m->base;
 	struct page *page;
 
@@ -595,15 +595,16 @@ static vm_fault_t pmm_fault(struct vm_fault *vmf)
 		atomic64_inc(&stat_bad_faults);
 		return VM_FAULT_SIGBUS;
 	}
-	if (r->backend->pages)
-		return pmm_fault_dax(vmf, m, rel);
-	if (shmem_mapping(mapping))
-		page = shmem_read_mapping_page(mapping, r->pgoff + rel);
-	else
-		page = read_mapping_page(mapping, r->pgoff + rel, r->backend->file);
-	if (IS_ERR(page)) {
+	page = backend_page(r->backend, r->pgoff + rel, false);
+	if (!page) {
 		atomic64_inc(&stat_bad_faults);
 		return VM_FAULT_SIGBUS;
+	}
+	if (pmm_is_zero_page(page) && !vmf->cow_page) {
+		put_page(page);
+		atomic64_inc(&stat_read_faults);
+		return vmf_insert_mixed(vmf->vma, vmf->address & PAGE_MASK,
+					pfn_to_pfn_t(my_zero_pfn(vmf->address)));
 	}
 	/* The reference goes to the fault path, which maps (or, for a write, copies) it. */
 	vmf->page = page;
@@ -611,6 +612,7 @@ static vm_fault_t pmm_fault(struct vm_fault *vmf)
 		atomic64_inc(&stat_write_faults);
 	} else {
 		atomic64_inc(&stat_read_faults);
+		count_mapped(r->backend);
 		pmm_fault_around(vmf, m, rel);
 	}
 	return 0;

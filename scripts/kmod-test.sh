@@ -6,7 +6,9 @@
 # measures fault costs (BENCH line: through the module against a plain private mapping of
 # the same pool file), then runs the DAX backend's tests on two emulated NVDIMMs (qemu
 # nvdimm): one made a device-DAX device (/dev/dax0.0) and one an ext4 file system mounted
-# with -o dax, and powers off. A kernel oops, BUG or WARNING fails the run. Bounded: 300 s
+# with -o dax; then an end-to-end restore from a template (pseudo-mm-kmod/tests/restore-e2e.sh:
+# CRIU, the trenv binary and the CRIU plugin in the guest) with a tmpfs pool and with a pool
+# on the fsdax file system; and powers off. A kernel oops, BUG or WARNING fails the run. Bounded: 300 s
 # per guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,10 @@ mkdir -p "$WORK"
 bash scripts/setup-kmod.sh
 make -s -C pseudo-mm-kmod OUT="$WORK/build" all
 gcc -static -O2 -Wall -Wextra -Werror -o "$WORK/pmm_test" pseudo-mm-kmod/tests/pmm_test.c
+# The guest runs the real trenv binary and CRIU plugin (and the CRIU that make setup installs).
+cargo build -q --release -p trenv --bin trenv && cargo build -q --release -p trenv-criu-plugin
+CRIU=/usr/local/sbin/criu
+[ -x "$CRIU" ] || { echo "kmod-test: no $CRIU (run make setup)" >&2; exit 1; }
 
 # Copies a dynamically linked program into the initramfs with the libraries it loads.
 copy_program() {
@@ -50,7 +56,8 @@ copy_modules() {
 }
 
 status=0
-for hdr in /usr/src/linux-headers-*-amd64; do
+# KMOD_KERNELS=6.1.0-57 (a glob) tests one kernel only.
+for hdr in /usr/src/linux-headers-${KMOD_KERNELS:-*}-amd64; do
   ver="${hdr#/usr/src/linux-headers-}"
   kernel="/boot/vmlinuz-$ver"
   [ -f "$kernel" ] || { echo "kmod-test: no $kernel for headers $ver" >&2; status=1; continue; }
@@ -58,14 +65,22 @@ for hdr in /usr/src/linux-headers-*-amd64; do
   init="$WORK/initramfs-$ver"
   mkdir -p "$init"/{bin,dev,proc,sys,tmp}
   cp /bin/busybox "$init/bin/busybox"
-  for applet in sh mount umount insmod rmmod sed sleep kill cat grep dmesg poweroff mkdir echo ls head; do
+  for applet in sh mount umount insmod rmmod sed sleep kill cat grep dmesg poweroff mkdir echo ls head rm touch tail ifconfig setsid; do
     ln -sf busybox "$init/bin/$applet"
   done
   cp "$WORK/build/$ver/pseudo_mm.ko" "$WORK/pmm_test" "$init/"
   mkdir -p "$init/modules"
-  copy_modules "$init" "$ver" nfit nd_pmem dax_pmem device_dax ext4
+  copy_modules "$init" "$ver" nfit nd_pmem dax_pmem device_dax ext4 \
+    nf_tables veth tun unix_diag inet_diag tcp_diag udp_diag netlink_diag packet_diag
   copy_program "$init" /usr/bin/ndctl
   copy_program "$init" /usr/sbin/mke2fs
+  copy_program "$init" "$CRIU"
+  strip -o "$init/trenv" target/release/trenv
+  copy_program "$init" /lib/x86_64-linux-gnu/libgcc_s.so.1
+  for lib in $(ldd target/release/trenv | grep -o '/[^ ]*'); do copy_program "$init" "$lib"; done
+  mkdir -p "$init/plugins" "$init/run" "$init/var/lib"
+  cp target/release/libtrenv_criu_plugin.so "$init/plugins/"
+  cp pseudo-mm-kmod/tests/restore-e2e.sh "$init/restore-e2e.sh"
   cat > "$init/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc
@@ -99,10 +114,15 @@ if insmod /pseudo_mm.ko; then
   mkdir -p /mnt/dax
   if [ -n "$pmem" ] && /usr/sbin/mke2fs -q -t ext4 -b 4096 -F "$pmem" && mount -t ext4 -o dax "$pmem" /mnt/dax; then
     /pmm_test dax /mnt/dax/pool
-    umount /mnt/dax
   else
     echo "RESULT no fsdax file system"
   fi
+  # End to end: dump, template, restore through the plugin; DRAM pool, then the fsdax one.
+  # CRIU's kernel-feature probes need a loopback and the modules loaded above.
+  ifconfig lo 127.0.0.1 up
+  /pmm_test reap /restore-e2e.sh tmpfs /pools/tmpfs
+  /pmm_test reap /restore-e2e.sh daxfs /mnt/dax/pool-e2e
+  umount /mnt/dax
 else
   echo "RESULT insmod failed"
 fi
@@ -121,10 +141,13 @@ INIT
     -device nvdimm,id=nv1,memdev=mem1 \
     -kernel "$kernel" -initrd "$WORK/init-$ver.cpio.gz" \
     -append "console=ttyS0 panic=-1 panic_on_oops=1 quiet" </dev/null > "$log" 2>&1 || true
-  grep -E "^(KERNEL|RESULT|FAIL|UNLOAD|BENCH|DMESG)" "$log" | tr -d '\r' || true
+  grep -E "^(KERNEL|RESULT|FAIL|UNLOAD|BENCH|DMESG|E2E)" "$log" | tr -d '\r' || true
   ok=1
   # Three test runs: the page-cache backend, device DAX, fsdax.
   [ "$(grep -c "RESULT pass=[0-9]* fail=0" "$log")" = 3 ] || ok=0
+  grep -q "E2E tmpfs done" "$log" || ok=0
+  grep -q "E2E daxfs done" "$log" || ok=0
+  grep -q "E2E FAIL" "$log" && ok=0
   grep -q "UNLOAD-WHILE-MAPPED refused" "$log" || ok=0
   grep -q "UNLOAD ok" "$log" || ok=0
   if grep -E "^DMESG" "$log" | grep -v -E "loading out-of-tree|taints kernel|module verification failed" | grep -qE "BUG|WARNING|Oops|bad page"; then ok=0; fi

@@ -7,6 +7,12 @@
  * for the unload test; `pmm_test bench` prints fault costs. `pmm_test dax PATH [PAGES]`
  * runs the DAX backend's tests on a device-DAX device (PAGES: its size) or on a new file
  * PATH on a file system mounted with -o dax. Prints one "RESULT pass=N fail=M" line.
+ *
+ * For the end-to-end restore (scripts/kmod-test.sh): `pmm_test worker DIR` is a process with
+ * WORKER_PAGES pages of private anonymous memory, each page with its own bytes, which answers
+ * requests (DIR/go) by checking its memory and reporting where its pages are (DIR/out);
+ * `pmm_test time LABEL CMD...` runs a command and prints its wall time; `pmm_test stats`
+ * prints the module's stats.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -18,6 +24,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -494,6 +501,161 @@ out:
 	return failed ? 1 : 0;
 }
 
+#define WORKER_PAGES 16384
+
+static unsigned char worker_byte(size_t i)
+{
+	return (unsigned char)((i * 13 + 5) & 0xff);
+}
+
+/* Physical ranges of persistent memory (device DAX and fsdax namespaces), from /proc/iomem. */
+static size_t pmem_ranges(uint64_t (*ranges)[2], size_t max)
+{
+	FILE *f = fopen("/proc/iomem", "r");
+	char line[256];
+	size_t n = 0;
+
+	if (!f)
+		return 0;
+	while (n < max && fgets(line, sizeof(line), f)) {
+		unsigned long long start, end;
+
+		if (!strstr(line, "Persistent Memory") && !strstr(line, "namespace"))
+			continue;
+		if (sscanf(line, " %llx-%llx", &start, &end) == 2) {
+			ranges[n][0] = start / PAGE;
+			ranges[n][1] = end / PAGE;
+			n++;
+		}
+	}
+	fclose(f);
+	return n;
+}
+
+static size_t device_pages(const unsigned char *m, size_t pages)
+{
+	uint64_t ranges[16][2];
+	size_t nr = pmem_ranges(ranges, 16), dev = 0;
+
+	for (size_t i = 0; i < pages; i++) {
+		uint64_t pfn = pfn_of(m + i * PAGE);
+
+		for (size_t r = 0; r < nr; r++)
+			if (pfn >= ranges[r][0] && pfn <= ranges[r][1]) {
+				dev++;
+				break;
+			}
+	}
+	return dev;
+}
+
+static int worker(const char *dir)
+{
+	char ready[256], go[256], out[256], tmp[256];
+	unsigned char *m = mmap(NULL, WORKER_PAGES * PAGE, PROT_READ | PROT_WRITE,
+				MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	unsigned int round = 0;
+	FILE *f;
+
+	if (m == MAP_FAILED)
+		return 1;
+	for (size_t i = 0; i < WORKER_PAGES; i++) {
+		m[i * PAGE] = worker_byte(i);
+		m[i * PAGE + PAGE - 1] = worker_byte(i) ^ 0xff;
+	}
+	snprintf(ready, sizeof(ready), "%s/ready", dir);
+	snprintf(go, sizeof(go), "%s/go", dir);
+	snprintf(out, sizeof(out), "%s/out", dir);
+	snprintf(tmp, sizeof(tmp), "%s/out.tmp", dir);
+	f = fopen(ready, "w");
+	if (!f)
+		return 1;
+	fprintf(f, "%d\n", getpid());
+	fclose(f);
+	for (;;) {
+		size_t wrong = 0, dev, dev_after;
+
+		usleep(20000);
+		if (access(go, F_OK))
+			continue;
+		unlink(go);
+		for (size_t i = 0; i < WORKER_PAGES; i++)
+			wrong += m[i * PAGE] != worker_byte(i) || m[i * PAGE + PAGE - 1] != (worker_byte(i) ^ 0xff);
+		dev = device_pages(m, WORKER_PAGES);
+		/* A write copies that page (and only it) out of the template. */
+		m[round * PAGE + 1] = 1;
+		dev_after = device_pages(m, WORKER_PAGES);
+		f = fopen(tmp, "w");
+		if (!f)
+			return 1;
+		fprintf(f, "pid=%d pages=%d wrong=%zu device=%zu device_after_write=%zu\n", getpid(),
+			WORKER_PAGES, wrong, dev, dev_after);
+		fclose(f);
+		rename(tmp, out);
+		round++;
+	}
+}
+
+static int time_command(const char *label, char **argv)
+{
+	double t0 = now_ns();
+	int status;
+	pid_t pid = fork();
+
+	if (pid == 0) {
+		execvp(argv[0], argv);
+		_exit(127);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid)
+		return 1;
+	printf("TIME %s %.1f ms (exit %d)\n", label, (now_ns() - t0) / 1e6,
+	       WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+
+/* Runs a command as a child subreaper: processes CRIU restores detached (-d) are reparented
+ * here and reaped when killed, so that their pids are free for the next restore. */
+static int reap(char **argv)
+{
+	pid_t child;
+	int status, rc = 1;
+
+	prctl(PR_SET_CHILD_SUBREAPER, 1);
+	child = fork();
+	if (child == 0) {
+		execvp(argv[0], argv);
+		_exit(127);
+	}
+	for (;;) {
+		pid_t pid = wait(&status);
+
+		if (pid < 0)
+			break;
+		if (pid == child) {
+			rc = WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+			break;
+		}
+	}
+	return rc;
+}
+
+static int print_stats(void)
+{
+	int dev = open("/dev/pseudo_mm", O_RDWR);
+	struct pseudo_mm_stats s;
+
+	if (dev < 0)
+		return 1;
+	s = stats(dev);
+	printf("STATS templates=%llu backends=%llu regions=%llu vmas=%llu read_faults=%llu write_faults=%llu dax_pages=%llu around_pages=%llu pinned_pages=%llu\n",
+	       (unsigned long long)s.templates, (unsigned long long)s.backends,
+	       (unsigned long long)s.regions, (unsigned long long)s.vmas,
+	       (unsigned long long)s.read_faults, (unsigned long long)s.write_faults,
+	       (unsigned long long)s.dax_pages, (unsigned long long)s.around_pages,
+	       (unsigned long long)s.pinned_pages);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct pseudo_mm_backend b = { 0 };
@@ -509,6 +671,14 @@ int main(int argc, char **argv)
 		return hold(argv[2]);
 	if (argc == 2 && strcmp(argv[1], "bench") == 0)
 		return bench();
+	if (argc == 3 && strcmp(argv[1], "worker") == 0)
+		return worker(argv[2]);
+	if (argc >= 4 && strcmp(argv[1], "time") == 0)
+		return time_command(argv[2], argv + 3);
+	if (argc >= 3 && strcmp(argv[1], "reap") == 0)
+		return reap(argv + 2);
+	if (argc == 2 && strcmp(argv[1], "stats") == 0)
+		return print_stats();
 	if (argc >= 3 && strcmp(argv[1], "dax") == 0)
 		return dax(argv[2], argc > 3 ? strtoul(argv[3], NULL, 10) : 0);
 

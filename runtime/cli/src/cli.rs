@@ -208,6 +208,12 @@ pub struct TemplateBuild {
     /// Allow open TCP connections (--from-container)
     #[arg(long)]
     pub tcp_established: bool,
+    /// Map the template's memory through the pseudo_mm kernel module (/dev/pseudo_mm)
+    /// instead of as pool files: on a DAX pool, instances then map device pages as they are.
+    /// Restores need CRIU to load the trenv plugin (libtrenv_criu_plugin.so in CRIU's
+    /// plugin directory, or CRIU_LIBS_DIR).
+    #[arg(long)]
+    pub kmod: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -14,11 +14,13 @@
 //! - [`PoolKind::Daxfs`]: a directory on a DAX-capable filesystem (`-o dax` on PMem or CXL
 //!   memory): read faults map device pages directly, writes copy into DRAM.
 //!
-//! The kernel-module backend (pages on a devdax device or a remote server) implements
-//! [`MemoryPool`] too.
+//! [`pseudo_mm`] is the `kmod` backend: the same region files (or a device-DAX device)
+//! mapped through the pseudo_mm kernel module instead of as files, so that a restored
+//! process's template pages stay device pages and the module accounts for them.
 
 mod file_pool;
 mod mapped;
+pub mod pseudo_mm;
 
 pub use file_pool::{valid_name, FilePool};
 pub use mapped::mapped_by;

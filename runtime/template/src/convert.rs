@@ -8,6 +8,12 @@
 //! and SysV memory, AIO rings, memfd, hugetlb, locked (a locked private mapping is faulted
 //! in for writing, i.e. copied, at restore), and VMAs without pages. MADV_HUGEPAGE areas are
 //! converted without the hint (see the rewrite).
+//!
+//! With [`Mapping::Kmod`], the region is registered with the pseudo_mm kernel module
+//! instead, as a backend with one template range per VMA, and each converted VMA becomes a
+//! private mapping of `/dev/pseudo_mm` at its range's offset, marked for CRIU's device
+//! plugin hooks (the `criu-plugin/` crate). The module then maps the region's own pages
+//! (device pages on a DAX pool) and accounts for them.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -18,6 +24,7 @@ use trenv_criu::image::{
     entry_pages, entry_present, CgroupEntry, FdTypes, FileEntry, FownEntry, Image, MmEntry,
     Pagemap, PagemapEntry, PstreeEntry, RegFileEntry, VmaEntry,
 };
+use trenv_mempool::pseudo_mm::{self, BackendKind, PseudoMm};
 use trenv_mempool::{align_up, MemoryPool, PoolError, RegionWriter};
 
 use crate::TemplateError;
@@ -31,6 +38,27 @@ pub mod status {
     pub const HEAP: u32 = 1 << 5;
     pub const FILE_PRIVATE: u32 = 1 << 6;
     pub const ANON_PRIVATE: u32 = 1 << 9;
+    /// Set by CRIU on device VMAs a plugin handled; at restore the plugin's UPDATE_VMA_MAP
+    /// hook sees the VMA, and CRIU maps it without adding PROT_WRITE or writing pages.
+    pub const EXT_PLUGIN: u32 = 1 << 27;
+}
+
+/// How converted VMAs map their region.
+#[derive(Debug, Clone, Copy)]
+pub enum Mapping<'a> {
+    /// A private mapping of the region file (stock CRIU, `--inherit-fd` of the file).
+    File,
+    /// A private mapping of `/dev/pseudo_mm` (CRIU with the trenv plugin, `--inherit-fd` of
+    /// the device).
+    Kmod(&'a PseudoMm),
+}
+
+/// A region registered with the pseudo_mm module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KmodRef {
+    pub template: u32,
+    pub backend: u32,
+    pub kind: BackendKind,
 }
 
 // mmap flags as CRIU stores them (x86-64 values; CRIU images are per-architecture).
@@ -43,6 +71,7 @@ const MAP_HUGETLB: u32 = 0x4_0000;
 /// Bit of MADV_HUGEPAGE (14) in a VMA's `madv` bitmap.
 const MADV_HUGEPAGE_BIT: u64 = 1 << 14;
 const S_IFREG: u32 = 0o100_000;
+const S_IFCHR: u32 = 0o020_000;
 
 /// One process's region: what the template keeps of it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -57,6 +86,9 @@ pub struct RegionRef {
     /// Bytes of data (pages that were present).
     pub data: u64,
     pub vmas: usize,
+    /// Mapped through the pseudo_mm module ([`Mapping::Kmod`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kmod: Option<KmodRef>,
 }
 
 /// What a conversion did.
@@ -170,6 +202,16 @@ fn runs(pm: &Pagemap) -> Result<Vec<Run>, TemplateError> {
 /// each process. On failure the regions made so far are removed; `dir` is then unusable
 /// (the caller converts a copy).
 pub fn convert(dir: &Path, pool: &dyn MemoryPool, prefix: &str) -> Result<Report, TemplateError> {
+    convert_with(dir, pool, prefix, Mapping::File)
+}
+
+/// [`convert`], with the VMAs mapping their regions as `mapping` says.
+pub fn convert_with(
+    dir: &Path,
+    pool: &dyn MemoryPool,
+    prefix: &str,
+    mapping: Mapping<'_>,
+) -> Result<Report, TemplateError> {
     if pool.info().kind == trenv_mempool::PoolKind::Hugetlbfs {
         // A private mapping of a hugetlbfs file is a hugetlb VMA: its address and length, and
         // every later mprotect, munmap or madvise of the program, must be huge-page aligned
@@ -197,9 +239,10 @@ pub fn convert(dir: &Path, pool: &dyn MemoryPool, prefix: &str) -> Result<Report
                 next_id,
                 &mut files,
                 &mut report,
+                mapping,
             )?;
             if let Some(r) = region {
-                made.push(r.name.clone());
+                made.push((r.name.clone(), r.kmod));
                 report.regions.push(r);
                 next_id += 1;
             }
@@ -212,7 +255,10 @@ pub fn convert(dir: &Path, pool: &dyn MemoryPool, prefix: &str) -> Result<Report
         Ok(())
     })();
     if let Err(e) = res {
-        for r in made {
+        for (r, kmod) in made {
+            if let (Some(k), Mapping::Kmod(dev)) = (kmod, mapping) {
+                release_kmod(dev, k);
+            }
             let _ = pool.remove_region(&r);
         }
         return Err(e);
@@ -229,6 +275,7 @@ fn convert_process(
     file_id: u32,
     files: &mut Image<FileEntry>,
     report: &mut Report,
+    mapping: Mapping<'_>,
 ) -> Result<Option<RegionRef>, TemplateError> {
     let mut mm = Image::<MmEntry>::read(&dir.join(format!("mm-{pid}.img")))?;
     let pm = Pagemap::read(&dir.join(format!("pagemap-{pid}.img")))?;
@@ -323,6 +370,20 @@ fn convert_process(
         Ok(())
     })?;
 
+    let kmod = match mapping {
+        Mapping::File => None,
+        Mapping::Kmod(dev) => match register_kmod(dev, &region_ref, &extents) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                let _ = pool.remove_region(&region_ref.name);
+                return Err(e);
+            }
+        },
+    };
+    let target = match kmod {
+        Some(k) => Target::Kmod(k.template),
+        None => Target::File(&region_ref),
+    };
     let rewritten = rewrite(
         dir,
         pid,
@@ -332,12 +393,15 @@ fn convert_process(
         &pages,
         &pages_path,
         file_id,
-        &region_ref,
+        target,
         &mut mm,
         files,
         report,
     );
     if let Err(e) = rewritten {
+        if let (Some(k), Mapping::Kmod(dev)) = (kmod, mapping) {
+            release_kmod(dev, k);
+        }
         let _ = pool.remove_region(&region_ref.name);
         return Err(e);
     }
@@ -348,7 +412,74 @@ fn convert_process(
         size: region_ref.size,
         data,
         vmas: extents.len(),
+        kmod,
     }))
+}
+
+/// Registers the region file as a backend and makes a template of its extents, one range
+/// per VMA in extent order (range `i` is extent `i`).
+fn register_kmod(
+    dev: &PseudoMm,
+    region: &trenv_mempool::Region,
+    extents: &[(usize, u64, u64, u64)],
+) -> Result<KmodRef, TemplateError> {
+    if extents.len() > pseudo_mm::MAX_REGIONS {
+        return Err(TemplateError::Unsupported(format!(
+            "{} VMAs to convert; a pseudo_mm template holds at most {}",
+            extents.len(),
+            pseudo_mm::MAX_REGIONS
+        )));
+    }
+    let kmod_err = |e: pseudo_mm::PseudoMmError| TemplateError::Unsupported(e.to_string());
+    let (backend, kind) = dev.register_backend(&region.file, 0).map_err(kmod_err)?;
+    let template = match dev.create_template() {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = dev.unregister_backend(backend);
+            return Err(kmod_err(e));
+        }
+    };
+    let k = KmodRef {
+        template,
+        backend,
+        kind,
+    };
+    for (i, &(_, s, e, ext)) in extents.iter().enumerate() {
+        match dev.add_region(template, backend, ext / PAGE, (e - s) / PAGE) {
+            Ok(index) if usize::try_from(index).ok() == Some(i) => {}
+            Ok(index) => {
+                release_kmod(dev, k);
+                return Err(TemplateError::Unsupported(format!(
+                    "pseudo_mm gave range {index} for extent {i} of template {template}"
+                )));
+            }
+            Err(err) => {
+                release_kmod(dev, k);
+                return Err(kmod_err(err));
+            }
+        }
+    }
+    Ok(k)
+}
+
+/// Deletes a region's pseudo_mm template and backend (best effort: a mapped template stays,
+/// and the module refuses with EBUSY).
+pub fn release_kmod(dev: &PseudoMm, k: KmodRef) {
+    if let Err(e) = dev.delete_template(k.template) {
+        tracing::warn!(template = k.template, error = %e, "pseudo_mm template left");
+        return;
+    }
+    if let Err(e) = dev.unregister_backend(k.backend) {
+        tracing::warn!(backend = k.backend, error = %e, "pseudo_mm backend left");
+    }
+}
+
+/// What converted VMAs map.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    File(&'a trenv_mempool::Region),
+    /// `/dev/pseudo_mm`, this template.
+    Kmod(u32),
 }
 
 /// Rewrites the process's pagemap, pages image and mm, and adds the region to `files`.
@@ -362,7 +493,7 @@ fn rewrite(
     pages: &File,
     pages_path: &Path,
     file_id: u32,
-    region_ref: &trenv_mempool::Region,
+    target: Target<'_>,
     mm: &mut Image<MmEntry>,
     files: &mut Image<FileEntry>,
     report: &mut Report,
@@ -424,12 +555,23 @@ fn rewrite(
         .first_mut()
         .ok_or_else(|| TemplateError::Unsupported(format!("mm-{pid}.img has no entry")))?;
     // VMAs become private mappings of their extents.
-    for &(i, _, _, ext) in extents {
+    for (k, &(i, _, _, ext)) in extents.iter().enumerate() {
         let v = &mut entry.vmas[i];
-        v.set_status(status::REGULAR | status::FILE_PRIVATE);
         v.set_flags(v.flags() & !MAP_ANONYMOUS);
         v.set_shmid(u64::from(file_id));
-        v.set_pgoff(ext);
+        match target {
+            Target::File(_) => {
+                v.set_status(status::REGULAR | status::FILE_PRIVATE);
+                v.set_pgoff(ext);
+            }
+            Target::Kmod(template) => {
+                v.set_status(status::REGULAR | status::FILE_PRIVATE | status::EXT_PLUGIN);
+                v.set_pgoff(pseudo_mm::map_offset(
+                    template,
+                    u32::try_from(k).unwrap_or(u32::MAX),
+                ));
+            }
+        }
         v.set_fdflags(0); // O_RDONLY: a private mapping needs no write access
                           // MADV_HUGEPAGE asked for huge anonymous pages; the pool's pages are shared instead,
                           // and an instance's copies are small pages whatever the hint. Dropped so that the
@@ -456,12 +598,21 @@ fn rewrite(
     fown.set_pid_type(0);
     fown.set_pid(0);
     reg.fown = Some(fown).into();
-    reg.set_name(region_ref.path.to_string_lossy().into_owned());
     if let Some(m) = exe_mnt {
         reg.set_mnt_id(m);
     }
-    reg.set_size(region_ref.size);
-    reg.set_mode(S_IFREG | 0o444);
+    match target {
+        Target::File(region_ref) => {
+            reg.set_name(region_ref.path.to_string_lossy().into_owned());
+            reg.set_size(region_ref.size);
+            reg.set_mode(S_IFREG | 0o444);
+        }
+        // A character device has no size to check; the restore inherits it, unchecked.
+        Target::Kmod(_) => {
+            reg.set_name(pseudo_mm::DEVICE.to_string());
+            reg.set_mode(S_IFCHR | 0o600);
+        }
+    }
     let mut fe = FileEntry::new();
     fe.set_type(FdTypes::REG);
     fe.set_id(file_id);

@@ -18,6 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+use trenv_mempool::pseudo_mm::{self, PseudoMm};
 use trenv_mempool::{MemoryPool, PoolError, PoolInfo};
 
 use crate::convert::{self, RegionRef, Report};
@@ -230,6 +231,19 @@ impl Store {
         pool: &dyn MemoryPool,
         criu: &str,
     ) -> Result<(Manifest, bool), TemplateError> {
+        self.build_with(from, name, key, pool, criu, convert::Mapping::File)
+    }
+
+    /// [`Store::build`], with the template's VMAs mapping their regions as `mapping` says.
+    pub fn build_with(
+        &self,
+        from: &Path,
+        name: &str,
+        key: Option<String>,
+        pool: &dyn MemoryPool,
+        criu: &str,
+        mapping: convert::Mapping<'_>,
+    ) -> Result<(Manifest, bool), TemplateError> {
         if !valid_name(name) {
             return Err(TemplateError::InvalidName(name.into()));
         }
@@ -282,7 +296,7 @@ impl Store {
                     pool.remove_region(&r)?;
                 }
             }
-            let report = convert::convert(&images, pool, prefix)?;
+            let report = convert::convert_with(&images, pool, prefix, mapping)?;
             let regions_made: Vec<String> = report.regions.iter().map(|r| r.name.clone()).collect();
             let finish = (|| {
                 let mut digests = std::collections::BTreeMap::new();
@@ -326,6 +340,11 @@ impl Store {
                 Ok(manifest)
             })();
             if finish.is_err() {
+                if let convert::Mapping::Kmod(dev) = mapping {
+                    for k in report.regions.iter().filter_map(|r| r.kmod) {
+                        convert::release_kmod(dev, k);
+                    }
+                }
                 for r in regions_made {
                     let _ = pool.remove_region(&r);
                 }
@@ -444,7 +463,16 @@ impl Store {
         let manifest = self.check(name, criu)?;
         let images = self.key_dir(&manifest.key).join(IMAGES);
         let mut inherit = Vec::new();
-        for r in &manifest.regions {
+        // Through the module, the images map the device, not the region files.
+        if manifest.regions.iter().any(|r| r.kmod.is_some()) {
+            let dev = PseudoMm::open().map_err(|e| TemplateError::Unsupported(e.to_string()))?;
+            let f = dev
+                .file()
+                .try_clone()
+                .map_err(|e| TemplateError::io("duplicating", Path::new(pseudo_mm::DEVICE), e))?;
+            inherit.push((pseudo_mm::DEVICE.trim_start_matches('/').to_string(), f));
+        }
+        for r in manifest.regions.iter().filter(|r| r.kmod.is_none()) {
             let f = File::open(&r.path).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => TemplateError::Pool(PoolError::NoRegion {
                     pool: manifest.pool.name.clone(),
@@ -520,6 +548,9 @@ impl Store {
                 });
             }
         }
+        if last {
+            release_kmod_regions(&m, name)?;
+        }
         let link = self.root.join("names").join(name);
         std::fs::remove_file(&link).map_err(|e| TemplateError::io("removing", &link, e))?;
         if last {
@@ -567,7 +598,10 @@ impl Store {
                         .iter()
                         .any(|r| !trenv_mempool::mapped_by(&r.path).is_empty())
                 });
-                if !mapped {
+                if !mapped
+                    && m.as_ref()
+                        .is_none_or(|m| release_kmod_regions(m, &key).is_ok())
+                {
                     if let Some(m) = &m {
                         for r in &m.regions {
                             let _ = std::fs::remove_file(&r.path);
@@ -620,3 +654,32 @@ fn image_files(dir: &Path) -> Result<Vec<PathBuf>, TemplateError> {
 
 #[cfg(test)]
 mod tests;
+
+/// Deletes the pseudo_mm templates and backends of a template's regions. A template still
+/// mapped makes it [`TemplateError::InUse`] (the module knows, not /proc: the instances map
+/// the device). Without the module loaded there is nothing left to release.
+fn release_kmod_regions(m: &Manifest, name: &str) -> Result<(), TemplateError> {
+    let kmod: Vec<convert::KmodRef> = m.regions.iter().filter_map(|r| r.kmod).collect();
+    if kmod.is_empty() {
+        return Ok(());
+    }
+    let Ok(dev) = PseudoMm::open() else {
+        return Ok(());
+    };
+    for k in kmod {
+        match dev.delete_template(k.template) {
+            Ok(()) => {
+                let _ = dev.unregister_backend(k.backend);
+            }
+            Err(e) if e.is_busy() => {
+                return Err(TemplateError::InUse {
+                    name: name.into(),
+                    pids: Vec::new(),
+                });
+            }
+            // Gone already (the module was reloaded): nothing to release.
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}

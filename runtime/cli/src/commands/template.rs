@@ -141,12 +141,29 @@ fn build(g: &Global, a: &TemplateBuild) -> Result<()> {
         a.pool.pool_name,
         a.pool.pool_dir.display()
     );
-    let res = store.build(&from, &a.name, key, &pool, &criu);
+    let dev = if a.kmod {
+        Some(trenv_mempool::pseudo_mm::PseudoMm::open()?)
+    } else {
+        None
+    };
+    let mapping = match &dev {
+        Some(d) => trenv_template::convert::Mapping::Kmod(d),
+        None => trenv_template::convert::Mapping::File,
+    };
+    let res = store.build_with(&from, &a.name, key, &pool, &criu, mapping);
     if let Some(dir) = checkpoint_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
     let (m, built) = res.with_context(|| format!("building template {}", a.name))?;
     let moved: u64 = m.regions.iter().map(|r| r.data).sum();
+    for r in &m.regions {
+        if let Some(k) = r.kmod {
+            eprintln!(
+                "trenv: region {} is pseudo_mm template {} (backend {}, {:?})",
+                r.name, k.template, k.backend, k.kind
+            );
+        }
+    }
     eprintln!(
         "trenv: template {} {} in {:.2}s: {} MiB in the pool ({} VMAs), {} KiB left in the images, key {}",
         a.name,
