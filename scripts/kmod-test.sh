@@ -153,4 +153,8 @@ INIT
   if grep -E "^DMESG" "$log" | grep -v -E "loading out-of-tree|taints kernel|module verification failed" | grep -qE "BUG|WARNING|Oops|bad page"; then ok=0; fi
   if [ "$ok" = 1 ]; then echo "kmod-test: $ver passed"; else echo "kmod-test: $ver FAILED (serial log: $log)"; status=1; fi
 done
+# Fault costs and restore times, as a Markdown section (KMOD_DOCS=docs/benchmarks.md puts it
+# there).
+python3 scripts/kmod-results.py "$WORK" > "$WORK/results.md" || status=1
+if [ -n "${KMOD_DOCS:-}" ] && [ "$status" = 0 ]; then python3 scripts/kmod-results.py "$WORK" "$KMOD_DOCS"; fi
 exit "$status"
