@@ -8,7 +8,9 @@
 # nvdimm): one made a device-DAX device (/dev/dax0.0) and one an ext4 file system mounted
 # with -o dax; then an end-to-end restore from a template (pseudo-mm-kmod/tests/restore-e2e.sh:
 # CRIU, the trenv binary and the CRIU plugin in the guest) with a tmpfs pool and with a pool
-# on the fsdax file system; and powers off. A kernel oops, BUG or WARNING fails the run. Bounded: 300 s
+# on the fsdax file system; then the RDMA backend against pmm-memserver over Soft-RoCE (rxe
+# on the guest's virtio NIC), killing the server in the middle of a process's faults; and
+# powers off. A kernel oops, BUG or WARNING fails the run. Bounded: 300 s
 # per guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,7 @@ mkdir -p "$WORK"
 bash scripts/setup-kmod.sh
 make -s -C pseudo-mm-kmod OUT="$WORK/build" all
 gcc -static -O2 -Wall -Wextra -Werror -o "$WORK/pmm_test" pseudo-mm-kmod/tests/pmm_test.c
+make -s -C pseudo-mm-kmod OUT="$WORK" memserver
 # The guest runs the real trenv binary and CRIU plugin (and the CRIU that make setup installs).
 cargo build -q --release -p trenv --bin trenv && cargo build -q --release -p trenv-criu-plugin
 CRIU=/usr/local/sbin/criu
@@ -56,7 +59,10 @@ copy_modules() {
 }
 
 status=0
-# KMOD_KERNELS=6.1.0-57 (a glob) tests one kernel only.
+# KMOD_KERNELS=6.1.0-57 (a glob) tests one kernel only; KMOD_TESTS="rdma" (a subset of
+# base dax rdma) runs only those parts.
+TESTS="${KMOD_TESTS:-base dax rdma}"
+want() { [[ " $TESTS " == *" $1 "* ]]; }
 for hdr in /usr/src/linux-headers-${KMOD_KERNELS:-*}-amd64; do
   ver="${hdr#/usr/src/linux-headers-}"
   kernel="/boot/vmlinuz-$ver"
@@ -71,7 +77,8 @@ for hdr in /usr/src/linux-headers-${KMOD_KERNELS:-*}-amd64; do
   cp "$WORK/build/$ver/pseudo_mm.ko" "$WORK/pmm_test" "$init/"
   mkdir -p "$init/modules"
   copy_modules "$init" "$ver" nfit nd_pmem dax_pmem device_dax ext4 \
-    nf_tables veth tun unix_diag inet_diag tcp_diag udp_diag netlink_diag packet_diag
+    nf_tables veth tun unix_diag inet_diag tcp_diag udp_diag netlink_diag packet_diag \
+    rdma_cm virtio_pci virtio_net crc32_generic rdma_rxe rdma_ucm
   copy_program "$init" /usr/bin/ndctl
   copy_program "$init" /usr/sbin/mke2fs
   copy_program "$init" "$CRIU"
@@ -81,13 +88,26 @@ for hdr in /usr/src/linux-headers-${KMOD_KERNELS:-*}-amd64; do
   mkdir -p "$init/plugins" "$init/run" "$init/var/lib"
   cp target/release/libtrenv_criu_plugin.so "$init/plugins/"
   cp pseudo-mm-kmod/tests/restore-e2e.sh "$init/restore-e2e.sh"
+  # Soft-RoCE: the rdma tool, the memory server, and libibverbs' rxe provider.
+  copy_program "$init" /usr/bin/rdma
+  cp "$WORK/pmm-memserver" "$init/pmm-memserver"
+  for lib in $(ldd "$WORK/pmm-memserver" | grep -o '/[^ ]*'); do copy_program "$init" "$lib"; done
+  copy_program "$init" /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so
+  mkdir -p "$init/etc/libibverbs.d"
+  cp /etc/libibverbs.d/rxe.driver "$init/etc/libibverbs.d/"
   cat > "$init/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 echo "KERNEL $(cat /proc/sys/kernel/osrelease)"
-if insmod /pseudo_mm.ko; then
+# The module links against the RDMA core (rdma_cm, ib_core): everything is loaded first.
+for m in $(cat /modules/order); do insmod "/modules/$m"; done
+want() { grep -qw "$1" /tests; }
+if ! insmod /pseudo_mm.ko; then
+  echo "RESULT insmod failed"
+fi
+if want base; then
   /pmm_test > /tmp/out 2>&1
   cat /tmp/out
   tpl=$(sed -n 's/^TEMPLATE //p' /tmp/out)
@@ -99,8 +119,9 @@ if insmod /pseudo_mm.ko; then
   wait "$holder"
   if rmmod pseudo_mm; then echo "UNLOAD ok"; else echo "UNLOAD failed"; fi
   insmod /pseudo_mm.ko && /pmm_test bench
+fi
+if want dax; then
   # DAX: two emulated NVDIMMs, one device DAX, one ext4 with -o dax.
-  for m in $(cat /modules/order); do insmod "/modules/$m"; done
   sleep 1
   /usr/bin/ndctl create-namespace -f -e namespace0.0 -m devdax -a 4K >/dev/null
   /usr/bin/ndctl create-namespace -f -e namespace1.0 -m fsdax >/dev/null
@@ -123,13 +144,28 @@ if insmod /pseudo_mm.ko; then
   /pmm_test reap /restore-e2e.sh tmpfs /pools/tmpfs
   /pmm_test reap /restore-e2e.sh daxfs /mnt/dax/pool-e2e
   umount /mnt/dax
-else
-  echo "RESULT insmod failed"
+fi
+if want rdma; then
+  # RDMA: Soft-RoCE on the virtio NIC; server and client in this guest (rxe loops back).
+  ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up
+  if /usr/bin/rdma link add rxe0 type rxe netdev eth0; then
+    /pmm_test fill /rdma-pool 4096
+    /pmm-memserver -p 7471 /rdma-pool > /tmp/memserver.log 2>&1 &
+    srv=$!
+    i=0; while ! grep -q LISTENING /tmp/memserver.log && [ "$i" -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+    cat /tmp/memserver.log
+    /pmm_test rdma 10.0.2.15 7471 "$srv"
+    kill -9 "$srv" 2>/dev/null
+    sed 's/^/RDMA server: /' /tmp/memserver.log
+  else
+    echo "RESULT no Soft-RoCE"
+  fi
 fi
 dmesg | grep -E "BUG|WARNING|Oops|bad page|pseudo_mm" | sed 's/^/DMESG /'
 poweroff -f
 INIT
   chmod +x "$init/init"
+  echo "$TESTS" > "$init/tests"
   (cd "$init" && find . | cpio -o -H newc --quiet | gzip -1) > "$WORK/init-$ver.cpio.gz"
   log="$WORK/serial-$ver.log"
   for nv in 0 1; do truncate -s 128M "$WORK/nvdimm$nv-$ver.img"; done
@@ -139,17 +175,26 @@ INIT
     -device nvdimm,id=nv0,memdev=mem0 \
     -object "memory-backend-file,id=mem1,share=on,mem-path=$WORK/nvdimm1-$ver.img,size=128M" \
     -device nvdimm,id=nv1,memdev=mem1 \
+    -nic user,model=virtio-net-pci \
     -kernel "$kernel" -initrd "$WORK/init-$ver.cpio.gz" \
     -append "console=ttyS0 panic=-1 panic_on_oops=1 quiet" </dev/null > "$log" 2>&1 || true
-  grep -E "^(KERNEL|RESULT|FAIL|UNLOAD|BENCH|DMESG|E2E)" "$log" | tr -d '\r' || true
+  grep -E "^(KERNEL|RESULT|FAIL|UNLOAD|BENCH|DMESG|E2E|RDMA|LISTENING|CONNECTED)" "$log" | tr -d '\r' || true
   ok=1
-  # Three test runs: the page-cache backend, device DAX, fsdax.
-  [ "$(grep -c "RESULT pass=[0-9]* fail=0" "$log")" = 3 ] || ok=0
-  grep -q "E2E tmpfs done" "$log" || ok=0
-  grep -q "E2E daxfs done" "$log" || ok=0
+  # One test run for the page-cache backend, two for DAX (device, fsdax), one for RDMA.
+  expect=0
+  if want base; then
+    expect=$((expect + 1))
+    grep -q "UNLOAD-WHILE-MAPPED refused" "$log" || ok=0
+    grep -q "UNLOAD ok" "$log" || ok=0
+  fi
+  if want dax; then
+    expect=$((expect + 2))
+    grep -q "E2E tmpfs done" "$log" || ok=0
+    grep -q "E2E daxfs done" "$log" || ok=0
+  fi
+  want rdma && expect=$((expect + 1))
+  [ "$(grep -c "RESULT pass=[0-9]* fail=0" "$log")" = "$expect" ] || ok=0
   grep -q "E2E FAIL" "$log" && ok=0
-  grep -q "UNLOAD-WHILE-MAPPED refused" "$log" || ok=0
-  grep -q "UNLOAD ok" "$log" || ok=0
   if grep -E "^DMESG" "$log" | grep -v -E "loading out-of-tree|taints kernel|module verification failed" | grep -qE "BUG|WARNING|Oops|bad page"; then ok=0; fi
   if [ "$ok" = 1 ]; then echo "kmod-test: $ver passed"; else echo "kmod-test: $ver FAILED (serial log: $log)"; status=1; fi
 done

@@ -2,7 +2,8 @@
 # What `make kmod-test` needs beyond `make setup`: qemu (software emulation), a Debian kernel
 # with its headers for each tested ABI, and the module checkers. Idempotent.
 set -euo pipefail
-need=(qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static cpio kmod sparse gzip xz-utils zstd ndctl e2fsprogs)
+need=(qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static cpio kmod sparse gzip xz-utils zstd ndctl e2fsprogs
+  librdmacm-dev libibverbs-dev ibverbs-providers iproute2)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,8 +13,13 @@
  * requests (DIR/go) by checking its memory and reporting where its pages are (DIR/out);
  * `pmm_test time LABEL CMD...` runs a command and prints its wall time; `pmm_test stats`
  * prints the module's stats.
+ *
+ * RDMA (Soft-RoCE in the guest): `pmm_test fill PATH PAGES` writes a pool file for the memory
+ * server; `pmm_test rdma ADDR PORT SERVER_PID` runs the remote backend's tests against
+ * pmm-memserver serving it, and kills the server in the middle of a process's faults.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -502,6 +507,174 @@ out:
 }
 
 #define WORKER_PAGES 16384
+#define RDMA_PAGES 4096		/* the file pmm-memserver serves */
+#define RDMA_TIMEOUT_MS 2000
+
+static int fill(const char *path, size_t pages)
+{
+	return dax_fill(path, pages, 0) ? 1 : 0;
+}
+
+static int register_remote(int dev, const char *addr, int port, struct pseudo_mm_remote *r)
+{
+	memset(r, 0, sizeof(*r));
+	if (inet_pton(AF_INET, addr, &r->addr) != 1)
+		return -1;
+	r->port = htons((uint16_t)port);
+	r->timeout_ms = RDMA_TIMEOUT_MS;
+	return ioctl(dev, PSEUDO_MM_REGISTER_REMOTE, r);
+}
+
+/* Reads every page of a mapping (the pattern of dax_fill at `pgoff`); failures. */
+static size_t check_pattern(const unsigned char *p, size_t pgoff, size_t pages)
+{
+	size_t wrong = 0;
+
+	for (size_t i = 0; i < pages; i++)
+		wrong += p[i * PAGE] != dax_byte(pgoff + i) || p[i * PAGE + PAGE - 1] != dax_byte(pgoff + i);
+	return wrong;
+}
+
+static int rdma(const char *addr, int port, pid_t server)
+{
+	struct pseudo_mm_remote r;
+	struct pseudo_mm_template t = { 0 };
+	struct pseudo_mm_region reg = { 0 };
+	struct pseudo_mm_stats s, base;
+	uint64_t frames[64];
+	int dev = open("/dev/pseudo_mm", O_RDWR), status, sync[2];
+	unsigned char *p, *q;
+	double t0, t1;
+	uint32_t id;
+	pid_t child;
+
+	CHECK(dev >= 0, "open /dev/pseudo_mm");
+	if (dev < 0)
+		goto out;
+	base = stats(dev);
+	/* Bad requests, and a server that is not there: refused, within the bound. */
+	CHECK(register_remote(dev, addr, 0, &r) == -1 && errno == EINVAL, "port 0");
+	r.flags = 1;
+	CHECK(ioctl(dev, PSEUDO_MM_REGISTER_REMOTE, &r) == -1 && errno == EINVAL, "remote flags");
+	r.flags = 0;
+	r.timeout_ms = 600000;
+	CHECK(ioctl(dev, PSEUDO_MM_REGISTER_REMOTE, &r) == -1 && errno == EINVAL, "timeout too long");
+	t0 = now_ns();
+	CHECK(register_remote(dev, addr, port + 1, &r) == -1 &&
+	      (errno == ECONNREFUSED || errno == EHOSTUNREACH || errno == ETIMEDOUT),
+	      "nobody listening");
+	t1 = now_ns();
+	CHECK((t1 - t0) / 1e6 < 3 * RDMA_TIMEOUT_MS + 2000, "refused within the bound (%.0f ms)", (t1 - t0) / 1e6);
+	s = stats(dev);
+	CHECK(s.backends == base.backends, "failed registrations hold nothing");
+
+	CHECK(register_remote(dev, addr, port, &r) == 0 && r.pages == RDMA_PAGES,
+	      "register the memory server (pages %llu)", (unsigned long long)r.pages);
+	CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &t) == 0, "create template");
+	reg.template_id = t.id;
+	reg.backend_id = r.id;
+	reg.pgoff = RDMA_PAGES - 1;
+	reg.pages = 2;
+	CHECK(ioctl(dev, PSEUDO_MM_ADD_REGION, &reg) == -1 && errno == EINVAL, "range past the server's");
+	reg.pgoff = 0;
+	reg.pages = 64;		/* range 0: fetched and checked */
+	CHECK(ioctl(dev, PSEUDO_MM_ADD_REGION, &reg) == 0 && reg.index == 0, "add range 0");
+	reg.pgoff = 64;
+	reg.pages = RDMA_PAGES - 64;	/* range 1: read while the server dies */
+	CHECK(ioctl(dev, PSEUDO_MM_ADD_REGION, &reg) == 0 && reg.index == 1, "add range 1");
+
+	p = map_region(dev, t.id, 0, 64, MAP_PRIVATE);
+	CHECK(p != MAP_FAILED, "map range 0");
+	if (p == MAP_FAILED)
+		goto out;
+	t0 = now_ns();
+	CHECK(check_pattern(p, 0, 64) == 0, "pages fetched over RDMA have the server's bytes");
+	t1 = now_ns();
+	for (int i = 0; i < 64; i++)
+		frames[i] = pfn_of(p + i * PAGE);
+	s = stats(dev);
+	CHECK(s.rdma_fetches - base.rdma_fetches == 64 && s.pinned_pages - base.pinned_pages == 64,
+	      "one fetch per page, kept (fetches %llu)", (unsigned long long)(s.rdma_fetches - base.rdma_fetches));
+	/* Another instance: the same frames, no fetch; a write copies. */
+	q = map_region(dev, t.id, 0, 64, MAP_PRIVATE);
+	{
+		double c0 = now_ns();
+		size_t wrong = check_pattern(q, 0, 64), other = 0;
+		double c1 = now_ns();
+
+		for (int i = 0; i < 64; i++)
+			other += pfn_of(q + i * PAGE) != frames[i];
+		CHECK(wrong == 0 && other == 0, "a second instance maps the fetched pages (%zu not)", other);
+		printf("BENCH-RDMA fetch=%.0f cached=%.0f ns/page\n", (t1 - t0) / 64, (c1 - c0) / 64);
+	}
+	q[5 * PAGE] = 0x42;
+	CHECK(q[5 * PAGE] == 0x42 && p[5 * PAGE] == dax_byte(5) && pfn_of(q + 5 * PAGE) != frames[5],
+	      "a write copies the fetched page");
+	s = stats(dev);
+	CHECK(s.rdma_fetches - base.rdma_fetches == 64, "no fetch for the second instance");
+	munmap(q, 64 * PAGE);
+
+	/* The server dies while a process faults range 1 in: that access gets SIGBUS, bounded. */
+	if (pipe(sync))
+		goto out;
+	child = fork();
+	if (child == 0) {
+		volatile unsigned char *c = map_region(dev, t.id, 1, RDMA_PAGES - 64, MAP_PRIVATE);
+		unsigned long sum = 0;
+
+		if (c == MAP_FAILED)
+			_exit(2);
+		for (size_t i = 0; i < RDMA_PAGES - 64; i++) {
+			sum += c[i * PAGE];
+			if (i == 8 && write(sync[1], "x", 1) != 1)
+				_exit(3);
+		}
+		_exit(sum ? 0 : 4);	/* every page read: the server outlived the reads */
+	}
+	{
+		char x;
+
+		CHECK(read(sync[0], &x, 1) == 1, "the reader started");
+	}
+	kill(server, SIGKILL);
+	t0 = now_ns();
+	CHECK(waitpid(child, &status, 0) == child, "the reader ends");
+	t1 = now_ns();
+	CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS,
+	      "the access the server cannot serve gets SIGBUS (status %#x)", status);
+	CHECK((t1 - t0) / 1e6 < 2 * RDMA_TIMEOUT_MS + 3000, "within the bound (%.0f ms)", (t1 - t0) / 1e6);
+	printf("RDMA server killed: reader got SIGBUS after %.0f ms\n", (t1 - t0) / 1e6);
+	s = stats(dev);
+	CHECK(s.rdma_errors > base.rdma_errors, "the failed fetch is counted");
+	/* Pages fetched before stay served; a page that needs the server fails at once. */
+	CHECK(check_pattern(p, 0, 64) == 0, "fetched pages still served");
+	child = fork();
+	if (child == 0) {
+		volatile unsigned char *c = map_region(dev, t.id, 1, RDMA_PAGES - 64, MAP_PRIVATE);
+
+		if (c == MAP_FAILED)
+			_exit(2);
+		(void)c[(RDMA_PAGES - 65) * PAGE];
+		_exit(0);
+	}
+	t0 = now_ns();
+	CHECK(waitpid(child, &status, 0) == child && WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS,
+	      "a lost server: SIGBUS");
+	CHECK((now_ns() - t0) / 1e6 < 1000, "at once (%.0f ms)", (now_ns() - t0) / 1e6);
+	munmap(p, 64 * PAGE);
+	s = stats(dev);
+	CHECK(s.vmas == base.vmas, "nothing mapped");
+	id = t.id;
+	CHECK(ioctl(dev, PSEUDO_MM_DELETE_TEMPLATE, &id) == 0, "delete template");
+	id = r.id;
+	CHECK(ioctl(dev, PSEUDO_MM_UNREGISTER_BACKEND, &id) == 0, "unregister the lost server");
+	s = stats(dev);
+	CHECK(s.backends == base.backends && s.pinned_pages == base.pinned_pages && s.templates == base.templates,
+	      "nothing held (pinned %llu)", (unsigned long long)s.pinned_pages);
+out:
+	printf("RESULT pass=%d fail=%d\n", passed, failed);
+	return failed ? 1 : 0;
+}
 
 static unsigned char worker_byte(size_t i)
 {
@@ -675,6 +848,10 @@ int main(int argc, char **argv)
 		return worker(argv[2]);
 	if (argc >= 4 && strcmp(argv[1], "time") == 0)
 		return time_command(argv[2], argv + 3);
+	if (argc == 4 && strcmp(argv[1], "fill") == 0)
+		return fill(argv[2], strtoul(argv[3], NULL, 10));
+	if (argc == 5 && strcmp(argv[1], "rdma") == 0)
+		return rdma(argv[2], atoi(argv[3]), (pid_t)atoi(argv[4]));
 	if (argc >= 3 && strcmp(argv[1], "reap") == 0)
 		return reap(argv + 2);
 	if (argc == 2 && strcmp(argv[1], "stats") == 0)

@@ -28,6 +28,8 @@ pub enum BackendKind {
     PageCache,
     /// Pages are device memory (PMem, CXL) mapped as they are.
     Dax,
+    /// Pages come from a memory server over RDMA, fetched at their first fault and kept.
+    Rdma,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,19 @@ pub struct Stats {
     pub around_pages: u64,
     pub dax_pages: u64,
     pub pinned_pages: u64,
+    pub rdma_fetches: u64,
+    pub rdma_errors: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct RemoteReq {
+    addr: u32, // network order
+    port: u16, // network order
+    flags: u16,
+    timeout_ms: u32,
+    id: u32,
+    pages: u64,
 }
 
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
@@ -107,6 +122,7 @@ const CREATE_TEMPLATE: u64 = ioc(READ | WRITE, 3, std::mem::size_of::<TemplateRe
 const ADD_REGION: u64 = ioc(READ | WRITE, 4, std::mem::size_of::<RegionReq>());
 const DELETE_TEMPLATE: u64 = ioc(WRITE, 5, std::mem::size_of::<u32>());
 const STATS: u64 = ioc(READ, 6, std::mem::size_of::<Stats>());
+const REGISTER_REMOTE: u64 = ioc(READ | WRITE, 7, std::mem::size_of::<RemoteReq>());
 
 /// mmap(2) offset in bytes of range `index` of template `template`.
 pub fn map_offset(template: u32, index: u32) -> u64 {
@@ -207,10 +223,10 @@ impl PseudoMm {
         self.ioctl(REGISTER_BACKEND, &mut req, || {
             "registering a backend".into()
         })?;
-        let kind = if req.kind == 2 {
-            BackendKind::Dax
-        } else {
-            BackendKind::PageCache
+        let kind = match req.kind {
+            2 => BackendKind::Dax,
+            3 => BackendKind::Rdma,
+            _ => BackendKind::PageCache,
         };
         Ok((req.id, kind))
     }
@@ -226,6 +242,26 @@ impl PseudoMm {
             source,
         })?;
         self.register_backend(&file, pages)
+    }
+
+    /// Connects to the memory server (`pmm-memserver`) at `server` and registers what it
+    /// exports as a backend; `timeout_ms` bounds connecting and each page fetch (0: the
+    /// module's 5 s). Returns the backend and its pages.
+    pub fn register_remote(
+        &self,
+        server: std::net::SocketAddrV4,
+        timeout_ms: u32,
+    ) -> Result<(u32, u64), PseudoMmError> {
+        let mut req = RemoteReq {
+            addr: u32::from(*server.ip()).to_be(),
+            port: server.port().to_be(),
+            timeout_ms,
+            ..Default::default()
+        };
+        self.ioctl(REGISTER_REMOTE, &mut req, || {
+            format!("connecting to the memory server {server}")
+        })?;
+        Ok((req.id, req.pages))
     }
 
     pub fn unregister_backend(&self, id: u32) -> Result<(), PseudoMmError> {
@@ -286,13 +322,15 @@ mod tests {
     fn requests_match_the_uapi_header() {
         assert_eq!(std::mem::size_of::<BackendReq>(), 24);
         assert_eq!(std::mem::size_of::<RegionReq>(), 32);
-        assert_eq!(std::mem::size_of::<Stats>(), 80);
+        assert_eq!(std::mem::size_of::<Stats>(), 96);
+        assert_eq!(std::mem::size_of::<RemoteReq>(), 24);
         assert_eq!(REGISTER_BACKEND, 0xc018_1c01);
         assert_eq!(UNREGISTER_BACKEND, 0x4004_1c02);
         assert_eq!(CREATE_TEMPLATE, 0xc008_1c03);
         assert_eq!(ADD_REGION, 0xc020_1c04);
         assert_eq!(DELETE_TEMPLATE, 0x4004_1c05);
-        assert_eq!(STATS, 0x8050_1c06);
+        assert_eq!(STATS, 0x8060_1c06);
+        assert_eq!(REGISTER_REMOTE, 0xc018_1c07);
     }
 
     #[test]

@@ -10,7 +10,13 @@
  *  - DAX (PSEUDO_MM_BACKEND_DAX): a device-DAX character device (/dev/daxX.Y, PMem or CXL
  *    memory) or a file on a file system mounted with -o dax; an instance maps the device's
  *    own memory. The module holds a reference to every page of the backend while it is
- *    registered, so the device cannot go away under a mapping. A *template* is a list of *regions*,
+ *    registered, so the device cannot go away under a mapping.
+ *  - remote (PSEUDO_MM_BACKEND_RDMA, PSEUDO_MM_REGISTER_REMOTE): a memory server reached over
+ *    RDMA (a reliable connection through rdma_cm; RoCE, InfiniBand or Soft-RoCE) that exports
+ *    template pages; the module fetches a page with one RDMA READ at its first fault and
+ *    keeps it for every instance. A fetch is bounded by the backend's timeout: a lost server
+ *    or link gives SIGBUS to the faulting access (and to every later fault that needs the
+ *    server), never a hang; pages fetched already stay served. A *template* is a list of *regions*,
  * each a page range of a backend. A process maps a region privately with mmap(2) of
  * /dev/pseudo_mm at offset PSEUDO_MM_MAP_OFFSET(template, region): a read fault maps the
  * backend's page itself (one physical page shared by every instance, never copied); a write
@@ -19,7 +25,10 @@
  * Requests return 0, or -1 with errno: EINVAL (malformed argument), EFAULT (unreadable or
  * unwritable argument), EBADF (not an open descriptor), ENOENT (no such template or
  * backend), EBUSY (still mapped or used), ETXTBSY (the backend has writers), ENOSPC (a
- * table is full), ENOTTY (unknown request). A template cannot change or go while any process maps it.
+ * table is full), ENOTTY (unknown request); for a remote backend ECONNREFUSED, EHOSTUNREACH
+ * or ETIMEDOUT (the memory server refused, cannot be reached, or did not answer in time).
+ * A template cannot change or go while any process maps it. ADD_REGION's range stays added
+ * if the index cannot be written back (EFAULT).
  */
 #ifndef _UAPI_LINUX_PSEUDO_MM_H
 #define _UAPI_LINUX_PSEUDO_MM_H
@@ -31,6 +40,7 @@
 
 #define PSEUDO_MM_BACKEND_PAGECACHE	1
 #define PSEUDO_MM_BACKEND_DAX		2
+#define PSEUDO_MM_BACKEND_RDMA		3
 
 struct pseudo_mm_backend {
 	__s32 fd;	/* in: an open file, readable */
@@ -39,6 +49,15 @@ struct pseudo_mm_backend {
 			 * device-DAX device has no file size: give it. */
 	__u32 flags;	/* in: 0 */
 	__u32 kind;	/* out: PSEUDO_MM_BACKEND_* */
+};
+
+struct pseudo_mm_remote {
+	__be32 addr;		/* in: IPv4 address of the memory server */
+	__be16 port;		/* in: its rdma_cm port */
+	__u16 flags;		/* in: 0 */
+	__u32 timeout_ms;	/* in: bound of one fetch (and of connecting); 0 = 5000 */
+	__u32 id;		/* out: backend id */
+	__u64 pages;		/* out: pages the server exports */
 };
 
 struct pseudo_mm_template {
@@ -66,7 +85,9 @@ struct pseudo_mm_stats {
 	__u64 bad_faults;	/* faults the backend could not serve: SIGBUS */
 	__u64 around_pages;	/* pages mapped ahead of a read fault (fault-around) */
 	__u64 dax_pages;	/* device pages mapped as they are (faults and fault-around) */
-	__u64 pinned_pages;	/* pages of DAX backends the module holds (a gauge) */
+	__u64 pinned_pages;	/* pages the module holds: DAX backends', fetched remote pages */
+	__u64 rdma_fetches;	/* RDMA reads of remote pages */
+	__u64 rdma_errors;	/* of which failed or timed out (the backend is lost then) */
 };
 
 #define PSEUDO_MM_REGISTER_BACKEND	_IOWR(PSEUDO_MM_IOC_MAGIC, 1, struct pseudo_mm_backend)
@@ -75,6 +96,7 @@ struct pseudo_mm_stats {
 #define PSEUDO_MM_ADD_REGION		_IOWR(PSEUDO_MM_IOC_MAGIC, 4, struct pseudo_mm_region)
 #define PSEUDO_MM_DELETE_TEMPLATE	_IOW(PSEUDO_MM_IOC_MAGIC, 5, __u32)
 #define PSEUDO_MM_STATS			_IOR(PSEUDO_MM_IOC_MAGIC, 6, struct pseudo_mm_stats)
+#define PSEUDO_MM_REGISTER_REMOTE	_IOWR(PSEUDO_MM_IOC_MAGIC, 7, struct pseudo_mm_remote)
 
 #define PSEUDO_MM_MAX_TEMPLATES	4095
 #define PSEUDO_MM_MAX_BACKENDS	256

@@ -25,6 +25,7 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/file.h>
+#include <linux/memremap.h>
 #include <linux/mman.h>
 #include <linux/pfn_t.h>
 #include <linux/fs.h>
@@ -41,14 +42,22 @@
 #include <linux/xarray.h>
 
 #include "include/uapi/linux/pseudo_mm.h"
+#include "rdma.h"
 
 struct pmm_backend {
 	struct kref ref;
-	struct file *file;
+	struct file *file;	/* NULL for a remote backend */
 	atomic_t regions;	/* regions using it: unregistering is refused while > 0 */
 	u32 kind;		/* PSEUDO_MM_BACKEND_* */
 	u64 nr_pages;		/* its size, fixed at registration */
-	struct page **pages;	/* DAX: every page, referenced; NULL for page cache */
+	/* DAX: every page, referenced; remote: the pages fetched so far (NULL until then,
+	 * published with release semantics); NULL for page cache. */
+	struct page **pages;
+	u64 held;		/* referenced pages in `pages` */
+	struct pmm_rdma *rdma;	/* remote only */
+	struct dev_pagemap *pgmaps[8];	/* DAX: the device maps of its pages, referenced */
+	unsigned int nr_pgmaps;
+	struct mutex fetch_lock;	/* remote: one fetch at a time */
 };
 
 struct pmm_region {
@@ -78,7 +87,7 @@ static DEFINE_XARRAY_ALLOC1(pmm_templates);
 
 static atomic64_t stat_templates, stat_backends, stat_regions, stat_vmas;
 static atomic64_t stat_read_faults, stat_write_faults, stat_bad_faults, stat_around_pages;
-static atomic64_t stat_dax_pages, stat_pinned_pages;
+static atomic64_t stat_dax_pages, stat_pinned_pages, stat_rdma_fetches, stat_rdma_errors;
 
 /* Pages looked up per get_user_pages call while registering a DAX backend. */
 #define PMM_PIN_BATCH 512
@@ -90,20 +99,34 @@ static atomic64_t stat_dax_pages, stat_pinned_pages;
  */
 #define PMM_FAULT_AROUND 16
 
+static void release_pgmaps(struct pmm_backend *b)
+{
+	while (b->nr_pgmaps)
+		put_dev_pagemap(b->pgmaps[--b->nr_pgmaps]);
+}
+
 static void backend_release(struct kref *ref)
 {
 	struct pmm_backend *b = container_of(ref, struct pmm_backend, ref);
 	u64 i;
 
+	if (b->rdma)
+		pmm_rdma_destroy(b->rdma);
 	if (b->pages) {
-		for (i = 0; i < b->nr_pages; i++)
+		for (i = 0; i < b->nr_pages; i++) {
 			if (b->pages[i])
 				put_page(b->pages[i]);
-		atomic64_sub(b->nr_pages, &stat_pinned_pages);
+			if (!(i % 4096))
+				cond_resched();
+		}
+		atomic64_sub(b->held, &stat_pinned_pages);
 		kvfree(b->pages);
 	}
-	allow_write_access(b->file);
-	fput(b->file);
+	release_pgmaps(b);
+	if (b->file) {
+		allow_write_access(b->file);
+		fput(b->file);
+	}
 	kfree(b);
 	atomic64_dec(&stat_backends);
 }
@@ -140,7 +163,41 @@ static bool backend_readable(struct file *file)
 
 	if (!S_ISREG(file_inode(file)->i_mode) || !(file->f_mode & FMODE_READ))
 		return false;
-	return shmem_mapping(mapping) || (mapping->a_ops && mapping->a_ops->read_folio);
+	/*
+	 * Not network or FUSE file systems: they invalidate cached pages on their own (a
+	 * server-side change), including pages mapped here, which rmap cannot see.
+	 */
+	if (shmem_mapping(mapping))
+		return true;
+	return (file_inode(file)->i_sb->s_type->fs_flags & FS_REQUIRES_DEV) && mapping->a_ops &&
+	       mapping->a_ops->read_folio;
+}
+
+/* Publishes a new backend; on failure it is released. */
+static long add_backend(struct pmm_backend *b, u32 *id)
+{
+	int err;
+
+	mutex_lock(&pmm_lock);
+	err = xa_alloc(&pmm_backends, id, b, XA_LIMIT(1, PSEUDO_MM_MAX_BACKENDS), GFP_KERNEL);
+	mutex_unlock(&pmm_lock);
+	if (err) {
+		kref_put(&b->ref, backend_release);
+		return err == -EBUSY ? -ENOSPC : err;
+	}
+	return 0;
+}
+
+/* Takes back a backend just published, unless another thread unregistered it meanwhile. */
+static void remove_backend(struct pmm_backend *b, u32 id)
+{
+	bool ours;
+
+	mutex_lock(&pmm_lock);
+	ours = xa_cmpxchg(&pmm_backends, id, b, NULL, 0) == b;
+	mutex_unlock(&pmm_lock);
+	if (ours)
+		kref_put(&b->ref, backend_release);
 }
 
 static bool backend_is_dax(struct file *file)
@@ -159,14 +216,53 @@ static bool backend_is_dax(struct file *file)
  * (ZONE_DEVICE) or, for a hole of a sparse file, the shared zero page: anything else (the
  * caller's memory after a racing munmap and mmap in that range) fails the registration.
  */
+
+/*
+ * Checks a looked-up page and keeps what the backend needs of it: a device page of order 0
+ * (a compound device page would be mapped by PMD by the fault path, and a 1 GiB one's
+ * refcount would overflow with instances), with a reference on its dev_pagemap so that the
+ * device cannot be unbound or reconfigured under a mapping; or the zero page of a hole.
+ */
+static int keep_dax_page(struct pmm_backend *b, u64 i)
+{
+	struct page *page = b->pages[i];
+	struct dev_pagemap *pgmap;
+	unsigned int k;
+
+	if (is_zero_pfn(page_to_pfn(page)))
+		return 0;
+	if (!is_zone_device_page(page) || PageCompound(page))
+		return -EINVAL;
+	for (k = 0; k < b->nr_pgmaps; k++)
+		if (page->pgmap == b->pgmaps[k])
+			return 0;
+	if (b->nr_pgmaps == ARRAY_SIZE(b->pgmaps))
+		return -EINVAL;
+	pgmap = get_dev_pagemap(page_to_pfn(page), NULL);
+	if (!pgmap)
+		return -EINVAL;
+	b->pgmaps[b->nr_pgmaps++] = pgmap;
+	return 0;
+}
+
+/*
+ * Looks up and references every page of a DAX backend: maps it shared and read-only in the
+ * registering process for the time of the lookup, as a user of the device would, so that
+ * the device's own mmap decides what is there. The lookup holds mmap_lock and checks that
+ * the range is still the backend's mapping, so a racing munmap and mmap by another thread
+ * cannot slip other pages in. Every page must be device memory of order 0 or the zero page
+ * of a hole.
+ */
 static int backend_pin_dax(struct pmm_backend *b)
 {
 	unsigned long len = b->nr_pages << PAGE_SHIFT;
+	struct mm_struct *mm = current->mm;
+	struct vm_area_struct *vma;
 	unsigned long addr;
 	u64 done = 0;
 	int err = 0;
 
-	if (!current->mm)
+	if (!mm)
 		return -EINVAL;
 	b->pages = kvcalloc(b->nr_pages, sizeof(*b->pages), GFP_KERNEL);
 	if (!b->pages)
@@ -176,36 +272,53 @@ static int backend_pin_dax(struct pmm_backend *b)
 		err = (long)addr == -ENOMEM ? -ENOMEM : -EINVAL;
 		goto out_free;
 	}
-	while (done < b->nr_pages) {
-		int n = min_t(u64, b->nr_pages - done, PMM_PIN_BATCH);
-		int got, i;
+	/*
+	 * Page by page: a hole of an fsdax file is then the small zero page (a PMD-mapped one
+	 * would be the huge zero page, which a module cannot tell apart).
+	 */
+	mmap_write_lock(mm);
+	vma = vma_lookup(mm, addr);
+	if (!vma || vma->vm_file != b->file || vma->vm_start != addr || vma->vm_end != addr + len)
+		err = -EINVAL;
+	else
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+		vm_flags_set(vma, VM_NOHUGEPAGE);
+#else
+		vma->vm_flags |= VM_NOHUGEPAGE;
+#endif
+	mmap_write_downgrade(mm);
+	while (!err && done < b->nr_pages) {
+		unsigned long n = min_t(u64, b->nr_pages - done, PMM_PIN_BATCH);
+		long got;
+		int i;
 
-		got = get_user_pages_fast(addr + (done << PAGE_SHIFT), n, 0, b->pages + done);
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 5, 0)
+		got = get_user_pages(addr + (done << PAGE_SHIFT), n, 0, b->pages + done);
+#else
+		got = get_user_pages(addr + (done << PAGE_SHIFT), n, 0, b->pages + done, NULL);
+#endif
 		if (got <= 0) {
 			/* Past the device's end, or a page it cannot give: the size is wrong. */
 			err = got == -ENOMEM ? -ENOMEM : -EINVAL;
 			break;
 		}
 		for (i = 0; i < got; i++)
-			if (!is_zone_device_page(b->pages[done + i]) &&
-			    !is_zero_pfn(page_to_pfn(b->pages[done + i])))
-				err = -EINVAL;
+			if (!err)
+				err = keep_dax_page(b, done + i);
 		done += got;
-		if (err)
-			break;
-		if (fatal_signal_pending(current)) {
+		if (!err && fatal_signal_pending(current))
 			err = -EINTR;
-			break;
-		}
-		cond_resched();
 	}
+	mmap_read_unlock(mm);
 	vm_munmap(addr, len);
 	if (!err) {
-		atomic64_add(b->nr_pages, &stat_pinned_pages);
+		b->held = b->nr_pages;
+		atomic64_add(b->held, &stat_pinned_pages);
 		return 0;
 	}
 	while (done > 0)
 		put_page(b->pages[--done]);
+	release_pgmaps(b);
 out_free:
 	kvfree(b->pages);
 	b->pages = NULL;
@@ -285,21 +398,67 @@ static long register_backend(void __user *arg)
 	atomic_set(&b->regions, 0);
 	atomic64_inc(&stat_backends);
 
-	mutex_lock(&pmm_lock);
-	err = xa_alloc(&pmm_backends, &id, b, XA_LIMIT(1, PSEUDO_MM_MAX_BACKENDS), GFP_KERNEL);
-	mutex_unlock(&pmm_lock);
-	if (err) {
-		kref_put(&b->ref, backend_release);
-		return err == -EBUSY ? -ENOSPC : err;
-	}
+	err = add_backend(b, &id);
+	if (err)
+		return err;
 	req.id = id;
 	req.kind = b->kind;
 	req.pages = b->nr_pages;
 	if (copy_to_user(arg, &req, sizeof(req))) {
-		mutex_lock(&pmm_lock);
-		xa_erase(&pmm_backends, id);
-		mutex_unlock(&pmm_lock);
+		remove_backend(b, id);
+		return -EFAULT;
+	}
+	return 0;
+}
+
+#define PMM_RDMA_DEFAULT_TIMEOUT_MS 5000
+#define PMM_RDMA_MAX_TIMEOUT_MS 60000
+
+static long register_remote(void __user *arg)
+{
+	struct pseudo_mm_remote req;
+	struct pmm_backend *b;
+	unsigned int timeout;
+	u64 pages = 0;
+	u32 id;
+	long err;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	if (req.flags || !req.addr || !req.port || req.timeout_ms > PMM_RDMA_MAX_TIMEOUT_MS)
+		return -EINVAL;
+	timeout = req.timeout_ms ? req.timeout_ms : PMM_RDMA_DEFAULT_TIMEOUT_MS;
+	b = kzalloc(sizeof(*b), GFP_KERNEL);
+	if (!b)
+		return -ENOMEM;
+	b->rdma = pmm_rdma_connect(req.addr, req.port, timeout, &pages);
+	if (IS_ERR(b->rdma)) {
+		err = PTR_ERR(b->rdma);
+		kfree(b);
+		return err;
+	}
+	kref_init(&b->ref);
+	atomic_set(&b->regions, 0);
+	mutex_init(&b->fetch_lock);
+	b->kind = PSEUDO_MM_BACKEND_RDMA;
+	b->nr_pages = pages;
+	atomic64_inc(&stat_backends);
+	if (pages > PSEUDO_MM_MAX_DAX_PAGES) {
 		kref_put(&b->ref, backend_release);
+		return -EINVAL;
+	}
+	b->pages = kvcalloc(pages, sizeof(*b->pages), GFP_KERNEL);
+	if (!b->pages) {
+		kref_put(&b->ref, backend_release);
+		return -ENOMEM;
+	}
+	err = add_backend(b, &id);
+	if (err)
+		return err;
+	req.id = id;
+	req.pages = pages;
+	if (copy_to_user(arg, &req, sizeof(req))) {
+		remove_backend(b, id);
 		return -EFAULT;
 	}
 	return 0;
@@ -354,10 +513,11 @@ static long create_template(void __user *arg)
 	}
 	req.id = id;
 	if (copy_to_user(arg, &req, sizeof(req))) {
+		/* Another thread may have deleted it (and the id gone to another) meanwhile. */
 		mutex_lock(&pmm_lock);
-		xa_erase(&pmm_templates, id);
+		if (xa_cmpxchg(&pmm_templates, id, t, NULL, 0) == t)
+			kref_put(&t->ref, template_release);
 		mutex_unlock(&pmm_lock);
-		kref_put(&t->ref, template_release);
 		return -EFAULT;
 	}
 	return 0;
@@ -413,14 +573,13 @@ static long add_region(void __user *arg)
 	t->regions = regions;
 	req.index = t->nr_regions++;
 	atomic64_inc(&stat_regions);
-	/* The index is written back before the region can be mapped, under the lock. */
-	if (copy_to_user(arg, &req, sizeof(req))) {
-		t->nr_regions--;
-		atomic_dec(&b->regions);
-		kref_put(&b->ref, backend_release);
-		atomic64_dec(&stat_regions);
-		ret = -EFAULT;
-	}
+	mutex_unlock(&pmm_lock);
+	/*
+	 * Written back without the lock: a fault on `arg` takes mmap_lock, which mmap(2) of the
+	 * device holds while it takes pmm_lock. On EFAULT the range stays added (at index
+	 * nr_regions - 1), as the template is whole either way.
+	 */
+	return copy_to_user(arg, &req, sizeof(req)) ? -EFAULT : 0;
 out:
 	mutex_unlock(&pmm_lock);
 	return ret;
@@ -462,6 +621,8 @@ static long get_stats(void __user *arg)
 		.around_pages = atomic64_read(&stat_around_pages),
 		.dax_pages = atomic64_read(&stat_dax_pages),
 		.pinned_pages = atomic64_read(&stat_pinned_pages),
+		.rdma_fetches = atomic64_read(&stat_rdma_fetches),
+		.rdma_errors = atomic64_read(&stat_rdma_errors),
 	};
 
 	return copy_to_user(arg, &s, sizeof(s)) ? -EFAULT : 0;
@@ -484,6 +645,8 @@ static long pmm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return delete_template(uarg);
 	case PSEUDO_MM_STATS:
 		return get_stats(uarg);
+	case PSEUDO_MM_REGISTER_REMOTE:
+		return register_remote(uarg);
 	default:
 		return -ENOTTY;
 	}
@@ -509,11 +672,54 @@ static void pmm_vm_close(struct vm_area_struct *vma)
  * A backend's page at `index`, referenced, or NULL: from the page cache (read in if need be,
  * unless `cached_only`), or a DAX backend's page, which is always there.
  */
-static struct page *backend_page(const struct pmm_backend *b, pgoff_t index, bool cached_only)
+/*
+ * A remote backend's page: fetched at its first use (one at a time per backend, so that
+ * every instance gets the one copy), then kept. NULL if the server cannot give it.
+ */
+static struct page *remote_page(struct pmm_backend *b, pgoff_t index, bool cached_only)
 {
-	struct address_space *mapping = b->file->f_mapping;
+	struct page *page = smp_load_acquire(&b->pages[index]);
+	int err;
+
+	if (page || cached_only) {
+		if (page)
+			get_page(page);
+		return page;
+	}
+	mutex_lock(&b->fetch_lock);
+	page = b->pages[index];
+	if (!page) {
+		page = alloc_page(GFP_KERNEL);
+		if (!page)
+			goto out;
+		atomic64_inc(&stat_rdma_fetches);
+		err = pmm_rdma_fetch(b->rdma, index, page);
+		if (err) {
+			atomic64_inc(&stat_rdma_errors);
+			/* -EINPROGRESS: the device may still write it; it is left to it. */
+			if (err != -EINPROGRESS)
+				__free_page(page);
+			page = NULL;
+			goto out;
+		}
+		b->held++;
+		atomic64_inc(&stat_pinned_pages);
+		smp_store_release(&b->pages[index], page);
+	}
+	get_page(page);
+out:
+	mutex_unlock(&b->fetch_lock);
+	return page;
+}
+
+static struct page *backend_page(struct pmm_backend *b, pgoff_t index, bool cached_only)
+{
+	struct address_space *mapping;
 	struct page *page;
 
+	if (b->rdma)
+		return remote_page(b, index, cached_only);
+	mapping = b->file->f_mapping;
 	if (b->pages) {
 		get_page(b->pages[index]);
 		return b->pages[index];
@@ -568,7 +774,7 @@ static void pmm_fault_around(struct vm_fault *vmf, const struct pmm_map *m, pgof
 		if (!page)
 			continue;
 		/* A hole of a sparse DAX file: left to its own fault (the zero page's PTE). */
-		if (!pmm_is_zero_page(page) && !vm_insert_page(vma, a, page)) {
+		if (!pmm_is_zero_page(page) && !PageAnon(page) && !vm_insert_page(vma, a, page)) {
 			atomic64_inc(&stat_around_pages);
 			count_mapped(r->backend);
 		}
@@ -577,12 +783,13 @@ static void pmm_fault_around(struct vm_fault *vmf, const struct pmm_map *m, pgof
 }
 
 /*
- * Hands the kernel the backend's page: a read maps it (an ordinary page mapping, with its
- * reference and rmap, so the process's smaps, pagemap and CRIU see a file page), and a
- * first touch by a write (vmf->cow_page) makes the kernel copy it (do_cow_fault, with
- * copy_mc: a poisoned PMem line gives SIGBUS, not a machine check). A DAX device's pages
- * are ZONE_DEVICE pages with a struct page, mapped as they are; the zero page of a hole of
- * a sparse DAX file is mapped the way the kernel maps it, as a special PTE.
+ * A read maps the backend's page here, as an order-0 PTE (vm_insert_page: an ordinary page
+ * mapping with its reference and rmap, so smaps, pagemap and CRIU see a file page), not
+ * through the fault path, which maps a huge page of the backend (a tmpfs THP) by PMD. A
+ * first touch by a write (vmf->cow_page) hands the page to the kernel, which copies it
+ * (do_cow_fault; with copy_mc from 6.8 on, so that a poisoned PMem line gives SIGBUS). A
+ * hole's zero page is mapped as the kernel maps it, a special PTE, whatever the access: a
+ * write then copies it in wp_page_copy without locking the zero page.
  */
 static vm_fault_t pmm_fault(struct vm_fault *vmf)
 {
@@ -590,6 +797,7 @@ static vm_fault_t pmm_fault(struct vm_fault *vmf)
 	const struct pmm_region *r = m->region;
 	pgoff_t rel = vmf->pgoff - m->base;
 	struct page *page;
+	int err;
 
 	if (rel >= r->pages) {
 		atomic64_inc(&stat_bad_faults);
@@ -600,22 +808,34 @@ static vm_fault_t pmm_fault(struct vm_fault *vmf)
 		atomic64_inc(&stat_bad_faults);
 		return VM_FAULT_SIGBUS;
 	}
-	if (pmm_is_zero_page(page) && !vmf->cow_page) {
+	/* An fsdax page whose extent a reflink shares looks anonymous: not a file page to map. */
+	if (PageAnon(page)) {
+		put_page(page);
+		atomic64_inc(&stat_bad_faults);
+		return VM_FAULT_SIGBUS;
+	}
+	if (pmm_is_zero_page(page)) {
 		put_page(page);
 		atomic64_inc(&stat_read_faults);
 		return vmf_insert_mixed(vmf->vma, vmf->address & PAGE_MASK,
 					pfn_to_pfn_t(my_zero_pfn(vmf->address)));
 	}
-	/* The reference goes to the fault path, which maps (or, for a write, copies) it. */
-	vmf->page = page;
-	if (vmf->flags & FAULT_FLAG_WRITE) {
+	if (vmf->cow_page) {
+		/* The reference goes to the fault path, which copies the page and drops it. */
+		vmf->page = page;
 		atomic64_inc(&stat_write_faults);
-	} else {
-		atomic64_inc(&stat_read_faults);
-		count_mapped(r->backend);
-		pmm_fault_around(vmf, m, rel);
+		return 0;
 	}
-	return 0;
+	err = vm_insert_page(vmf->vma, vmf->address & PAGE_MASK, page);
+	put_page(page);
+	if (err && err != -EBUSY) {	/* -EBUSY: another thread mapped it first */
+		atomic64_inc(&stat_bad_faults);
+		return err == -ENOMEM ? VM_FAULT_OOM : VM_FAULT_SIGBUS;
+	}
+	atomic64_inc(&stat_read_faults);
+	count_mapped(r->backend);
+	pmm_fault_around(vmf, m, rel);
+	return VM_FAULT_NOPAGE;
 }
 
 static const struct vm_operations_struct pmm_vm_ops = {
@@ -656,12 +876,15 @@ static int pmm_mmap(struct file *file, struct vm_area_struct *vma)
 
 	vma->vm_private_data = m;
 	vma->vm_ops = &pmm_vm_ops;
-	/* VM_MIXEDMAP: fault-around inserts pages with vm_insert_page(). They are ordinary
-	 * pages, so the kernel still treats them as such (rmap, copy-on-write, fork). */
+	/*
+	 * VM_MIXEDMAP: faults insert pages with vm_insert_page(). They are ordinary pages, so
+	 * the kernel still treats them as such (rmap, copy-on-write, fork). VM_NOHUGEPAGE: no
+	 * huge-page path for these mappings (6.12 checks it before mapping by PMD).
+	 */
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
-	vm_flags_set(vma, VM_DONTEXPAND | VM_MIXEDMAP);
+	vm_flags_set(vma, VM_DONTEXPAND | VM_MIXEDMAP | VM_NOHUGEPAGE);
 #else
-	vma->vm_flags |= VM_DONTEXPAND | VM_MIXEDMAP;
+	vma->vm_flags |= VM_DONTEXPAND | VM_MIXEDMAP | VM_NOHUGEPAGE;
 #endif
 	atomic64_inc(&stat_vmas);
 	return 0;
