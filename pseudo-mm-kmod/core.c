@@ -464,25 +464,35 @@ static long register_remote(void __user *arg)
 	return 0;
 }
 
-static long unregister_backend(void __user *arg)
+/*
+ * Takes entry *arg (a u32 id) out of `xa` unless it is in use (the atomic_t at `users` in
+ * it is > 0); the caller puts what it returns.
+ */
+static void *take_unused(struct xarray *xa, void __user *arg, size_t users)
 {
-	struct pmm_backend *b;
+	void *entry;
 	u32 id;
 
 	if (get_user(id, (u32 __user *)arg))
-		return -EFAULT;
+		return ERR_PTR(-EFAULT);
 	mutex_lock(&pmm_lock);
-	b = xa_load(&pmm_backends, id);
-	if (!b) {
-		mutex_unlock(&pmm_lock);
-		return -ENOENT;
-	}
-	if (atomic_read(&b->regions) > 0) {
-		mutex_unlock(&pmm_lock);
-		return -EBUSY;
-	}
-	xa_erase(&pmm_backends, id);
+	entry = xa_load(xa, id);
+	if (!entry)
+		entry = ERR_PTR(-ENOENT);
+	else if (atomic_read((atomic_t *)((char *)entry + users)) > 0)
+		entry = ERR_PTR(-EBUSY);
+	else
+		xa_erase(xa, id);
 	mutex_unlock(&pmm_lock);
+	return entry;
+}
+
+static long unregister_backend(void __user *arg)
+{
+	struct pmm_backend *b = take_unused(&pmm_backends, arg, offsetof(struct pmm_backend, regions));
+
+	if (IS_ERR(b))
+		return PTR_ERR(b);
 	kref_put(&b->ref, backend_release);
 	return 0;
 }
@@ -587,23 +597,11 @@ out:
 
 static long delete_template(void __user *arg)
 {
-	struct pmm_template *t;
-	u32 id;
+	struct pmm_template *t = take_unused(&pmm_templates, arg,
+					     offsetof(struct pmm_template, mappings));
 
-	if (get_user(id, (u32 __user *)arg))
-		return -EFAULT;
-	mutex_lock(&pmm_lock);
-	t = xa_load(&pmm_templates, id);
-	if (!t) {
-		mutex_unlock(&pmm_lock);
-		return -ENOENT;
-	}
-	if (atomic_read(&t->mappings) > 0) {
-		mutex_unlock(&pmm_lock);
-		return -EBUSY;
-	}
-	xa_erase(&pmm_templates, id);
-	mutex_unlock(&pmm_lock);
+	if (IS_ERR(t))
+		return PTR_ERR(t);
 	kref_put(&t->ref, template_release);
 	return 0;
 }
