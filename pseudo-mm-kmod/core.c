@@ -677,6 +677,8 @@ static void pmm_vm_close(struct vm_area_struct *vma)
 static struct page *remote_page(struct pmm_backend *b, pgoff_t index, bool cached_only)
 {
 	struct page *page = smp_load_acquire(&b->pages[index]);
+	struct page *batch[PMM_RDMA_BATCH];
+	unsigned int n, i;
 	int err;
 
 	if (page || cached_only) {
@@ -686,26 +688,33 @@ static struct page *remote_page(struct pmm_backend *b, pgoff_t index, bool cache
 	}
 	mutex_lock(&b->fetch_lock);
 	page = b->pages[index];
-	if (!page) {
-		page = alloc_page(GFP_KERNEL);
-		if (!page)
-			goto out;
-		atomic64_inc(&stat_rdma_fetches);
-		err = pmm_rdma_fetch(b->rdma, index, page);
-		if (err) {
-			atomic64_inc(&stat_rdma_errors);
-			/* -EINPROGRESS: the device may still write it; it is left to it. */
-			if (err != -EINPROGRESS)
-				__free_page(page);
-			page = NULL;
-			goto out;
-		}
-		b->held++;
-		atomic64_inc(&stat_pinned_pages);
-		smp_store_release(&b->pages[index], page);
+	if (page)
+		goto out;
+	/* This page and the ones after it that are not here yet, in one round trip. */
+	for (n = 0; n < PMM_RDMA_BATCH && index + n < b->nr_pages && !b->pages[index + n]; n++) {
+		batch[n] = alloc_page(GFP_KERNEL);
+		if (!batch[n])
+			break;
 	}
-	get_page(page);
+	if (!n)
+		goto out;
+	atomic64_inc(&stat_rdma_fetches);
+	err = pmm_rdma_fetch(b->rdma, index, batch, n);
+	if (err) {
+		atomic64_inc(&stat_rdma_errors);
+		/* -EINPROGRESS: the device may still write them; they are left to it. */
+		for (i = 0; i < n && err != -EINPROGRESS; i++)
+			__free_page(batch[i]);
+		goto out;
+	}
+	b->held += n;
+	atomic64_add(n, &stat_pinned_pages);
+	for (i = 0; i < n; i++)
+		smp_store_release(&b->pages[index + i], batch[i]);
+	page = batch[0];
 out:
+	if (page)
+		get_page(page);
 	mutex_unlock(&b->fetch_lock);
 	return page;
 }

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * pseudo_mm's RDMA backend transport: a reliable connection (RC queue pair, rdma_cm) to a
- * memory server that exports template pages as one memory region; a page is fetched with
- * one RDMA READ into a page of ours.
+ * memory server that exports template pages as one memory region; up to PMM_RDMA_BATCH
+ * consecutive pages are fetched with one RDMA READ scattered into pages of ours.
  *
  * The server answers the connection request with struct pmm_rdma_info as private data
  * (where its region is, its rkey, its size). Every wait is bounded: address and route
@@ -120,7 +120,12 @@ struct pmm_rdma *pmm_rdma_connect(__be32 addr, __be16 port, unsigned int timeout
 	struct ib_qp_init_attr qp = {
 		.qp_type = IB_QPT_RC,
 		.sq_sig_type = IB_SIGNAL_REQ_WR,
-		.cap = { .max_send_wr = 4, .max_recv_wr = 1, .max_send_sge = 1, .max_recv_sge = 1 },
+		.cap = {
+			.max_send_wr = 4,
+			.max_recv_wr = 1,
+			.max_send_sge = PMM_RDMA_BATCH,
+			.max_recv_sge = 1,
+		},
 	};
 	struct rdma_conn_param param = {
 		.initiator_depth = 1,
@@ -192,36 +197,38 @@ bool pmm_rdma_lost(const struct pmm_rdma *r)
 	return atomic_read(&r->lost);
 }
 
-int pmm_rdma_fetch(struct pmm_rdma *r, pgoff_t index, struct page *page)
+int pmm_rdma_fetch(struct pmm_rdma *r, pgoff_t index, struct page **pages, unsigned int n)
 {
 	struct ib_device *dev = r->cm->device;
+	struct ib_sge sge[PMM_RDMA_BATCH];
 	const struct ib_send_wr *bad;
 	struct pmm_rdma_read *rd;
 	struct ib_rdma_wr wr = { };
-	struct ib_sge sge;
-	u64 dma;
-	int err;
+	unsigned int i, mapped = 0;
+	int err = 0;
 
 	if (pmm_rdma_lost(r))
 		return -ENOTCONN;
-	if (index >= r->pages)
+	if (!n || n > PMM_RDMA_BATCH || index >= r->pages || n > r->pages - index)
 		return -EINVAL;
 	rd = kzalloc(sizeof(*rd), GFP_KERNEL);
 	if (!rd)
 		return -ENOMEM;
 	init_completion(&rd->done);
 	rd->cqe.done = pmm_rdma_read_done;
-	dma = ib_dma_map_page(dev, page, 0, PAGE_SIZE, DMA_FROM_DEVICE);
-	if (ib_dma_mapping_error(dev, dma)) {
-		kfree(rd);
-		return -EIO;
+	for (; mapped < n; mapped++) {
+		sge[mapped].addr = ib_dma_map_page(dev, pages[mapped], 0, PAGE_SIZE, DMA_FROM_DEVICE);
+		if (ib_dma_mapping_error(dev, sge[mapped].addr)) {
+			err = -EIO;
+			goto out;
+		}
+		sge[mapped].length = PAGE_SIZE;
+		sge[mapped].lkey = r->pd->local_dma_lkey;
 	}
-	sge.addr = dma;
-	sge.length = PAGE_SIZE;
-	sge.lkey = r->pd->local_dma_lkey;
+	/* One READ of the n consecutive remote pages, scattered into ours: one round trip. */
 	wr.wr.wr_cqe = &rd->cqe;
-	wr.wr.sg_list = &sge;
-	wr.wr.num_sge = 1;
+	wr.wr.sg_list = sge;
+	wr.wr.num_sge = n;
 	wr.wr.opcode = IB_WR_RDMA_READ;
 	wr.wr.send_flags = IB_SEND_SIGNALED;
 	wr.remote_addr = r->remote_addr + ((u64)index << PAGE_SHIFT);
@@ -234,20 +241,22 @@ int pmm_rdma_fetch(struct pmm_rdma *r, pgoff_t index, struct page *page)
 		atomic_set(&r->lost, 1);
 		rdma_disconnect(r->cm);
 		if (!wait_for_completion_timeout(&rd->done, r->timeout)) {
-			pr_err("RDMA read of page %lu not given back by the device: page leaked\n", index);
+			pr_err("RDMA read of pages %lu+%u not given back by the device: pages leaked\n",
+			       index, n);
 			return -EINPROGRESS;
 		}
 		err = -ETIMEDOUT;
 	} else if (rd->status != IB_WC_SUCCESS) {
-		pr_warn("RDMA read of page %lu failed: %s\n", index, ib_wc_status_msg(rd->status));
-		atomic_set(&r->lost, 1);
+		pr_warn("RDMA read of pages %lu+%u failed: %s\n", index, n,
+			ib_wc_status_msg(rd->status));
 		rdma_disconnect(r->cm);
 		err = -EIO;
 	}
 out:
 	if (err)
 		atomic_set(&r->lost, 1);
-	ib_dma_unmap_page(dev, dma, PAGE_SIZE, DMA_FROM_DEVICE);
+	for (i = 0; i < mapped; i++)
+		ib_dma_unmap_page(dev, sge[i].addr, PAGE_SIZE, DMA_FROM_DEVICE);
 	kfree(rd);
 	return err;
 }

@@ -94,7 +94,7 @@ def section(runs):
             )
     lines += [
         "",
-        "| kernel | remote page, first fault (RDMA READ over Soft-RoCE) | same page, cached in the module | server killed mid-faults: SIGBUS after |",
+        "| kernel | remote pages, first touch, per page (one RDMA READ per 16 pages, Soft-RoCE) | same pages, cached in the module | server killed mid-faults: SIGBUS after |",
         "| --- | --- | --- | --- |",
     ]
     for r in runs:
@@ -109,8 +109,8 @@ def section(runs):
         "the file system) is still cheaper per page than the module's. A first write costs about",
         "the same or less through the module: it is a page copy. The restore from a template writes no page of",
         "the 16384 (only the few left in the images) and, on the fsdax pool, leaves every page on",
-        "the device until the process writes it. Remote pages cost one round trip each the first",
-        "time (Soft-RoCE is the kernel's software RDMA, here under emulation), then are local; a",
+        "the device until the process writes it. Remote pages cost a round trip per 16 pages the",
+        "first time (Soft-RoCE is the kernel's software RDMA, here under emulation), then are local; a",
         "lost server costs the faulting access one timeout, and later faults fail at once.",
         END,
     ]

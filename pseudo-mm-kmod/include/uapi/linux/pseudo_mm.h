@@ -13,8 +13,8 @@
  *    registered, so the device cannot go away under a mapping.
  *  - remote (PSEUDO_MM_BACKEND_RDMA, PSEUDO_MM_REGISTER_REMOTE): a memory server reached over
  *    RDMA (a reliable connection through rdma_cm; RoCE, InfiniBand or Soft-RoCE) that exports
- *    template pages; the module fetches a page with one RDMA READ at its first fault and
- *    keeps it for every instance. A fetch is bounded by the backend's timeout: a lost server
+ *    template pages; at a page's first fault the module fetches it (and up to 15 pages
+ *    after it that it has not yet) with one RDMA READ, and keeps them for every instance. A fetch is bounded by the backend's timeout: a lost server
  *    or link gives SIGBUS to the faulting access (and to every later fault that needs the
  *    server), never a hang; pages fetched already stay served. A *template* is a list of *regions*,
  * each a page range of a backend. A process maps a region privately with mmap(2) of
@@ -86,7 +86,7 @@ struct pseudo_mm_stats {
 	__u64 around_pages;	/* pages mapped ahead of a read fault (fault-around) */
 	__u64 dax_pages;	/* device pages mapped as they are (faults and fault-around) */
 	__u64 pinned_pages;	/* pages the module holds: DAX backends', fetched remote pages */
-	__u64 rdma_fetches;	/* RDMA reads of remote pages */
+	__u64 rdma_fetches;	/* RDMA reads (each of up to 16 consecutive remote pages) */
 	__u64 rdma_errors;	/* of which failed or timed out (the backend is lost then) */
 };
 
