@@ -46,6 +46,8 @@ i=0; while [ -d "/proc/$pid" ]; do i=$((i + 1)); [ "$i" -gt 100 ] && fail "dumpe
 images=$(ls -d "$D"/store/by-key/*/images 2>/dev/null)
 [ -n "$images" ] || fail "no template"
 /pmm_test stats | sed "s/^/E2E $kind after build: /"
+templates() { /pmm_test stats | sed -n 's/.*templates=\([0-9]*\).*/\1/p'; }
+built=$(templates)
 
 /pmm_test time wall $CRIU restore -D "$D/img" -W "$D/work" -o plain.log -d --display-stats \
   --pidfile "$D/plain.pid" | grep -E "TIME|Restore time|Pages restored" | sed "s/^/E2E $kind-plain /"
@@ -75,4 +77,5 @@ stop "$(cat "$D/redump.pid")"
 # Removing the template releases it in the module.
 /trenv --criu "$CRIU" template rm worker --store "$D/store" || fail "template rm"
 /pmm_test stats | sed "s/^/E2E $kind after rm: /"
+[ "$(templates)" -eq $((built - 1)) ] || fail "template rm left the module's template"
 echo "E2E $kind done"

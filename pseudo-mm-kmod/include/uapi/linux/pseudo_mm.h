@@ -14,13 +14,16 @@
  *  - remote (PSEUDO_MM_BACKEND_RDMA, PSEUDO_MM_REGISTER_REMOTE): a memory server reached over
  *    RDMA (a reliable connection through rdma_cm; RoCE, InfiniBand or Soft-RoCE) that exports
  *    template pages; at a page's first fault the module fetches it (and up to 15 pages
- *    after it that it has not yet) with one RDMA READ, and keeps them for every instance. A fetch is bounded by the backend's timeout: a lost server
- *    or link gives SIGBUS to the faulting access (and to every later fault that needs the
- *    server), never a hang; pages fetched already stay served. A *template* is a list of *regions*,
- * each a page range of a backend. A process maps a region privately with mmap(2) of
- * /dev/pseudo_mm at offset PSEUDO_MM_MAP_OFFSET(template, region): a read fault maps the
- * backend's page itself (one physical page shared by every instance, never copied); a write
- * copies it into the process's own memory (copy-on-write, charged to its memory cgroup).
+ *    after it that it has not yet) with one RDMA READ, and keeps them for every instance.
+ *    A fetch is bounded by the backend's timeout: a lost server or link gives SIGBUS to
+ *    the faulting access (and to every later fault that needs the server), never a hang;
+ *    pages fetched already stay served.
+ *
+ * A *template* is a list of *regions*, each a page range of a backend. A process maps a
+ * region privately with mmap(2) of /dev/pseudo_mm at offset
+ * PSEUDO_MM_MAP_OFFSET(template, region): a read fault maps the backend's page itself (one
+ * physical page shared by every instance, never copied); a write copies it into the
+ * process's own memory (copy-on-write, charged to its memory cgroup).
  *
  * Requests return 0, or -1 with errno: EINVAL (malformed argument), EFAULT (unreadable or
  * unwritable argument), EBADF (not an open descriptor), ENOENT (no such template or
