@@ -363,15 +363,12 @@ static long register_backend(void __user *arg)
 		return -ENOMEM;
 	b->file = fget(req.fd);
 	if (!b->file) {
-		kfree(b);
-		return -EBADF;
+		err = -EBADF;
+		goto out_free;
 	}
 	err = backend_open(b, req.pages);
-	if (err) {
-		fput(b->file);
-		kfree(b);
-		return err;
-	}
+	if (err)
+		goto out_put;
 	/*
 	 * A mapped page must stay the backend's: a page truncated away while mapped here would
 	 * be reported as bad page cache, and a write would change every instance. So nobody may
@@ -379,20 +376,13 @@ static long register_backend(void __user *arg)
 	 * fails with ETXTBSY while it has writers, and opening it for writing fails after.
 	 */
 	err = deny_write_access(b->file);
-	if (err) {
-		fput(b->file);
-		kfree(b);
-		return err;
-	}
+	if (err)
+		goto out_put;
 	/* Pages are looked up once nobody can write or truncate the backend any more. */
 	if (b->kind == PSEUDO_MM_BACKEND_DAX) {
 		err = backend_pin_dax(b);
-		if (err) {
-			allow_write_access(b->file);
-			fput(b->file);
-			kfree(b);
-			return err;
-		}
+		if (err)
+			goto out_allow;
 	}
 	kref_init(&b->ref);
 	atomic_set(&b->regions, 0);
@@ -409,6 +399,14 @@ static long register_backend(void __user *arg)
 		return -EFAULT;
 	}
 	return 0;
+
+out_allow:
+	allow_write_access(b->file);
+out_put:
+	fput(b->file);
+out_free:
+	kfree(b);
+	return err;
 }
 
 #define PMM_RDMA_DEFAULT_TIMEOUT_MS 5000

@@ -7,6 +7,8 @@
 use std::ffi::{c_char, c_int, c_uint, CStr};
 use std::path::Path;
 
+use trenv_mempool::pseudo_mm::{parse_map_offset, DEVICE};
+
 /// `CRIU_PLUGIN_GEN_VERSION(0, 2, 0)`.
 pub const PLUGIN_VERSION: c_uint = 2 << 8;
 /// `CR_PLUGIN_HOOK__MAX` of CRIU 4.2.
@@ -17,13 +19,8 @@ pub const HOOK_HANDLE_DEVICE_VMA: usize = 7;
 /// `CR_PLUGIN_HOOK__UPDATE_VMA_MAP`.
 pub const HOOK_UPDATE_VMA_MAP: usize = 8;
 
-/// The device the module registers, and where its number is published.
-const DEVICE: &str = "/dev/pseudo_mm";
+/// Where the module publishes its device's number.
 const SYSFS_DEV: &str = "/sys/class/misc/pseudo_mm/dev";
-/// Low page-number bits of a map offset that pick the range (the rest is the template).
-const REGION_BITS: u32 = 12;
-/// `PSEUDO_MM_MAX_TEMPLATES`.
-const MAX_TEMPLATES: u64 = 4095;
 
 const LOG_ERROR: c_uint = 1;
 const LOG_INFO: c_uint = 3;
@@ -116,19 +113,6 @@ pub fn is_pseudo_mm(st: &libc::stat, dev: libc::dev_t) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == dev
 }
 
-/// The template and range a VMA's offset (bytes) names, if it names one.
-pub fn template_range(pgoff: u64) -> Option<(u64, u64)> {
-    if !pgoff.is_multiple_of(4096) {
-        return None;
-    }
-    let page = pgoff >> 12;
-    let template = page >> REGION_BITS;
-    let range = page & ((1 << REGION_BITS) - 1);
-    (1..=MAX_TEMPLATES)
-        .contains(&template)
-        .then_some((template, range))
-}
-
 /// Whether an image's path names the device (the path recorded at dump).
 pub fn names_pseudo_mm(path: &str) -> bool {
     Path::new(path) == Path::new(DEVICE)
@@ -170,7 +154,7 @@ pub unsafe extern "C" fn update_vma_map(
     if !names_pseudo_mm(&path) {
         return -libc::ENOTSUP;
     }
-    let Some((template, range)) = template_range(old_pgoff) else {
+    let Some((template, range)) = parse_map_offset(old_pgoff) else {
         log(
             LOG_ERROR,
             &format!("VMA at {addr:#x}: offset {old_pgoff:#x} names no pseudo_mm template range"),
@@ -231,18 +215,6 @@ mod tests {
         // SAFETY: NULL is part of the contract.
         let rc = unsafe { handle_device_vma(-1, std::ptr::null()) };
         assert_eq!(rc, -libc::EINVAL);
-    }
-
-    #[test]
-    fn offsets_name_template_ranges() {
-        assert_eq!(template_range(((3 << 12) | 5) << 12), Some((3, 5)));
-        assert_eq!(template_range(5 << 12), None, "template 0 does not exist");
-        assert_eq!(
-            template_range((4096 << 12) << 12),
-            None,
-            "past the last template"
-        );
-        assert_eq!(template_range(((1 << 12) << 12) + 1), None, "unaligned");
     }
 
     #[test]

@@ -19,6 +19,8 @@ const MAGIC: u64 = 0x1c;
 const REGION_BITS: u32 = 12;
 /// Ranges per template (the low bits of a map offset's page number).
 pub const MAX_REGIONS: usize = 1 << REGION_BITS;
+/// Template ids run from 1 to this (`PSEUDO_MM_MAX_TEMPLATES`).
+pub const MAX_TEMPLATES: u32 = 4095;
 
 /// Backend kinds the module reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -46,11 +48,6 @@ pub enum PseudoMmError {
         what: String,
         detail: String,
         errno: i32,
-    },
-    #[error("cannot open backend {path}: {source}")]
-    Backend {
-        path: PathBuf,
-        source: std::io::Error,
     },
 }
 
@@ -129,12 +126,18 @@ pub fn map_offset(template: u32, index: u32) -> u64 {
     ((u64::from(template) << REGION_BITS) | u64::from(index)) << 12
 }
 
-/// The template and range a map offset names (the inverse of [`map_offset`]).
-pub fn parse_map_offset(offset: u64) -> (u32, u32) {
+/// The template and range a map offset names (the inverse of [`map_offset`]), if it names
+/// one: page-aligned, and a template id the module can give.
+pub fn parse_map_offset(offset: u64) -> Option<(u32, u32)> {
+    if !offset.is_multiple_of(4096) {
+        return None;
+    }
     let page = offset >> 12;
-    let index = u32::try_from(page & ((1 << REGION_BITS) - 1)).unwrap_or(u32::MAX);
-    let template = u32::try_from(page >> REGION_BITS).unwrap_or(u32::MAX);
-    (template, index)
+    let template = u32::try_from(page >> REGION_BITS)
+        .ok()
+        .filter(|t| (1..=MAX_TEMPLATES).contains(t))?;
+    let index = u32::try_from(page & ((1 << REGION_BITS) - 1)).ok()?;
+    Some((template, index))
 }
 
 impl PseudoMmError {
@@ -231,19 +234,6 @@ impl PseudoMm {
         Ok((req.id, kind))
     }
 
-    /// Opens `path` read-only and registers it.
-    pub fn register_path(
-        &self,
-        path: &Path,
-        pages: u64,
-    ) -> Result<(u32, BackendKind), PseudoMmError> {
-        let file = File::open(path).map_err(|source| PseudoMmError::Backend {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        self.register_backend(&file, pages)
-    }
-
     /// Connects to the memory server (`pmm-memserver`) at `server` and registers what it
     /// exports as a backend; `timeout_ms` bounds connecting and each page fetch (0: the
     /// module's 5 s). Returns the backend and its pages.
@@ -337,7 +327,19 @@ mod tests {
     fn map_offsets_round_trip() {
         assert_eq!(map_offset(1, 0), 1 << 24);
         assert_eq!(map_offset(3, 5), ((3 << 12) | 5) << 12);
-        assert_eq!(parse_map_offset(map_offset(4095, 4095)), (4095, 4095));
+        assert_eq!(parse_map_offset(map_offset(4095, 4095)), Some((4095, 4095)));
+    }
+
+    #[test]
+    fn offsets_name_template_ranges() {
+        assert_eq!(parse_map_offset(((3 << 12) | 5) << 12), Some((3, 5)));
+        assert_eq!(parse_map_offset(5 << 12), None, "template 0 does not exist");
+        assert_eq!(
+            parse_map_offset((4096 << 12) << 12),
+            None,
+            "past the last template"
+        );
+        assert_eq!(parse_map_offset(((1 << 12) << 12) + 1), None, "unaligned");
     }
 
     #[test]

@@ -462,15 +462,21 @@ fn register_kmod(
     Ok(k)
 }
 
-/// Deletes a region's pseudo_mm template and backend (best effort: a mapped template stays,
-/// and the module refuses with EBUSY).
-pub fn release_kmod(dev: &PseudoMm, k: KmodRef) {
-    if let Err(e) = dev.delete_template(k.template) {
-        tracing::warn!(template = k.template, error = %e, "pseudo_mm template left");
-        return;
-    }
+/// Deletes a region's pseudo_mm template, then its backend. A mapped template stays (the
+/// module refuses with EBUSY) and so does its backend; a backend left once the template is
+/// gone is only logged.
+pub fn try_release_kmod(dev: &PseudoMm, k: KmodRef) -> Result<(), pseudo_mm::PseudoMmError> {
+    dev.delete_template(k.template)?;
     if let Err(e) = dev.unregister_backend(k.backend) {
         tracing::warn!(backend = k.backend, error = %e, "pseudo_mm backend left");
+    }
+    Ok(())
+}
+
+/// [`try_release_kmod`], best effort: what stays is logged.
+pub fn release_kmod(dev: &PseudoMm, k: KmodRef) {
+    if let Err(e) = try_release_kmod(dev, k) {
+        tracing::warn!(template = k.template, error = %e, "pseudo_mm template left");
     }
 }
 

@@ -667,10 +667,8 @@ fn release_kmod_regions(m: &Manifest, name: &str) -> Result<(), TemplateError> {
         return Ok(());
     };
     for k in kmod {
-        match dev.delete_template(k.template) {
-            Ok(()) => {
-                let _ = dev.unregister_backend(k.backend);
-            }
+        match convert::try_release_kmod(&dev, k) {
+            Ok(()) => {}
             Err(e) if e.is_busy() => {
                 return Err(TemplateError::InUse {
                     name: name.into(),
