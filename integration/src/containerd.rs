@@ -237,6 +237,26 @@ impl Containerd {
         self.dir.path().join("pool").join(self.namespace)
     }
 
+    /// A sample of the pool's `metrics.prom` (0 when absent).
+    pub fn pool_metric(&self, name: &str) -> f64 {
+        let text =
+            std::fs::read_to_string(self.pool_dir().join("metrics.prom")).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits up to 10 s for a pool metric to reach `at_least`: the pool worker rewrites
+    /// `metrics.prom` after it acts, so the file trails what `trenv sandbox ls` shows.
+    pub fn wait_pool_metric(&self, name: &str, at_least: f64) -> Result<(), f64> {
+        match wait_for(Duration::from_secs(10), || {
+            (self.pool_metric(name) >= at_least).then_some(())
+        }) {
+            Some(()) => Ok(()),
+            None => Err(self.pool_metric(name)),
+        }
+    }
+
     /// `trenv sandbox SUBCOMMAND ... --namespace NS` on this containerd's pool.
     pub fn sandbox_cmd(&self, args: &[&str]) -> Output {
         Command::new(crate::runtime::trenv_bin())

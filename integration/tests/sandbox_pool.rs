@@ -78,10 +78,7 @@ fn wait_idle(c: &Containerd, id: &str) {
 }
 
 fn metric(c: &Containerd, name: &str) -> f64 {
-    let text = std::fs::read_to_string(c.pool_dir().join("metrics.prom")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    c.pool_metric(name)
 }
 
 /// A plain HTTP GET over TCP from the host, retried while the server starts.
@@ -540,7 +537,10 @@ fn killed_holder_is_detected_and_replaced() {
         "holder loss not handled: {:?}",
         sandboxes(&c)
     );
-    assert!(metric(&c, "trenv_pool_holders_lost_total{namespace=\"trenv-it\"}") >= 1.0);
+    let lost = "trenv_pool_holders_lost_total{namespace=\"trenv-it\"}";
+    if let Err(now) = c.wait_pool_metric(lost, 1.0) {
+        panic!("{lost} is {now} after the holder was replaced");
+    }
     // Its address went back to IPAM (unless a new sandbox got the same one).
     let lease = Path::new("/var/lib/cni/networks/trenv").join(&ip);
     let holder_of_ip = std::fs::read_to_string(&lease).unwrap_or_default();

@@ -126,21 +126,16 @@ fn templates(c: &Containerd) -> Vec<Value> {
 }
 
 fn metric(c: &Containerd, name: &str) -> f64 {
-    let text = std::fs::read_to_string(c.pool_dir().join("metrics.prom")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    c.pool_metric(name)
 }
 
 fn wait_metric(c: &Containerd, name: &str, at_least: f64) {
-    let ok = wait_for(Duration::from_secs(10), || {
-        (metric(c, name) >= at_least).then_some(())
-    });
-    assert!(
-        ok.is_some(),
-        "{name} below {at_least}; shim log:\n{}",
-        template_log(c)
-    );
+    if let Err(now) = c.wait_pool_metric(name, at_least) {
+        panic!(
+            "{name} is {now}, below {at_least}; shim log:\n{}",
+            template_log(c)
+        );
+    }
 }
 
 /// The shim's log lines about templates.

@@ -517,7 +517,10 @@ impl Pool {
                 continue;
             }
             if last_check.elapsed() > Duration::from_secs(1) {
-                self.check_holders();
+                if self.check_holders() {
+                    // Counted before the refill, which may take a while.
+                    self.write_metrics();
+                }
                 last_check = Instant::now();
             }
             if self.evict_one() || self.refill_one() {
@@ -624,7 +627,8 @@ impl Pool {
         self.adopted.notify_all();
     }
 
-    fn check_holders(&self) {
+    /// Destroys idle sandboxes whose holder died; true when there were any.
+    fn check_holders(&self) -> bool {
         let dead: Vec<Sandbox> = {
             let mut g = self.lock();
             let (alive, dead): (VecDeque<_>, VecDeque<_>) =
@@ -634,6 +638,7 @@ impl Pool {
             g.busy += dead.len();
             dead.into_iter().collect()
         };
+        let lost = !dead.is_empty();
         for sb in dead {
             log::warn!(
                 "sandbox {}: holder {} died; replacing it",
@@ -643,6 +648,7 @@ impl Pool {
             self.destroy(&sb);
             self.lock().busy -= 1;
         }
+        lost
     }
 
     /// Destroys the least recently used idle sandbox while over the memory bound.
