@@ -46,6 +46,7 @@
 
 struct pmm_backend {
 	struct kref ref;
+	u32 id;			/* in pmm_backends, from registration on */
 	struct file *file;	/* NULL for a remote backend */
 	atomic_t regions;	/* regions using it: unregistering is refused while > 0 */
 	u32 kind;		/* PSEUDO_MM_BACKEND_* */
@@ -69,6 +70,7 @@ struct pmm_region {
 struct pmm_template {
 	struct kref ref;
 	atomic_t mappings;	/* struct pmm_map of it: changes are refused while > 0 */
+	u64 tag;		/* the creator's, reported back: ids are reused after a reload */
 	u32 nr_regions;
 	struct pmm_region *regions;
 };
@@ -84,6 +86,7 @@ struct pmm_map {
 static DEFINE_MUTEX(pmm_lock);
 static DEFINE_XARRAY_ALLOC1(pmm_backends);
 static DEFINE_XARRAY_ALLOC1(pmm_templates);
+static u32 pmm_next_template = 1;	/* round-robin ids, under pmm_lock */
 
 static atomic64_t stat_templates, stat_backends, stat_regions, stat_vmas;
 static atomic64_t stat_read_faults, stat_write_faults, stat_bad_faults, stat_around_pages;
@@ -180,6 +183,8 @@ static long add_backend(struct pmm_backend *b, u32 *id)
 
 	mutex_lock(&pmm_lock);
 	err = xa_alloc(&pmm_backends, id, b, XA_LIMIT(1, PSEUDO_MM_MAX_BACKENDS), GFP_KERNEL);
+	if (!err)
+		b->id = *id;
 	mutex_unlock(&pmm_lock);
 	if (err) {
 		kref_put(&b->ref, backend_release);
@@ -504,20 +509,34 @@ static long create_template(void __user *arg)
 
 	if (copy_from_user(&req, arg, sizeof(req)))
 		return -EFAULT;
-	if (req.flags)
+	if (req.flags & ~PSEUDO_MM_TEMPLATE_AT_ID)
+		return -EINVAL;
+	if ((req.flags & PSEUDO_MM_TEMPLATE_AT_ID) && (!req.id || req.id > PSEUDO_MM_MAX_TEMPLATES))
 		return -EINVAL;
 	t = kzalloc(sizeof(*t), GFP_KERNEL);
 	if (!t)
 		return -ENOMEM;
 	kref_init(&t->ref);
 	atomic_set(&t->mappings, 0);
+	t->tag = req.tag;
 	atomic64_inc(&stat_templates);
 	mutex_lock(&pmm_lock);
-	err = xa_alloc(&pmm_templates, &id, t, XA_LIMIT(1, PSEUDO_MM_MAX_TEMPLATES), GFP_KERNEL);
+	if (req.flags & PSEUDO_MM_TEMPLATE_AT_ID) {
+		id = req.id;
+		err = xa_insert(&pmm_templates, id, t, GFP_KERNEL);
+		if (err == -EBUSY)
+			err = -EEXIST;
+	} else {
+		/* Round-robin, so that an id a caller still holds is not soon another template's. */
+		err = xa_alloc_cyclic(&pmm_templates, &id, t, XA_LIMIT(1, PSEUDO_MM_MAX_TEMPLATES),
+				      &pmm_next_template, GFP_KERNEL);
+		if (err == -EBUSY)
+			err = -ENOSPC;
+	}
 	mutex_unlock(&pmm_lock);
-	if (err) {
+	if (err < 0) {
 		kref_put(&t->ref, template_release);
-		return err == -EBUSY ? -ENOSPC : err;
+		return err;
 	}
 	req.id = id;
 	if (copy_to_user(arg, &req, sizeof(req))) {
@@ -604,6 +623,34 @@ static long delete_template(void __user *arg)
 	return 0;
 }
 
+static long template_info(void __user *arg)
+{
+	struct pseudo_mm_template_info req;
+	struct pmm_template *t;
+	u32 i;
+
+	if (copy_from_user(&req, arg, sizeof(req)))
+		return -EFAULT;
+	if (req.flags)
+		return -EINVAL;
+	mutex_lock(&pmm_lock);
+	t = xa_load(&pmm_templates, req.id);
+	if (!t) {
+		mutex_unlock(&pmm_lock);
+		return -ENOENT;
+	}
+	req.tag = t->tag;
+	req.regions = t->nr_regions;
+	req.pages = 0;
+	for (i = 0; i < t->nr_regions; i++)
+		req.pages += t->regions[i].pages;
+	req.mappings = atomic_read(&t->mappings);
+	req.backend = t->nr_regions ? t->regions[0].backend->id : 0;
+	req.reserved = 0;
+	mutex_unlock(&pmm_lock);
+	return copy_to_user(arg, &req, sizeof(req)) ? -EFAULT : 0;
+}
+
 static long get_stats(void __user *arg)
 {
 	struct pseudo_mm_stats s = {
@@ -643,6 +690,8 @@ static long pmm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return get_stats(uarg);
 	case PSEUDO_MM_REGISTER_REMOTE:
 		return register_remote(uarg);
+	case PSEUDO_MM_TEMPLATE_INFO:
+		return template_info(uarg);
 	default:
 		return -ENOTTY;
 	}

@@ -86,16 +86,42 @@ static struct pseudo_mm_stats stats(int dev)
 	return s;
 }
 
+static struct pseudo_mm_template_info info_of(int dev, uint32_t id)
+{
+	struct pseudo_mm_template_info info = { .id = id };
+
+	if (ioctl(dev, PSEUDO_MM_TEMPLATE_INFO, &info))
+		printf("FAIL info of template %u: errno %d\n", id, errno);
+	return info;
+}
+
 static void *map_region(int dev, uint32_t tpl, uint32_t index, size_t pages, int flags)
 {
 	return mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, flags, dev,
 		    (off_t)PSEUDO_MM_MAP_OFFSET(tpl, index));
 }
 
+/* Creates `n` empty templates (kept until deleted or unloaded): the next template made
+ * after them gets id n + 1 on a freshly loaded module. */
+static int take_ids(unsigned long n)
+{
+	struct pseudo_mm_template t = { 0 };
+	int dev = open("/dev/pseudo_mm", O_RDWR);
+
+	for (unsigned long i = 0; dev >= 0 && i < n; i++) {
+		if (ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &t)) {
+			printf("FAIL take-ids: errno %d\n", errno);
+			return 1;
+		}
+	}
+	printf("took ids up to %u\n", t.id);
+	return dev < 0;
+}
+
 static int bad_arguments(int dev, int backend_fd)
 {
 	struct pseudo_mm_backend b = { .fd = 9999 };
-	struct pseudo_mm_template t = { .flags = 1 };
+	struct pseudo_mm_template t = { .flags = 2 };
 	struct pseudo_mm_region r = { 0 };
 	uint32_t id = 12345;
 	int dir = open("/", O_RDONLY | O_DIRECTORY);
@@ -108,6 +134,19 @@ static int bad_arguments(int dev, int backend_fd)
 	CHECK(ioctl(dev, PSEUDO_MM_REGISTER_BACKEND, NULL) == -1 && errno == EFAULT, "NULL argument");
 	CHECK(ioctl(dev, PSEUDO_MM_REGISTER_BACKEND, (void *)8) == -1 && errno == EFAULT, "bad pointer");
 	CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &t) == -1 && errno == EINVAL, "template flags");
+	t.flags = PSEUDO_MM_TEMPLATE_AT_ID;
+	t.id = 0;
+	CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &t) == -1 && errno == EINVAL, "template at id 0");
+	t.id = PSEUDO_MM_MAX_TEMPLATES + 1;
+	CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &t) == -1 && errno == EINVAL, "template at an id past the last");
+	{
+		struct pseudo_mm_template_info info = { .id = 777 };
+
+		CHECK(ioctl(dev, PSEUDO_MM_TEMPLATE_INFO, &info) == -1 && errno == ENOENT, "info of a missing template");
+		info.flags = 2;
+		CHECK(ioctl(dev, PSEUDO_MM_TEMPLATE_INFO, &info) == -1 && errno == EINVAL, "info flags");
+		CHECK(ioctl(dev, PSEUDO_MM_TEMPLATE_INFO, NULL) == -1 && errno == EFAULT, "info NULL");
+	}
 	r.template_id = 777;
 	r.backend_id = 1;
 	r.pages = 1;
@@ -857,6 +896,8 @@ int main(int argc, char **argv)
 		return reap(argv + 2);
 	if (argc == 2 && strcmp(argv[1], "stats") == 0)
 		return print_stats();
+	if (argc == 3 && strcmp(argv[1], "take-ids") == 0)
+		return take_ids(strtoul(argv[2], NULL, 10));
 	if (argc >= 3 && strcmp(argv[1], "dax") == 0)
 		return dax(argv[2], argc > 3 ? strtoul(argv[3], NULL, 10) : 0);
 
@@ -886,6 +927,7 @@ int main(int argc, char **argv)
 	CHECK(ioctl(dev, PSEUDO_MM_REGISTER_BACKEND, &b) == 0 && b.id > 0, "register backend");
 	CHECK(open("/pool/region", O_RDWR) == -1 && errno == ETXTBSY, "open for writing refused");
 	CHECK(truncate("/pool/region", 0) == -1 && errno == ETXTBSY, "truncate refused");
+	t.tag = 0x5eed0000cafe0001ULL;
 	CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &t) == 0 && t.id > 0, "create template");
 	bad_regions(dev, t.id, b.id);
 
@@ -894,6 +936,28 @@ int main(int argc, char **argv)
 	r.pgoff = REGION_PGOFF;
 	r.pages = REGION_PAGES;
 	CHECK(ioctl(dev, PSEUDO_MM_ADD_REGION, &r) == 0 && r.index == 0, "add region");
+	{
+		struct pseudo_mm_template_info info = info_of(dev, t.id);
+
+		CHECK(info.tag == t.tag && info.regions == 1 && info.pages == REGION_PAGES && info.mappings == 0 &&
+		      info.backend == b.id && info.reserved == 0,
+		      "template info (tag %llx, regions %u, pages %llu, mappings %u, backend %u)",
+		      (unsigned long long)info.tag, info.regions, (unsigned long long)info.pages, info.mappings,
+		      info.backend);
+	}
+	/* Made again under an id given: refused while the id is taken; then it is the new one. */
+	{
+		struct pseudo_mm_template at = { .flags = PSEUDO_MM_TEMPLATE_AT_ID, .id = t.id, .tag = 7 };
+		uint32_t id;
+
+		CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &at) == -1 && errno == EEXIST, "template at a taken id");
+		at.id = PSEUDO_MM_MAX_TEMPLATES;
+		CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &at) == 0 && at.id == PSEUDO_MM_MAX_TEMPLATES,
+		      "template at a free id (%u)", at.id);
+		CHECK(info_of(dev, at.id).tag == 7 && info_of(dev, at.id).backend == 0, "its info");
+		id = at.id;
+		CHECK(ioctl(dev, PSEUDO_MM_DELETE_TEMPLATE, &id) == 0, "delete it");
+	}
 	CHECK(map_region(dev, t.id, 0, REGION_PAGES, MAP_SHARED) == MAP_FAILED && errno == EINVAL,
 	      "shared mapping refused");
 	CHECK(map_region(dev, t.id, 0, REGION_PAGES + 1, MAP_PRIVATE) == MAP_FAILED && errno == EINVAL,
@@ -925,6 +989,7 @@ int main(int argc, char **argv)
 		uint32_t id = t.id;
 
 		CHECK(ioctl(dev, PSEUDO_MM_DELETE_TEMPLATE, &id) == -1 && errno == EBUSY, "delete while mapped");
+		CHECK(info_of(dev, t.id).mappings == 1, "info counts the mapping");
 		CHECK(ioctl(dev, PSEUDO_MM_ADD_REGION, &r) == -1 && errno == EBUSY, "add while mapped");
 		id = b.id;
 		CHECK(ioctl(dev, PSEUDO_MM_UNREGISTER_BACKEND, &id) == -1 && errno == EBUSY,
@@ -988,7 +1053,15 @@ int main(int argc, char **argv)
 	b.pages = 0;
 	t.flags = 0;
 	CHECK(ioctl(dev, PSEUDO_MM_REGISTER_BACKEND, &b) == 0, "register again");
-	CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &t) == 0, "create again");
+	{
+		uint32_t deleted = t.id;
+		struct pseudo_mm_template_info gone = { .id = deleted };
+
+		CHECK(ioctl(dev, PSEUDO_MM_TEMPLATE_INFO, &gone) == -1 && errno == ENOENT, "info of a deleted template");
+		t.tag = 2;
+		CHECK(ioctl(dev, PSEUDO_MM_CREATE_TEMPLATE, &t) == 0, "create again");
+		CHECK(t.id != deleted, "a deleted template's id is not given again at once (%u)", t.id);
+	}
 	r.template_id = t.id;
 	r.backend_id = b.id;
 	r.pgoff = 0;

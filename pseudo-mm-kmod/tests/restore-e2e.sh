@@ -6,6 +6,8 @@
 #   plain     stock CRIU restore of the dump (pages written into fresh memory)
 #   template  CRIU with the trenv plugin, memory mapped through /dev/pseudo_mm
 #   redump    the template-backed process dumped again and restored (plugin hooks both ways)
+# then the module is reloaded: with the template's id given to another template (tmpfs), and
+# with it free, so that the store makes the template again from the pool (daxfs).
 # Restores run with --display-stats: CRIU's own restore time and pages written are printed
 # with the wall time of the whole command. Prints E2E lines; any "E2E FAIL" fails the run.
 kind=$1 pooldir=$2
@@ -74,8 +76,43 @@ $CRIU restore -D "$D/img2" -W "$D/work" -o redump.log -d --pidfile "$D/redump.pi
 ask redump "$(cat "$D/redump.pid")"
 stop "$(cat "$D/redump.pid")"
 
-# Removing the template releases it in the module.
-/trenv --criu "$CRIU" template rm worker --store "$D/store" || fail "template rm"
-/pmm_test stats | sed "s/^/E2E $kind after rm: /"
-[ "$(templates)" -eq $((built - 1)) ] || fail "template rm left the module's template"
+# A reloaded module (as after a reboot) has forgotten the template, and gives ids from 1
+# again. tmpfs: the worker's id is taken by another template first, and the store must
+# refuse the worker rather than restore another's memory, and its rm must leave the other
+# alone. daxfs: the id is free, the store makes the template again from the pool on use
+# (the pool on the device outlives the module), and a restore works as before.
+manifest_id() { sed -n 's/.*"template": \([0-9]*\).*/\1/p' "$1"/by-key/*/manifest.json | head -1; }
+wid=$(manifest_id "$D/store")
+[ -n "$wid" ] || fail "no module template in the worker's manifest"
+reload() {
+  rmmod pseudo_mm || fail "unloading with unmapped templates"
+  insmod /pseudo_mm.ko || fail "reloading the module"
+}
+backends() { /pmm_test stats | sed -n 's/.*backends=\([0-9]*\).*/\1/p'; }
+reload
+if [ "$kind" = tmpfs ]; then
+  /pmm_test take-ids "$wid" >/dev/null || fail "taking ids"
+  if out=$(/trenv --criu "$CRIU" template verify worker --store "$D/store" 2>&1); then
+    fail "verify accepts a template whose id is another template's"
+  fi
+  echo "$out" | grep -q "gave its id to another template" || fail "verify after reload said: $out"
+  echo "E2E $kind reload: verify refuses the worker: $out"
+  before=$(templates)
+  /trenv --criu "$CRIU" template rm worker --store "$D/store" || fail "template rm after reload"
+  [ "$(templates)" -eq "$before" ] || fail "rm of the worker deleted template $wid, another template's"
+  echo "E2E $kind reload: template $wid is another's; the worker is refused, and its rm left the other"
+  reload
+else
+  out=$(/trenv --criu "$CRIU" template verify worker --store "$D/store" 2>&1) || fail "verify after reload: $out"
+  [ "$(templates)" -eq 1 ] || fail "the template was not made again"
+  /pmm_test time wall $CRIU restore -D "$images" -W "$D/work" -o rearmed.log -d --pidfile "$D/rearmed.pid" \
+    -L "$PLUGINS" --inherit-fd "fd[3]:dev/pseudo_mm" 3</dev/pseudo_mm | grep -E "TIME" | sed "s/^/E2E $kind-rearmed /"
+  [ -f "$D/rearmed.pid" ] || fail "restore from the template made again"
+  ask rearmed "$(cat "$D/rearmed.pid")"
+  stop "$(cat "$D/rearmed.pid")"
+  /trenv --criu "$CRIU" template rm worker --store "$D/store" || fail "template rm"
+  /pmm_test stats | sed "s/^/E2E $kind after rm: /"
+  [ "$(templates)" -eq 0 ] && [ "$(backends)" -eq 0 ] || fail "template rm left the module's template or backend"
+  echo "E2E $kind reload: the template was made again from the pool, restored, and released by rm"
+fi
 echo "E2E $kind done"

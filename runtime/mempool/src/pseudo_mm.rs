@@ -66,7 +66,29 @@ struct BackendReq {
 struct TemplateReq {
     flags: u32,
     id: u32,
+    tag: u64,
 }
+
+/// A template as the module has it now (`struct pseudo_mm_template_info`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateInfo {
+    pub id: u32,
+    flags: u32,
+    /// What its creator gave [`PseudoMm::create_template`].
+    pub tag: u64,
+    /// Pages of all its ranges.
+    pub pages: u64,
+    pub regions: u32,
+    /// Live mmaps of it.
+    pub mappings: u32,
+    /// The backend of its first range (0: none).
+    pub backend: u32,
+    reserved: u32,
+}
+
+/// `PSEUDO_MM_TEMPLATE_AT_ID`.
+const TEMPLATE_AT_ID: u32 = 1;
 
 #[repr(C)]
 #[derive(Default)]
@@ -120,6 +142,7 @@ const ADD_REGION: u64 = ioc(READ | WRITE, 4, std::mem::size_of::<RegionReq>());
 const DELETE_TEMPLATE: u64 = ioc(WRITE, 5, std::mem::size_of::<u32>());
 const STATS: u64 = ioc(READ, 6, std::mem::size_of::<Stats>());
 const REGISTER_REMOTE: u64 = ioc(READ | WRITE, 7, std::mem::size_of::<RemoteReq>());
+const TEMPLATE_INFO: u64 = ioc(READ | WRITE, 8, std::mem::size_of::<TemplateInfo>());
 
 /// mmap(2) offset in bytes of range `index` of template `template`.
 pub fn map_offset(template: u32, index: u32) -> u64 {
@@ -144,6 +167,16 @@ impl PseudoMmError {
     /// The template is mapped, or the backend used by a template (EBUSY).
     pub fn is_busy(&self) -> bool {
         matches!(self, PseudoMmError::Request { errno, .. } if *errno == libc::EBUSY)
+    }
+
+    /// The template id asked for is another template's (EEXIST).
+    pub fn is_taken(&self) -> bool {
+        matches!(self, PseudoMmError::Request { errno, .. } if *errno == libc::EEXIST)
+    }
+
+    /// No such template or backend (ENOENT): deleted, or the module was reloaded.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, PseudoMmError::Request { errno, .. } if *errno == libc::ENOENT)
     }
 }
 
@@ -202,6 +235,7 @@ impl PseudoMm {
             Some(libc::ETXTBSY) => "the backend file is open for writing".into(),
             Some(libc::ENOSPC) => "the module's table is full".into(),
             Some(libc::ENOTTY) => "request unknown to the loaded module (version mismatch)".into(),
+            Some(libc::EEXIST) => "the template id is another template's".into(),
             _ => err.to_string(),
         };
         Err(PseudoMmError::Request {
@@ -261,10 +295,40 @@ impl PseudoMm {
         })
     }
 
-    pub fn create_template(&self) -> Result<u32, PseudoMmError> {
-        let mut req = TemplateReq::default();
+    /// A new, empty template named `tag` by its creator. Ids start over when the module is
+    /// reloaded: whoever keeps an id beyond that checks the tag ([`Self::template_info`])
+    /// before mapping or deleting by it.
+    pub fn create_template(&self, tag: u64) -> Result<u32, PseudoMmError> {
+        let mut req = TemplateReq {
+            tag,
+            ..Default::default()
+        };
         self.ioctl(CREATE_TEMPLATE, &mut req, || "creating a template".into())?;
         Ok(req.id)
+    }
+
+    /// [`Self::create_template`] under the id `id`, e.g. the one images name, made again
+    /// after a reload; fails ([`PseudoMmError::is_taken`]) if `id` is another template's.
+    pub fn create_template_at(&self, id: u32, tag: u64) -> Result<(), PseudoMmError> {
+        let mut req = TemplateReq {
+            flags: TEMPLATE_AT_ID,
+            id,
+            tag,
+        };
+        self.ioctl(CREATE_TEMPLATE, &mut req, || {
+            format!("creating template {id}")
+        })
+    }
+
+    pub fn template_info(&self, id: u32) -> Result<TemplateInfo, PseudoMmError> {
+        let mut info = TemplateInfo {
+            id,
+            ..Default::default()
+        };
+        self.ioctl(TEMPLATE_INFO, &mut info, || {
+            format!("reading template {id}")
+        })?;
+        Ok(info)
     }
 
     /// Adds pages `pgoff..pgoff + pages` of `backend` to `template`; returns the range's index.
@@ -314,13 +378,16 @@ mod tests {
         assert_eq!(std::mem::size_of::<RegionReq>(), 32);
         assert_eq!(std::mem::size_of::<Stats>(), 96);
         assert_eq!(std::mem::size_of::<RemoteReq>(), 24);
+        assert_eq!(std::mem::size_of::<TemplateReq>(), 16);
+        assert_eq!(std::mem::size_of::<TemplateInfo>(), 40);
         assert_eq!(REGISTER_BACKEND, 0xc018_1c01);
         assert_eq!(UNREGISTER_BACKEND, 0x4004_1c02);
-        assert_eq!(CREATE_TEMPLATE, 0xc008_1c03);
+        assert_eq!(CREATE_TEMPLATE, 0xc010_1c03);
         assert_eq!(ADD_REGION, 0xc020_1c04);
         assert_eq!(DELETE_TEMPLATE, 0x4004_1c05);
         assert_eq!(STATS, 0x8060_1c06);
         assert_eq!(REGISTER_REMOTE, 0xc018_1c07);
+        assert_eq!(TEMPLATE_INFO, 0xc028_1c08);
     }
 
     #[test]

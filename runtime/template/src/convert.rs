@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -54,11 +55,90 @@ pub enum Mapping<'a> {
 }
 
 /// A region registered with the pseudo_mm module.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KmodRef {
     pub template: u32,
+    /// The backend registered at the build (a template made again has another: the module
+    /// reports it, [`pseudo_mm::TemplateInfo::backend`]).
     pub backend: u32,
     pub kind: BackendKind,
+    /// Random, given to the module with the template: ids start over when the module is
+    /// reloaded, so `template` names this template only while the module reports this tag.
+    /// 0 (manifests from before tags) never matches.
+    #[serde(default)]
+    pub tag: u64,
+    /// The template's ranges, `[first page, pages]` of the region file, range `i` for VMA
+    /// extent `i`: what it takes to make the template again after a reload.
+    #[serde(default)]
+    pub ranges: Vec<[u64; 2]>,
+}
+
+impl KmodRef {
+    /// Whether `info` is this template's (made by this build, or again from it).
+    fn owns(&self, info: &pseudo_mm::TemplateInfo) -> bool {
+        self.tag != 0 && info.tag == self.tag
+    }
+
+    /// Whether the module's template `self.template` is this one, whole: `Ok(false)` when
+    /// the id is free or another template's (the module was reloaded since), or the
+    /// template is still being made again.
+    pub fn is_live(&self, dev: &PseudoMm) -> Result<bool, pseudo_mm::PseudoMmError> {
+        match dev.template_info(self.template) {
+            Ok(info) => Ok(self.owns(&info) && info.regions as usize == self.ranges.len()),
+            Err(e) if e.is_missing() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the template again under its id and tag, from the region file, once a reload
+    /// has made the module forget it, so the images that name it restore as before.
+    /// `Ok(false)`: it cannot be, as its id is another template's, or the manifest predates
+    /// tags. A template of its tag left half-made (a crash while making it) is made anew.
+    /// Callers serialise this per template (the store's key lock).
+    pub fn rearm(&self, dev: &PseudoMm, file: &File) -> Result<bool, pseudo_mm::PseudoMmError> {
+        if self.tag == 0 || self.ranges.is_empty() {
+            return Ok(false);
+        }
+        match dev.template_info(self.template) {
+            Ok(info) if !self.owns(&info) => return Ok(false),
+            Ok(info) if info.regions as usize == self.ranges.len() => return Ok(true),
+            Ok(_) => try_release_kmod(dev, self)?,
+            Err(e) if e.is_missing() => {}
+            Err(e) => return Err(e),
+        }
+        let (backend, _) = dev.register_backend(file, 0)?;
+        if let Err(e) = dev.create_template_at(self.template, self.tag) {
+            let _ = dev.unregister_backend(backend);
+            return if e.is_taken() { Ok(false) } else { Err(e) };
+        }
+        for &[pgoff, pages] in &self.ranges {
+            if let Err(e) = dev.add_region(self.template, backend, pgoff, pages) {
+                drop_template(dev, self.template, backend);
+                return Err(e);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Deletes a template just made and its backend, best effort (logged).
+fn drop_template(dev: &PseudoMm, template: u32, backend: u32) {
+    if let Err(e) = dev.delete_template(template) {
+        tracing::warn!(template, error = %e, "pseudo_mm template left");
+    }
+    if let Err(e) = dev.unregister_backend(backend) {
+        tracing::warn!(backend, error = %e, "pseudo_mm backend left");
+    }
+}
+
+/// A random, non-zero template tag.
+fn fresh_tag() -> Result<u64, TemplateError> {
+    let path = Path::new("/dev/urandom");
+    let mut b = [0u8; 8];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| TemplateError::io("reading", path, e))?;
+    Ok(u64::from_ne_bytes(b).max(1))
 }
 
 // mmap flags as CRIU stores them (x86-64 values; CRIU images are per-architecture).
@@ -242,7 +322,7 @@ pub fn convert_with(
                 mapping,
             )?;
             if let Some(r) = region {
-                made.push((r.name.clone(), r.kmod));
+                made.push((r.name.clone(), r.kmod.clone()));
                 report.regions.push(r);
                 next_id += 1;
             }
@@ -257,7 +337,7 @@ pub fn convert_with(
     if let Err(e) = res {
         for (r, kmod) in made {
             if let (Some(k), Mapping::Kmod(dev)) = (kmod, mapping) {
-                release_kmod(dev, k);
+                release_kmod(dev, &k);
             }
             let _ = pool.remove_region(&r);
         }
@@ -380,7 +460,7 @@ fn convert_process(
             }
         },
     };
-    let target = match kmod {
+    let target = match &kmod {
         Some(k) => Target::Kmod(k.template),
         None => Target::File(&region_ref),
     };
@@ -399,7 +479,7 @@ fn convert_process(
         report,
     );
     if let Err(e) = rewritten {
-        if let (Some(k), Mapping::Kmod(dev)) = (kmod, mapping) {
+        if let (Some(k), Mapping::Kmod(dev)) = (&kmod, mapping) {
             release_kmod(dev, k);
         }
         let _ = pool.remove_region(&region_ref.name);
@@ -431,50 +511,65 @@ fn register_kmod(
         )));
     }
     let kmod_err = |e: pseudo_mm::PseudoMmError| TemplateError::Unsupported(e.to_string());
+    let tag = fresh_tag()?;
     let (backend, kind) = dev.register_backend(&region.file, 0).map_err(kmod_err)?;
-    let template = match dev.create_template() {
+    let template = match dev.create_template(tag) {
         Ok(t) => t,
         Err(e) => {
             let _ = dev.unregister_backend(backend);
             return Err(kmod_err(e));
         }
     };
-    let k = KmodRef {
-        template,
-        backend,
-        kind,
-    };
-    for (i, &(_, s, e, ext)) in extents.iter().enumerate() {
-        match dev.add_region(template, backend, ext / PAGE, (e - s) / PAGE) {
+    let ranges: Vec<[u64; 2]> = extents
+        .iter()
+        .map(|&(_, s, e, ext)| [ext / PAGE, (e - s) / PAGE])
+        .collect();
+    for (i, &[pgoff, pages]) in ranges.iter().enumerate() {
+        match dev.add_region(template, backend, pgoff, pages) {
             Ok(index) if usize::try_from(index).ok() == Some(i) => {}
             Ok(index) => {
-                release_kmod(dev, k);
+                drop_template(dev, template, backend);
                 return Err(TemplateError::Unsupported(format!(
                     "pseudo_mm gave range {index} for extent {i} of template {template}"
                 )));
             }
             Err(err) => {
-                release_kmod(dev, k);
+                drop_template(dev, template, backend);
                 return Err(kmod_err(err));
             }
         }
     }
-    Ok(k)
+    Ok(KmodRef {
+        template,
+        backend,
+        kind,
+        tag,
+        ranges,
+    })
 }
 
-/// Deletes a region's pseudo_mm template, then its backend. A mapped template stays (the
-/// module refuses with EBUSY) and so does its backend; a backend left once the template is
-/// gone is only logged.
-pub fn try_release_kmod(dev: &PseudoMm, k: KmodRef) -> Result<(), pseudo_mm::PseudoMmError> {
+/// Deletes a region's pseudo_mm template, then the backend it maps. A mapped template stays
+/// (the module refuses with EBUSY) and so does its backend; a backend left once the template
+/// is gone is only logged. A template the module no longer has (it was reloaded) leaves
+/// nothing to release: its id may be another's now, and is left alone.
+pub fn try_release_kmod(dev: &PseudoMm, k: &KmodRef) -> Result<(), pseudo_mm::PseudoMmError> {
+    let info = match dev.template_info(k.template) {
+        Ok(info) if k.owns(&info) => info,
+        Ok(_) => return Ok(()),
+        Err(e) if e.is_missing() => return Ok(()),
+        Err(e) => return Err(e),
+    };
     dev.delete_template(k.template)?;
-    if let Err(e) = dev.unregister_backend(k.backend) {
-        tracing::warn!(backend = k.backend, error = %e, "pseudo_mm backend left");
+    if info.backend != 0 {
+        if let Err(e) = dev.unregister_backend(info.backend) {
+            tracing::warn!(backend = info.backend, error = %e, "pseudo_mm backend left");
+        }
     }
     Ok(())
 }
 
 /// [`try_release_kmod`], best effort: what stays is logged.
-pub fn release_kmod(dev: &PseudoMm, k: KmodRef) {
+pub fn release_kmod(dev: &PseudoMm, k: &KmodRef) {
     if let Err(e) = try_release_kmod(dev, k) {
         tracing::warn!(template = k.template, error = %e, "pseudo_mm template left");
     }
@@ -634,4 +729,31 @@ fn rewrite(
     .write(&pm_path)?;
     std::fs::rename(&new_pages_path, pages_path)
         .map_err(|e| TemplateError::io("replacing", pages_path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest region written before tags and ranges reads back, and names no template a
+    /// reloaded module may hold: without a tag it is never taken for the module's.
+    #[test]
+    fn untagged_kmod_refs_never_match() {
+        let k: KmodRef =
+            serde_json::from_str(r#"{"template": 3, "backend": 1, "kind": "dax"}"#).unwrap();
+        assert_eq!((k.tag, k.ranges.len()), (0, 0));
+        let mut info = pseudo_mm::TemplateInfo::default();
+        assert!(!k.owns(&info), "tag 0 matched");
+        info.tag = 9;
+        let tagged = KmodRef { tag: 9, ..k };
+        assert!(tagged.owns(&info));
+        info.tag = 10;
+        assert!(!tagged.owns(&info), "another template's tag matched");
+    }
+
+    #[test]
+    fn tags_are_random_and_never_zero() {
+        let (a, b) = (fresh_tag().unwrap(), fresh_tag().unwrap());
+        assert!(a != 0 && b != 0 && a != b);
+    }
 }

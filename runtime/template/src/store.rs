@@ -341,7 +341,7 @@ impl Store {
             })();
             if finish.is_err() {
                 if let convert::Mapping::Kmod(dev) = mapping {
-                    for k in report.regions.iter().filter_map(|r| r.kmod) {
+                    for k in report.regions.iter().filter_map(|r| r.kmod.as_ref()) {
                         convert::release_kmod(dev, k);
                     }
                 }
@@ -425,6 +425,7 @@ impl Store {
             }
         }
         self.seal(&key, &m)?;
+        self.check_kmod(&key, &m, name)?;
         Ok(m)
     }
 
@@ -455,7 +456,49 @@ impl Store {
                 now: format!("CRIU {criu} on kernel {kernel}"),
             });
         }
+        self.check_kmod(&key, &m, name)?;
         Ok(m)
+    }
+
+    /// Checks that the pseudo_mm module has the templates the images map. A module
+    /// reloaded since the build (a reboot) has forgotten them and may have given their ids
+    /// to other templates, whose memory a restore would then map: a forgotten template is
+    /// made again, under its id, from its region file (verified by the caller); one whose
+    /// id is now another's makes the template `Stale`.
+    fn check_kmod(&self, key: &str, m: &Manifest, name: &str) -> Result<(), TemplateError> {
+        let kmod: Vec<(&Path, &convert::KmodRef)> = m
+            .regions
+            .iter()
+            .filter_map(|r| Some((r.path.as_path(), r.kmod.as_ref()?)))
+            .collect();
+        if kmod.is_empty() {
+            return Ok(());
+        }
+        let unusable = |e: pseudo_mm::PseudoMmError| TemplateError::Unsupported(e.to_string());
+        let dev = PseudoMm::open().map_err(unusable)?;
+        for (path, k) in kmod {
+            if k.is_live(&dev).map_err(unusable)? {
+                continue;
+            }
+            let _lock = self.lock(key)?;
+            if !self.key_dir(key).join(MANIFEST).exists() {
+                return Err(TemplateError::Missing(name.into()));
+            }
+            let file = File::open(path).map_err(|e| TemplateError::io("opening", path, e))?;
+            if !k.rearm(&dev, &file).map_err(unusable)? {
+                return Err(TemplateError::Stale {
+                    name: name.into(),
+                    built: format!("pseudo_mm template {}", k.template),
+                    now: "a pseudo_mm module that gave its id to another template (reloaded since the build)".into(),
+                });
+            }
+            tracing::info!(
+                template = name,
+                id = k.template,
+                "pseudo_mm template made again after a module reload"
+            );
+        }
+        Ok(())
     }
 
     /// Checks the template and opens what a restore from it needs.
@@ -659,7 +702,7 @@ mod tests;
 /// mapped makes it [`TemplateError::InUse`] (the module knows, not /proc: the instances map
 /// the device). Without the module loaded there is nothing left to release.
 fn release_kmod_regions(m: &Manifest, name: &str) -> Result<(), TemplateError> {
-    let kmod: Vec<convert::KmodRef> = m.regions.iter().filter_map(|r| r.kmod).collect();
+    let kmod: Vec<&convert::KmodRef> = m.regions.iter().filter_map(|r| r.kmod.as_ref()).collect();
     if kmod.is_empty() {
         return Ok(());
     }

@@ -28,7 +28,7 @@
  * Requests return 0, or -1 with errno: EINVAL (malformed argument), EFAULT (unreadable or
  * unwritable argument), EBADF (not an open descriptor), ENOENT (no such template or
  * backend), EBUSY (still mapped or used), ETXTBSY (the backend has writers), ENOSPC (a
- * table is full), ENOTTY (unknown request); for a remote backend ECONNREFUSED, EHOSTUNREACH
+ * table is full), EEXIST (the template id asked for is taken), ENOTTY (unknown request); for a remote backend ECONNREFUSED, EHOSTUNREACH
  * or ETIMEDOUT (the memory server refused, cannot be reached, or did not answer in time).
  * A template cannot change or go while any process maps it. ADD_REGION's range stays added
  * if the index cannot be written back (EFAULT).
@@ -63,9 +63,30 @@ struct pseudo_mm_remote {
 	__u64 pages;		/* out: pages the server exports */
 };
 
+/* Create the template under the id given (EEXIST if taken): to make a template again,
+ * after a reload, under the id that a process image already names. */
+#define PSEUDO_MM_TEMPLATE_AT_ID	1
+
 struct pseudo_mm_template {
+	__u32 flags;	/* in: 0 or PSEUDO_MM_TEMPLATE_AT_ID */
+	__u32 id;	/* out: template id, > 0; in with PSEUDO_MM_TEMPLATE_AT_ID */
+	__u64 tag;	/* in: the caller's name for it, reported by TEMPLATE_INFO */
+};
+
+/*
+ * A template as it is now. Ids are given round-robin, so a deleted template's id is not
+ * soon given again; but a reloaded module starts over, and a caller that keeps ids across
+ * reloads (or reboots) checks the tag before it maps or deletes by id.
+ */
+struct pseudo_mm_template_info {
+	__u32 id;	/* in */
 	__u32 flags;	/* in: 0 */
-	__u32 id;	/* out: template id, > 0 */
+	__u64 tag;	/* out: as given at creation */
+	__u64 pages;	/* out: pages of all its regions */
+	__u32 regions;	/* out */
+	__u32 mappings;	/* out: live mmaps of it (each shared by its splits and forks) */
+	__u32 backend;	/* out: the backend of its first region; 0 if it has none */
+	__u32 reserved;	/* out: 0 */
 };
 
 struct pseudo_mm_region {
@@ -100,6 +121,7 @@ struct pseudo_mm_stats {
 #define PSEUDO_MM_DELETE_TEMPLATE	_IOW(PSEUDO_MM_IOC_MAGIC, 5, __u32)
 #define PSEUDO_MM_STATS			_IOR(PSEUDO_MM_IOC_MAGIC, 6, struct pseudo_mm_stats)
 #define PSEUDO_MM_REGISTER_REMOTE	_IOWR(PSEUDO_MM_IOC_MAGIC, 7, struct pseudo_mm_remote)
+#define PSEUDO_MM_TEMPLATE_INFO		_IOWR(PSEUDO_MM_IOC_MAGIC, 8, struct pseudo_mm_template_info)
 
 #define PSEUDO_MM_MAX_TEMPLATES	4095
 #define PSEUDO_MM_MAX_BACKENDS	256

@@ -157,7 +157,7 @@ fn build(g: &Global, a: &TemplateBuild) -> Result<()> {
     let (m, built) = res.with_context(|| format!("building template {}", a.name))?;
     let moved: u64 = m.regions.iter().map(|r| r.data).sum();
     for r in &m.regions {
-        if let Some(k) = r.kmod {
+        if let Some(k) = &r.kmod {
             eprintln!(
                 "trenv: region {} is pseudo_mm template {} (backend {}, {:?})",
                 r.name, k.template, k.backend, k.kind
