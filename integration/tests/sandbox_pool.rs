@@ -77,10 +77,6 @@ fn wait_idle(c: &Containerd, id: &str) {
     );
 }
 
-fn metric(c: &Containerd, name: &str) -> f64 {
-    c.pool_metric(name)
-}
-
 /// A plain HTTP GET over TCP from the host, retried while the server starts.
 fn http_get(ip: &str, port: u16) -> String {
     trenv_integration::http::get(ip, port, "/", Duration::from_secs(10))
@@ -170,10 +166,8 @@ fn busybox_then_python_share_one_sandbox() {
         "33554432"
     );
     assert!(
-        metric(
-            &c,
-            "trenv_pool_acquisitions_total{namespace=\"trenv-it\",result=\"repurpose\"}"
-        ) >= 1.0
+        c.pool_metric("trenv_pool_acquisitions_total{namespace=\"trenv-it\",result=\"repurpose\"}")
+            >= 1.0
     );
     c.kill_and_remove(&b);
     c.assert_gone(&a);
@@ -269,7 +263,7 @@ fn a_socket_the_purge_cannot_remove_destroys_the_sandbox() {
     .join()
     .expect("planting thread");
     let failures = "trenv_pool_purge_failures_total{namespace=\"trenv-it\"}";
-    let before = metric(&c, failures);
+    let before = c.pool_metric(failures);
     c.kill_and_remove(&a);
     let destroyed = wait_for(Duration::from_secs(10), || {
         sandbox(&c, &sb).is_none().then_some(())
@@ -277,7 +271,7 @@ fn a_socket_the_purge_cannot_remove_destroys_the_sandbox() {
     assert!(destroyed.is_some(), "kept: {:?}", sandbox(&c, &sb));
     // metrics.prom is rewritten by the pool worker after the teardown.
     let counted = wait_for(Duration::from_secs(5), || {
-        (metric(&c, failures) > before).then_some(())
+        (c.pool_metric(failures) > before).then_some(())
     });
     assert!(
         counted.is_some(),
@@ -422,10 +416,7 @@ fn exhausted_and_full_pools_never_fail_a_container() {
     assert_ne!(s0, s1);
     assert!(!c.pool_dir().join("containers").join(&ids[2]).exists());
     assert_eq!(
-        metric(
-            &c,
-            "trenv_pool_acquisitions_total{namespace=\"trenv-it\",result=\"miss\"}"
-        ),
+        c.pool_metric("trenv_pool_acquisitions_total{namespace=\"trenv-it\",result=\"miss\"}"),
         2.0
     );
     c.assert_exec_works(&ids[2], "sleep");
@@ -445,10 +436,7 @@ fn exhausted_and_full_pools_never_fail_a_container() {
     run(&c, &[], BUSYBOX, &again, &["sleep", "1000"]);
     assert_eq!(published(&c, &again)["sandbox"], s0);
     assert_eq!(
-        metric(
-            &c,
-            "trenv_pool_acquisitions_total{namespace=\"trenv-it\",result=\"hit\"}"
-        ),
+        c.pool_metric("trenv_pool_acquisitions_total{namespace=\"trenv-it\",result=\"hit\"}"),
         1.0
     );
     for id in [&ids[1], &ids[2], &off, &again] {

@@ -125,10 +125,6 @@ fn templates(c: &Containerd) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).expect("template ls JSON")
 }
 
-fn metric(c: &Containerd, name: &str) -> f64 {
-    c.pool_metric(name)
-}
-
 fn wait_metric(c: &Containerd, name: &str, at_least: f64) {
     if let Err(now) = c.wait_pool_metric(name, at_least) {
         panic!(
@@ -240,7 +236,7 @@ fn first_start_builds_the_template_and_the_second_is_restored() {
         "trenv_template_restores_total{namespace=\"trenv-it\"}",
         1.0,
     );
-    assert!(metric(&c, "trenv_template_instances{namespace=\"trenv-it\"}") >= 1.0);
+    assert!(c.pool_metric("trenv_template_instances{namespace=\"trenv-it\"}") >= 1.0);
     let sb = published(&c, &b)["sandbox"]
         .as_str()
         .expect("sandbox")
@@ -746,7 +742,7 @@ fn restarts_keep_templates_and_cycles_leave_nothing_behind() {
     assert!(fds1 <= fds0 + 4, "shim fds: {fds0} -> {fds1}");
     assert!(rss1 <= rss0 + 8 * 1024, "shim RSS KiB: {rss0} -> {rss1}");
     assert_eq!(mempool_used(&c), pool0, "pool space");
-    let restores = metric(&c, "trenv_template_restores_total{namespace=\"trenv-it\"}");
+    let restores = c.pool_metric("trenv_template_restores_total{namespace=\"trenv-it\"}");
     assert!(restores >= 199.0, "{restores} restores");
     assert_no_template_leftovers(&c);
     // Sandboxes stay bounded: no netns or holder piles up.

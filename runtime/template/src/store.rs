@@ -385,8 +385,15 @@ impl Store {
         std::fs::rename(&tmp, &path).map_err(|e| TemplateError::io("sealing", &path, e))
     }
 
-    /// Checks every digest; on success the template is sealed again.
+    /// Checks every digest (on success the template is sealed again) and that the pseudo_mm
+    /// module has its templates.
     pub fn verify(&self, name: &str) -> Result<Manifest, TemplateError> {
+        let m = self.verify_files(name)?;
+        self.check_kmod(&self.resolve(name)?, &m, name)?;
+        Ok(m)
+    }
+
+    fn verify_files(&self, name: &str) -> Result<Manifest, TemplateError> {
         let key = self.resolve(name)?;
         let m = self.read_manifest(&key, name)?;
         let corrupt = |detail: String| TemplateError::Corrupt {
@@ -425,7 +432,6 @@ impl Store {
             }
         }
         self.seal(&key, &m)?;
-        self.check_kmod(&key, &m, name)?;
         Ok(m)
     }
 
@@ -446,7 +452,7 @@ impl Store {
             m
         } else {
             tracing::info!(template = name, "seal broken or missing: verifying digests");
-            self.verify(name)?
+            self.verify_files(name)?
         };
         let kernel = kernel_release();
         if m.criu != criu || m.kernel != kernel {
