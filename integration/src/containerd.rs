@@ -315,6 +315,17 @@ impl Containerd {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
+    /// The last `n` lines of containerd's log without its debug lines (the shim's own log
+    /// lines are among them), for a failed test's report.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("level=debug")).collect();
+        format!(
+            "--- containerd.log, last {n} lines ---\n{}",
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        )
+    }
+
     pub fn ctr_cmd(&self) -> Command {
         let mut c = Command::new("ctr");
         c.arg("--address")
@@ -654,6 +665,7 @@ fn walk_dirs(d: &Path) -> Vec<PathBuf> {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        let failing = std::thread::panicking();
         // A test that failed while containerd was stopped still gets its containers removed.
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             self.child = Self::spawn(self.dir.path());
@@ -662,32 +674,44 @@ impl Drop for Containerd {
             });
         }
         self.cleanup_containers();
-        // Draining ends the pool's shim; anything it leaves is a bug.
-        let drained = self.drain_pool();
-        if !std::thread::panicking() {
-            if let Err(e) = drained {
-                panic!("{e}");
-            }
-        }
+        // Draining ends the pool's shim; anything it leaves is a bug, reported once the rest
+        // is cleaned up, so one failure does not leak into the next tests.
+        let mut problems: Vec<String> = self.drain_pool().err().into_iter().collect();
         self.stop_daemon();
-        self.remove_pool_cgroups();
-        // The drained pool's sandbox cgroups went with it: what is left is a leak of this test.
-        let left = leaks::cgroup_dirs(&self.pool_cgroup());
-        if !left.is_empty() && !std::thread::panicking() {
-            let below: Vec<String> = left
-                .iter()
-                .flat_map(|d| walk_dirs(d))
-                .map(|d| d.display().to_string())
-                .collect();
-            panic!("sandbox cgroups left after drain: {below:?}");
-        }
         // Shims outlive containerd by design; ours must not outlive the test.
-        for pid in leaks::processes_with(&self.socket().to_string_lossy()) {
+        let shims = leaks::processes_with(&self.socket().to_string_lossy());
+        for &pid in &shims {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        if !shims.is_empty() {
+            // The killed shim's sandboxes are destroyed as an operator would, once its
+            // ownership lock is gone with it.
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = self.sandbox_cmd(&["drain"]);
+        }
+        self.remove_pool_cgroups();
+        // The drained pool's sandbox cgroups went with it: what is left is a leak of this test.
+        let left = leaks::cgroup_dirs(&self.pool_cgroup());
+        if !left.is_empty() {
+            let below: Vec<String> = left
+                .iter()
+                .flat_map(|d| walk_dirs(d))
+                .map(|d| d.display().to_string())
+                .collect();
+            problems.push(format!("sandbox cgroups left after drain: {below:?}"));
+            for d in below.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
         leaks::unmount_under(&self.dir.path().to_string_lossy());
+        if failing || !problems.is_empty() {
+            eprintln!("{}", self.log_tail(120));
+        }
+        if !failing && !problems.is_empty() {
+            panic!("{}", problems.join("\n"));
+        }
     }
 }

@@ -156,3 +156,66 @@ fn twenty_concurrent_containers() {
         c.assert_gone(id);
     }
 }
+
+/// `shim start` ends with the namespace shim's address even while signals rain on it. A
+/// signal in the moment containerd-shim closes its signal pipe used to make it spin for
+/// ever, and containerd's create with it.
+#[test]
+fn shim_start_ends_under_a_storm_of_signals() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    require_root();
+    let c = Containerd::start();
+    c.import_busybox();
+    let id = unique_id("shim-storm");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    c.wait_task(&id, "RUNNING");
+    let socket = c.socket().to_string_lossy().into_owned();
+    let bundle = tempfile::tempdir().expect("bundle");
+    let mut address = None;
+    for round in 0..40 {
+        let mut start = Command::new(trenv_integration::runtime::shim_bin())
+            .args(["-namespace", c.namespace(), "-address", &socket])
+            .args(["-publish-binary", "containerd", "-id"])
+            .arg(format!("storm-{round}"))
+            .arg("start")
+            .current_dir(bundle.path())
+            .env("TTRPC_ADDRESS", format!("{socket}.ttrpc"))
+            .env("TRENV_SHIM_CONFIG", c.shim_config())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("shim start");
+        let pid = Pid::from_raw(i32::try_from(start.id()).expect("pid"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while start.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = start.kill();
+                let _ = start.wait();
+                panic!("`shim start` (round {round}) still running after 10 s of SIGCHLD");
+            }
+            let _ = kill(pid, Signal::SIGCHLD);
+        }
+        let out = start.wait_with_output().expect("output");
+        assert!(out.status.success(), "round {round}: {:?}", out.status);
+        let got = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(got.starts_with("unix://"), "round {round}: {got:?}");
+        // Every start hands the task to the one running shim.
+        assert_eq!(address.get_or_insert_with(|| got.clone()), &got);
+    }
+    c.kill_and_remove(&id);
+    c.assert_gone(&id);
+}

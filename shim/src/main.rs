@@ -48,16 +48,26 @@ struct Shim {
 /// One shim serves every trenv task of a containerd namespace and owns its sandbox pool.
 const GROUPING: &str = "trenv-pool";
 
-/// A zygote handle; the serving shim starts the process at once, a failure to do so is
-/// logged and retried by the first request.
-fn new_zygote(name: &'static str, serving: bool) -> service::SharedZygote {
-    let z = zygote::Zygote::new(name);
-    if serving {
-        if let Err(e) = z.ensure_running() {
-            log::error!("{e}");
-        }
+/// Starts a zygote's process ahead of the first request; a failure is logged and retried
+/// by that request.
+fn prestart(z: &zygote::Zygote) {
+    if let Err(e) = z.ensure_running() {
+        log::error!("{e}");
     }
-    Arc::new(z)
+}
+
+/// containerd-shim catches SIGPIPE (and SIGCHLD) through a self-pipe whose reading end the
+/// `start` action closes before the handlers go. A signal in that window (a child exiting)
+/// makes the handler write to the closed pipe, which raises SIGPIPE, whose handler writes
+/// again: `shim start` spins for ever and containerd's create hangs. In a serving shim,
+/// once containerd is gone (restarting), each log write to the log FIFO raises SIGPIPE,
+/// whose log line raises the next. Ignored, a write to a closed pipe just fails with EPIPE.
+/// Children get the default back (std resets it before exec).
+fn ignore_sigpipe() {
+    // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
+    if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) } {
+        log::warn!("ignoring SIGPIPE: {e}");
+    }
 }
 
 fn pool_config(namespace: &str) -> Option<config::PoolConfig> {
@@ -132,15 +142,15 @@ impl containerd_shim::Shim for Shim {
     type T = service::Service<zygote::Zygote, backend::Publisher>;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
-        let serving = args.action.is_empty();
+        ignore_sigpipe();
         Self {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             socket: args.socket.clone(),
             containerd: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
-            zygote: new_zygote("task", serving),
-            pool_zygote: new_zygote("pool", serving),
+            zygote: Arc::new(zygote::Zygote::new("task")),
+            pool_zygote: Arc::new(zygote::Zygote::new("pool")),
             pool: std::sync::Mutex::new(None),
         }
     }
@@ -197,7 +207,13 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn wait(&mut self) {
+        // Only now that the socket is ours: a shim that lost the race for it to another one
+        // started at the same moment exits without leaving zygotes behind.
+        prestart(&self.zygote);
         let pool = self.pool.lock().ok().and_then(|p| p.clone());
+        if pool.is_some() {
+            prestart(&self.pool_zygote);
+        }
         if let Some(p) = &pool {
             p.start();
         }
@@ -224,14 +240,6 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        // containerd-shim catches SIGPIPE and logs every one at debug level. Once containerd
-        // is gone (restarting), each log write to the shim's log FIFO raises SIGPIPE, whose
-        // log line raises the next: a busy loop until containerd returns. Ignored, a write
-        // to a closed pipe just fails with EPIPE.
-        // SAFETY: setting a signal disposition to SIG_IGN has no memory-safety preconditions.
-        if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) } {
-            log::warn!("ignoring SIGPIPE: {e}");
-        }
         let pool = make_pool(&self.namespace, self.pool_zygote.clone());
         if let Some(p) = &pool {
             // The first task's bundle, our working directory so far, goes away with it;

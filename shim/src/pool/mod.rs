@@ -297,12 +297,7 @@ impl Pool {
         let (mut sb, how) = loop {
             let mut g = self.lock();
             if g.draining {
-                // Counted while it is created, like any other miss.
-                g.busy += 1;
-                drop(g);
-                let r = self.create_now(Urgency::Waited);
-                self.lock().busy -= 1;
-                break (r?, Acquisition::Miss);
+                break (self.create_miss(g)?, Acquisition::Miss);
             }
             let same = g
                 .idle
@@ -335,11 +330,7 @@ impl Pool {
                             g.total()
                         ));
                     }
-                    g.busy += 1;
-                    drop(g);
-                    let r = self.create_now(Urgency::Waited);
-                    self.lock().busy -= 1;
-                    break (r?, Acquisition::Miss);
+                    break (self.create_miss(g)?, Acquisition::Miss);
                 }
             }
         };
@@ -354,6 +345,11 @@ impl Pool {
         self.publish_address(claim.container, &sb, Some(how));
         let elapsed = started.elapsed().as_secs_f64();
         let mut g = self.lock();
+        if how == Acquisition::Miss {
+            // Counted as busy until it is counted as in use, so the pool never looks empty
+            // (and the shim never retires) in between.
+            g.busy -= 1;
+        }
         let c = &mut g.counters;
         *c.acquisitions.entry(how.label()).or_default() += 1;
         if c.latency_buckets.is_empty() {
@@ -470,6 +466,20 @@ impl Pool {
         self.wake.notify_all();
         self.check_empty();
         n
+    }
+
+    /// A new sandbox for a container that found no idle one. It is counted (busy) while it
+    /// is created and until [`Pool::acquire`] counts it as in use; a failure uncounts it and
+    /// may leave a draining pool empty, so it checks.
+    fn create_miss(&self, mut g: MutexGuard<'_, Inner>) -> Result<Sandbox, String> {
+        g.busy += 1;
+        drop(g);
+        let r = self.create_now(Urgency::Waited);
+        if r.is_err() {
+            self.lock().busy -= 1;
+            self.check_empty();
+        }
+        r
     }
 
     fn create_now(&self, urgency: Urgency) -> Result<Sandbox, String> {
@@ -648,6 +658,10 @@ impl Pool {
             self.destroy(&sb);
             self.lock().busy -= 1;
         }
+        if lost {
+            // A drain that began meanwhile found these counted and left the exit to us.
+            self.check_empty();
+        }
         lost
     }
 
@@ -669,6 +683,7 @@ impl Pool {
                 log::info!("evicting idle sandbox {} (memory bound)", sb.id);
                 self.destroy(&sb);
                 self.lock().busy -= 1;
+                self.check_empty();
                 true
             }
             None => false,
@@ -925,6 +940,8 @@ mod tests {
         dead: Mutex<HashSet<String>>,
         failing_purge: Mutex<HashSet<String>>,
         next_pid: Mutex<i32>,
+        /// Creations take this long and then fail.
+        failing_create: Mutex<Option<Duration>>,
     }
 
     impl Fake {
@@ -948,6 +965,10 @@ mod tests {
     impl SandboxOps for Arc<Fake> {
         fn create(&self, id: &str, _urgency: Urgency) -> Result<Sandbox, String> {
             self.note(format!("create {id}"));
+            if let Some(d) = *self.failing_create.lock().map_err(|e| e.to_string())? {
+                std::thread::sleep(d);
+                return Err("no address left".into());
+            }
             let mut pid = self.next_pid.lock().map_err(|e| e.to_string())?;
             *pid += 1;
             Ok(Sandbox {
@@ -1170,5 +1191,43 @@ mod tests {
         assert_eq!(p.lock().total(), 0);
         assert!(p.may_exit());
         assert_eq!(fake.events("create").len(), fake.events("destroy").len());
+    }
+
+    #[test]
+    fn a_miss_that_fails_during_a_drain_still_ends_the_shim() {
+        let (p, fake, _d) = pool(PoolConfig::default());
+        let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let e = ended.clone();
+        p.set_on_empty(Box::new(move || {
+            e.fetch_add(1, Ordering::SeqCst);
+        }));
+        *fake.failing_create.lock().expect("lock") = Some(Duration::from_millis(300));
+        let missing = {
+            let p = p.clone();
+            std::thread::spawn(move || p.acquire(&claim("c1", "f", 0)))
+        };
+        // The drain finds the miss counted and leaves the end to it.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(p.drain(), 0);
+        assert_eq!(
+            ended.load(Ordering::SeqCst),
+            0,
+            "a sandbox is being created"
+        );
+        assert!(missing.join().expect("thread").is_err());
+        assert!(p.may_exit());
+        assert_eq!(
+            ended.load(Ordering::SeqCst),
+            1,
+            "the failed miss ends the shim"
+        );
+    }
+
+    #[test]
+    fn a_miss_is_counted_until_it_is_in_use() {
+        let (p, _fake, _d) = pool(PoolConfig::default());
+        p.acquire(&claim("c1", "f", 0)).expect("acquire");
+        let g = p.lock();
+        assert_eq!((g.busy, g.in_use.len(), g.total()), (0, 1, 1));
     }
 }
