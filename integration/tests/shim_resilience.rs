@@ -129,23 +129,9 @@ fn twenty_concurrent_containers() {
     std::thread::scope(|s| {
         for id in &ids {
             let c = &c;
-            s.spawn(move || {
-                c.ctr_ok(&[
-                    "run",
-                    "-d",
-                    "--runtime",
-                    RUNTIME,
-                    BUSYBOX,
-                    id,
-                    "sleep",
-                    "1000",
-                ]);
-            });
+            s.spawn(move || c.run_detached(id, &["sleep", "1000"]));
         }
     });
-    for id in &ids {
-        c.wait_task(id, "RUNNING");
-    }
     std::thread::scope(|s| {
         for id in &ids {
             let c = &c;
@@ -171,17 +157,7 @@ fn shim_start_ends_under_a_storm_of_signals() {
     let c = Containerd::start();
     c.import_busybox();
     let id = unique_id("shim-storm");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX,
-        &id,
-        "sleep",
-        "1000",
-    ]);
-    c.wait_task(&id, "RUNNING");
+    c.run_detached(&id, &["sleep", "1000"]);
     let socket = c.socket().to_string_lossy().into_owned();
     let bundle = tempfile::tempdir().expect("bundle");
     let mut address = None;
