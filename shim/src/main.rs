@@ -211,10 +211,8 @@ impl containerd_shim::Shim for Shim {
         // started at the same moment exits without leaving zygotes behind.
         prestart(&self.zygote);
         let pool = self.pool.lock().ok().and_then(|p| p.clone());
-        if pool.is_some() {
-            prestart(&self.pool_zygote);
-        }
         if let Some(p) = &pool {
+            prestart(&self.pool_zygote);
             p.start();
         }
         self.exit.wait();

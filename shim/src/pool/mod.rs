@@ -460,10 +460,10 @@ impl Pool {
         };
         let n = idle.len();
         for sb in idle {
-            self.destroy(&sb);
-            self.lock().busy -= 1;
+            self.destroy_busy(&sb);
         }
         self.wake.notify_all();
+        // With nothing to destroy, nothing above checked.
         self.check_empty();
         n
     }
@@ -476,10 +476,22 @@ impl Pool {
         drop(g);
         let r = self.create_now(Urgency::Waited);
         if r.is_err() {
-            self.lock().busy -= 1;
-            self.check_empty();
+            self.uncount_busy();
         }
         r
+    }
+
+    /// Ends a piece of pool work counted as busy. The last one of a draining pool ends the
+    /// shim: a drain that found work counted left the exit to whoever ends it.
+    fn uncount_busy(&self) {
+        self.lock().busy -= 1;
+        self.check_empty();
+    }
+
+    /// Destroys a sandbox counted as busy, then ends that piece of work.
+    fn destroy_busy(&self, sb: &Sandbox) {
+        self.destroy(sb);
+        self.uncount_busy();
     }
 
     fn create_now(&self, urgency: Urgency) -> Result<Sandbox, String> {
@@ -521,9 +533,8 @@ impl Pool {
             if let Some(u) = released {
                 self.lock().busy += 1;
                 self.finish_release(u);
-                self.lock().busy -= 1;
+                self.uncount_busy();
                 self.write_metrics();
-                self.check_empty();
                 continue;
             }
             if last_check.elapsed() > Duration::from_secs(1) {
@@ -655,12 +666,7 @@ impl Pool {
                 sb.id,
                 sb.holder.pid
             );
-            self.destroy(&sb);
-            self.lock().busy -= 1;
-        }
-        if lost {
-            // A drain that began meanwhile found these counted and left the exit to us.
-            self.check_empty();
+            self.destroy_busy(&sb);
         }
         lost
     }
@@ -681,9 +687,7 @@ impl Pool {
         match victim {
             Some(sb) => {
                 log::info!("evicting idle sandbox {} (memory bound)", sb.id);
-                self.destroy(&sb);
-                self.lock().busy -= 1;
-                self.check_empty();
+                self.destroy_busy(&sb);
                 true
             }
             None => false,
@@ -711,9 +715,7 @@ impl Pool {
             // (or stop) before it is.
             Ok(sb) if g.draining || self.stop.load(Ordering::SeqCst) => {
                 drop(g);
-                self.destroy(&sb);
-                self.lock().busy -= 1;
-                self.check_empty();
+                self.destroy_busy(&sb);
                 false
             }
             Ok(sb) => {
@@ -722,12 +724,9 @@ impl Pool {
                 true
             }
             Err(e) => {
-                g.busy -= 1;
                 drop(g);
                 log::warn!("refilling the pool: {e}");
-                // A drain that began during the creation found it counted and left the
-                // exit to whoever ends it: this failure.
-                self.check_empty();
+                self.uncount_busy();
                 // Do not spin on a persistent failure (e.g. a broken CNI plugin).
                 std::thread::sleep(Duration::from_secs(1));
                 false
