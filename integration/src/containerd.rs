@@ -319,7 +319,10 @@ impl Containerd {
     /// lines are among them), for a failed test's report.
     pub fn log_tail(&self, n: usize) -> String {
         let log = self.log();
-        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("level=debug")).collect();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains("level=debug"))
+            .collect();
         format!(
             "--- containerd.log, last {n} lines ---\n{}",
             lines[lines.len().saturating_sub(n)..].join("\n")

@@ -86,6 +86,20 @@ fn has_capability(status: &str, bit: u32) -> bool {
 /// directory, after which the container can never be deleted once its bundle is gone.
 /// So the hooks are taken out of libcontainer's copy of the config, the container is
 /// deleted, and then the hooks run here.
+/// libcontainer lost a race with the container's init exiting: the process was there when
+/// it looked and its /proc entry gone when it read it. Looking again finds it stopped.
+fn vanished(e: &LibcontainerError) -> bool {
+    matches!(e, LibcontainerError::Procfs(procfs::ProcError::NotFound(_)))
+}
+
+/// [`Container::refresh_status`], looking again if the init exited while it looked.
+pub fn refresh_status(c: &mut Container) -> Result<(), LibcontainerError> {
+    match c.refresh_status() {
+        Err(e) if vanished(&e) => c.refresh_status(),
+        r => r,
+    }
+}
+
 pub fn delete(c: &mut Container, force: bool) -> Result<(), LifecycleError> {
     let poststop = match c.spec() {
         Ok(mut config) => {
@@ -109,7 +123,11 @@ pub fn delete(c: &mut Container, force: bool) -> Result<(), LifecycleError> {
         Err(_) => None,
     };
     let state = c.state.clone();
-    let deleted = c.delete(force);
+    let deleted = match c.delete(force) {
+        // Nothing is deleted before the status is known.
+        Err(e) if vanished(&e) => c.delete(force),
+        r => r,
+    };
     if let Err(e) = &deleted {
         // Nothing deleted: the hooks belong in the config for the next try.
         if let (Some(hooks), Ok(mut config)) = (&poststop, c.spec()) {
@@ -176,6 +194,24 @@ fn disable_oom_killer(cgroup: &Path) -> Result<(), LifecycleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The race libcontainer loses, played out: a process found, then gone before its stat
+    /// is read.
+    #[test]
+    fn a_process_gone_between_looking_and_reading_is_recognised() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .expect("sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let found = procfs::process::Process::new(pid).expect("found");
+        child.kill().expect("kill");
+        child.wait().expect("reaped");
+        let e = LibcontainerError::from(found.stat().expect_err("gone"));
+        assert!(vanished(&e), "{e:?}");
+        let other = LibcontainerError::from(procfs::ProcError::PermissionDenied(None));
+        assert!(!vanished(&other));
+    }
 
     /// A v1 memory cgroup with the OOM killer disabled reports `oom_kill_disable 1`.
     #[test]

@@ -221,7 +221,7 @@ fn enter_uts(uts: &SandboxUts) -> anyhow::Result<()> {
 
 fn load(root: &std::path::Path, id: &str) -> anyhow::Result<Container> {
     let mut c = Container::load(root.join(id))?;
-    c.refresh_status()?;
+    trenv_oci::lifecycle::refresh_status(&mut c)?;
     Ok(c)
 }
 

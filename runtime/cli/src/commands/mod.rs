@@ -72,7 +72,7 @@ fn load(g: &Global, id: &str) -> Result<Container> {
             Err(e) => return Err(e).with_context(|| format!("loading state of container {id}")),
         }
     };
-    c.refresh_status()
+    trenv_oci::lifecycle::refresh_status(&mut c)
         .with_context(|| format!("refreshing status of container {id}"))?;
     Ok(c)
 }
